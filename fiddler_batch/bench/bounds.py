@@ -1,0 +1,152 @@
+"""The physical bound of each scenario: the fastest the hardware allows under the GPU budget.
+
+Rates, from the calibrated cost model (one expert of `expert_bytes`):
+
+- CPU bandwidth B_cpu = expert_bytes / cpu(1), PCIe bandwidth B_pcie = expert_bytes / copy_ms, and the GPU's
+  rate on one expert, 6 x hidden x intermediate x n FLOP in gpu(n) ms.
+
+Per MoE layer and forward step, with n_e tokens routed to expert e (recorded from the run itself), the
+experts that are not resident must be served by the CPU (cpu(n_e) ms) or by the PCIe link (copy_ms each),
+both at once. The bound is the smallest T for which the off-GPU experts can be split, fractions allowed,
+so that the CPU's share takes <= T and the link's share takes <= T; or the GPU's time for every routed
+expert as if all were resident, if that is larger. For a batch-1 decode step (every n_e = 1) this is the
+off-GPU expert bytes / (B_cpu + B_pcie). No contention between the CPU and the copies is assumed.
+
+The time outside the experts is measured: the same call with every experts function replaced by one that
+returns zeros (attention, norms, routers, lm_head, generation and runner overhead all still run on the
+placement's devices). Bound = that time + the sum of the per-layer expert bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from fiddler_batch.bench.scenarios import generate_metrics, throughput_metrics
+from fiddler_batch.bench.settings import Case
+from fiddler_batch.engine import Engine
+from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.executor import IMPLEMENTATION
+from fiddler_batch.engine.planner import plan_layer
+
+ZERO_EXPERTS = "bench-zero"
+FORMULA = (
+    "bound = time outside the experts (same call, experts replaced by zeros) + sum over MoE layers and steps of "
+    "max(GPU time of the routed experts, T) where T is the least time in which the CPU (cpu(n) per expert) and "
+    "PCIe (copy_ms per expert) together serve the off-GPU experts, split fractionally; batch-1 decode: "
+    "off-GPU expert bytes / (B_cpu + B_pcie) per step"
+)
+
+
+def rates(cost: CostModel, expert: int, hidden: int, intermediate: int) -> dict[str, float]:
+    """The hardware rates the bound uses, for experts of `expert` bytes: CPU and PCIe bandwidth in GB/s, the
+    GPU's rate on one expert in TFLOP/s."""
+    n = cost.ladder[-1]
+    return {
+        "expert_bytes": expert,
+        "cpu_gb_per_s": expert / cost.cpu(1) / 1e6,
+        "pcie_gb_per_s": expert / cost.copy_ms / 1e6,
+        "gpu_tflop_per_s": 6 * hidden * intermediate * n / cost.gpu(n) / 1e9,
+        "gpu_tflop_at_tokens": n,
+    }
+
+
+def split_ms(cpu_costs: Sequence[float], copy_ms: float) -> float:
+    """The least T with the experts split (fractions allowed) between the CPU (their cpu_costs) and the
+    link (copy_ms each) so that both finish within T. Cheapest-on-CPU experts go to the CPU first."""
+    costs = sorted(cpu_costs)
+    cpu = 0.0
+    for k, c in enumerate(costs):
+        # Put a fraction x of expert k on the CPU and the rest of k.. on the link: cpu + x c = (N - k - x) copy.
+        x = ((len(costs) - k) * copy_ms - cpu) / (c + copy_ms)
+        if x <= 1:
+            return cpu + max(x, 0.0) * c
+        cpu += c
+    return cpu
+
+
+def layer_ms(counts: Sequence[int], resident: Sequence[bool], cost: CostModel) -> float:
+    """The bound of one MoE layer's experts in one step, in ms (counts[e]: tokens routed to expert e)."""
+    off_gpu = [cost.cpu(n) for n, r in zip(counts, resident) if n and not r]
+    all_on_gpu = sum(cost.gpu(n) for n in counts if n)
+    return max(split_ms(off_gpu, cost.copy_ms), all_on_gpu)
+
+
+def expert_bound_s(calls: list[tuple[int, list[int]]], resident: list[list[bool]], cost: CostModel) -> float:
+    """Sum of the per-layer bounds over recorded (MoE layer, per-expert token counts) calls, in seconds."""
+    return sum(layer_ms(counts, resident[layer], cost) for layer, counts in calls) / 1e3
+
+
+@contextmanager
+def recording_routing(engine: Engine) -> Iterator[list[tuple[int, list[int]]]]:
+    """Record (MoE layer, tokens per expert) of every layer call; plans are the engine's own
+    (`plan_layer` with the executor's cost model and strategy)."""
+    executor = engine.executor
+    calls: list[tuple[int, list[int]]] = []
+
+    def planner(layer: Any, counts: list[int]) -> Any:
+        calls.append((layer.index, list(counts)))
+        return plan_layer(counts, layer.is_resident(), executor.cost, executor.strategy)
+
+    engine.set_planner(planner)
+    try:
+        yield calls
+    finally:
+        engine.set_planner(None)
+
+
+def _zero_experts(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(hidden_states)
+
+
+@contextmanager
+def experts_zeroed(model: nn.Module) -> Iterator[None]:
+    """Every MoE layer of an engine-placed model returns zeros while inside (what is left is the time
+    outside the experts); the engine's executor is restored after."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if ZERO_EXPERTS not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(ZERO_EXPERTS, _zero_experts)
+    model.set_experts_implementation(ZERO_EXPERTS)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(IMPLEMENTATION)
+
+
+def case_bound(
+    case: Case,
+    calls: list[tuple[int, list[int]]],
+    outside: dict[str, Any],
+    resident: list[list[bool]],
+    cost: CostModel,
+    expert_bytes: int,
+) -> dict[str, Any]:
+    """The bound's metrics for one case, from its recorded routing and its measured time outside the
+    experts (`outside`: the raw result of the zero-experts call)."""
+    prefill, rest = calls[: len(resident)], calls[len(resident) :]  # the first forward pass is the prefill
+    prefill_s, rest_s = expert_bound_s(prefill, resident, cost), expert_bound_s(rest, resident, cost)
+    if case.scenario == "d":
+        metrics = throughput_metrics({**outside, "wall_s": outside["wall_s"] + prefill_s + rest_s})
+    else:
+        raw = {
+            **outside,
+            "ttft_s": outside["ttft_s"] + prefill_s,
+            "decode_s": outside["decode_s"] + rest_s,
+            "total_s": outside["total_s"] + prefill_s + rest_s,
+        }
+        metrics = generate_metrics(case, raw)
+    off_gpu = sum(1 for layer, counts in calls for n, r in zip(counts, resident[layer]) if n and not r)
+    return {
+        "metrics": metrics,
+        "expert_bound_s": prefill_s + rest_s,
+        "outside_experts": outside,
+        "layer_calls": len(calls),
+        "off_gpu_expert_calls": off_gpu,
+        "off_gpu_gb": off_gpu * expert_bytes / 1e9,
+    }

@@ -1,0 +1,252 @@
+"""The report of a results file: a markdown table, a PNG chart and a short terminal table.
+
+For each (variant, scenario, size) the rows come from the latest session that ran fiddler-batch on it, so
+the ratios compare runs of one process; a baseline only found in another session is shown with its own
+numbers, marked, and without a ratio. Ratio = fiddler-batch's speed / the baseline's speed (time metrics
+inverted), so above 1 means fiddler-batch is faster. "% of bound" = the run's speed / the bound's speed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fiddler_batch.bench.baselines import BUDGET_FORMULA
+from fiddler_batch.bench.bounds import FORMULA
+from fiddler_batch.bench.results import Results
+from fiddler_batch.bench.scenarios import DEFINITIONS, METRICS, PRIMARY, SECONDARY
+from fiddler_batch.bench.settings import BASELINES, OURS, SCENARIO_TITLES
+
+Row = dict[str, Any]
+
+
+def _speed(metric: str, value: float | None) -> float | None:
+    """The value as a speed (higher is better)."""
+    if value is None or value <= 0:
+        return None
+    return value if METRICS[metric][1] else 1.0 / value
+
+
+def _case_order(run: dict[str, Any]) -> tuple:
+    params = run["case_params"]
+    return (run["variant"], run["scenario"], params["prompt"], params["new"], params["width"], params["requests"])
+
+
+def table_rows(results: Results) -> list[Row]:
+    """One row per (variant, scenario, size, baseline) in the results."""
+    order = {s["id"]: i for i, s in enumerate(results.sessions)}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in sorted(results.runs, key=_case_order):
+        groups.setdefault((run["variant"], run["scenario"], run["case"]), []).append(run)
+    rows: list[Row] = []
+    for (variant, scenario, case), runs in groups.items():
+        ours = [r for r in runs if r["baseline"] == OURS and r["status"] == "ok"]
+        home = max((r["session"] for r in ours or runs), key=order.__getitem__)
+        bounds = [b for b in results.bounds if (b["variant"], b["scenario"], b["case"]) == (variant, scenario, case)]
+        bound = next((b for b in bounds if b["session"] == home), None) or (
+            max(bounds, key=lambda b: order[b["session"]]) if bounds else None
+        )
+        ours_run = next((r for r in ours if r["session"] == home), None)
+        metric = PRIMARY[scenario]
+        for baseline in BASELINES:
+            candidates = [r for r in runs if r["baseline"] == baseline]
+            if not candidates:
+                continue
+            run = next((r for r in candidates if r["session"] == home), None) or max(
+                candidates, key=lambda r: order[r["session"]]
+            )
+            value = run["median"].get(metric) if run["status"] == "ok" else None
+            speed = _speed(metric, value)
+            ratio = None
+            ours_speed = _speed(metric, ours_run["median"].get(metric)) if ours_run is not None else None
+            if ours_speed and speed and run["session"] == home:
+                ratio = ours_speed / speed
+            bound_value = bound["metrics"].get(metric) if bound else None
+            share = speed / _speed(metric, bound_value) if speed and _speed(metric, bound_value) else None
+            second = SECONDARY.get(scenario)
+            second_value = run["median"].get(second) if second and run["status"] == "ok" else None
+            rows.append({
+                "variant": variant, "scenario": scenario, "case": case, "baseline": baseline,
+                "status": run["status"], "reason": run.get("reason"), "metric": metric, "value": value,
+                "secondary": second, "secondary_value": second_value,
+                "ratio": ratio, "bound": bound_value, "share": share, "reps": len(run.get("reps", [])),
+                "shortened": run.get("shortened"), "other_session": run["session"] != home, "session": run["session"],
+            })
+    return rows
+
+
+def _num(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if value == 0:
+        return "0"
+    digits = max(0, 2 - int(math.floor(math.log10(abs(value)))))
+    return f"{value:,.{min(digits, 4)}f}"
+
+
+def _pct(share: float | None) -> str:
+    return f"{share:.0%}" if share else "-"
+
+
+def _metric_name(metric: str | None) -> str:
+    return METRICS[metric][0] if metric else ""
+
+
+def _value_cell(row: Row) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    return _num(row["value"])
+
+
+def _notes(row: Row) -> str:
+    notes = []
+    if row["status"] != "ok":
+        notes.append(str(row["reason"]))
+    if row["shortened"]:
+        notes.append("shortened: " + ", ".join(f"{k} {v}" for k, v in row["shortened"].items()))
+    if row["other_session"]:
+        notes.append(f"from session {row['session']} (no ratio across sessions)")
+    return "; ".join(notes)
+
+
+def markdown(results: Results) -> str:
+    """The report as markdown: the setting of each session, then one table per variant."""
+    rows = table_rows(results)
+    lines = ["# fiddler-batch benchmark", ""]
+    for session in results.sessions:
+        lines += _session_lines(session)
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        lines += [f"## {variant}", "",
+                  "| scenario | size | baseline | metric | median | also | fiddler-batch / baseline | bound "
+                  "| % of bound | runs | notes |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for row in (r for r in rows if r["variant"] == variant):
+            also = f"{_metric_name(row['secondary'])} {_num(row['secondary_value'])}" if row["secondary_value"] else ""
+            lines.append(
+                f"| {row['scenario']} {SCENARIO_TITLES[row['scenario']]} | {row['case']} | {row['baseline']} "
+                f"| {_metric_name(row['metric'])} | {_value_cell(row)} | {also} "
+                f"| {_num(row['ratio']) + 'x' if row['ratio'] else '-'} | {_num(row['bound'])} "
+                f"| {_pct(row['share'])} "
+                f"| {row['reps']} | {_notes(row)} |"
+            )
+        lines.append("")
+    lines += ["## How to read it", "",
+              "- Ratio: fiddler-batch's speed / the baseline's speed (for times: the baseline's time / "
+              "fiddler-batch's), from runs of the same session; above 1 means fiddler-batch is faster.",
+              "- Median over the timed runs (`runs`), each after a warm-up; shortened runs are listed in the notes.",
+              *[f"- {s}: {DEFINITIONS[s]}." for s in sorted({r['scenario'] for r in rows})],
+              f"- Bound: {FORMULA}. % of bound = the run's speed / the bound's speed.",
+              f"- {BUDGET_FORMULA}.", ""]
+    return "\n".join(lines)
+
+
+def _runs(count: int) -> str:
+    return f"{count} timed run{'' if count == 1 else 's'}"
+
+
+def _session_lines(session: dict[str, Any]) -> list[str]:
+    card = session.get("card")
+    host = session["host"]
+    versions = session["versions"]
+    settings = session["settings"]
+    lines = [
+        f"### Session {session['id']} ({session['date']})", "",
+        f"- Command: `{session['command']}`",
+        f"- Card: {card['name']} ({card['memory_gb']} GB, CUDA {card['cuda']})" if card else "- Card: none (CPU run)",
+        f"- Host: {host['cpu']}, {host['cpus']} CPUs, {host['ram_gb']} GB RAM, {host['torch_threads']} torch threads",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        f"- Variant: {settings['variant']}; seed {settings['seed']}; {_runs(settings['reps'])} per case after a "
+        f"warm-up (slow baselines: {_runs(settings['slow_reps'])}, at most {settings['slow_max_new']} new tokens "
+        f"and {settings['slow_requests']} requests)",
+    ]
+    model = session.get("model")
+    if model:
+        lines.append(f"- Model: {model['description']}; built in {model['build_s']:.1f} s")
+    rates = session.get("rates")
+    if rates:
+        lines.append(
+            f"- Measured rates: CPU {rates['cpu_gb_per_s']:.1f} GB/s (one expert, 1 token), PCIe "
+            f"{rates['pcie_gb_per_s']:.1f} GB/s (pinned copy), GPU {rates['gpu_tflop_per_s']:.1f} TFLOP/s "
+            f"(one expert, {rates['gpu_tflop_at_tokens']} tokens)"
+        )
+    budget = session.get("budget")
+    if budget:
+        lines.append(
+            f"- GPU budget: {budget['total_gb']} GB = non-expert {budget['non_expert_bytes'] / 1e9:.2f} + "
+            f"({budget['resident_experts']} resident + {budget['staging_slots']} staging) x "
+            f"{budget['expert_bytes'] / 1e6:.1f} MB + KV {budget['kv_cache_bytes'] / 1e9:.2f} + activations "
+            f"{budget['activation_bytes'] / 1e9:.2f} GB"
+        )
+    if session.get("popularity"):
+        lines.append(f"- Placement: {session['popularity']['how']}")
+    if session.get("timeline"):
+        total = sum(part["seconds"] for part in session["timeline"] if not part["depth"])
+        lines.append(f"- Wall time: {total:.0f} s in {len(session['timeline'])} parts (see the results JSON)")
+    return lines + [""]
+
+
+def chart(results: Results, path: Path) -> bool:
+    """A bar chart per (variant, scenario, size): each baseline's median, the bound as a dashed line.
+    False when there is nothing to draw (no runs)."""
+    rows = table_rows(results)
+    panels = list(dict.fromkeys((r["variant"], r["scenario"], r["case"]) for r in rows))
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = {panel[0] for panel in panels}
+    cols = min(4, max(1, len(panels)))
+    height = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(height, cols, figsize=(4.2 * cols, 3.6 * height), squeeze=False)
+    colors = dict(zip(BASELINES, ("#9e9e9e", "#f2a541", "#5b8bd9", "#2e9e5b")))
+    for ax, panel in zip(axes.flat, panels):
+        panel_rows = [r for r in rows if (r["variant"], r["scenario"], r["case"]) == panel]
+        names = [r["baseline"] for r in panel_rows]
+        values = [r["value"] or 0.0 for r in panel_rows]
+        bars = ax.bar(range(len(names)), values, color=[colors[n] for n in names])
+        for bar, row in zip(bars, panel_rows):
+            text = _num(row["value"]) if row["status"] == "ok" else row["status"]
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+        metric = panel_rows[0]["metric"]
+        bound = panel_rows[0]["bound"]
+        title = f"{panel[1]} {SCENARIO_TITLES[panel[1]]}, {panel[2]}"
+        if len(variants) > 1:
+            title += f"\n{panel[0]}"
+        if bound:
+            ax.axhline(bound, color="#c0392b", linestyle="--", linewidth=1)
+            title += f"\nphysical bound (dashed) {_num(bound)}"
+        ax.set_xticks(range(len(names)), [n.replace("-", "-\n", 1) for n in names], fontsize=8)
+        ax.set_ylabel(_metric_name(metric) + ("" if METRICS[metric][1] else " (lower is better)"), fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, max([*values, bound or 0.0, 1e-9]) * 1.18)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def terminal(rows: Iterable[Row]) -> str:
+    """A short fixed-width table of the medians, ratios and bounds."""
+    header = f"{'case':<14} {'baseline':<15} {'metric':<22} {'median':>9} {'ours/it':>8} {'bound':>9} {'%bound':>7}"
+    lines = [header, "-" * len(header)]
+    earlier = False
+    for row in rows:
+        earlier |= row["other_session"]
+        baseline = row["baseline"] + (" *" if row["other_session"] else "")
+        lines.append(
+            f"{row['scenario'] + ' ' + row['case']:<14} {baseline:<15} {_metric_name(row['metric']):<22} "
+            f"{_value_cell(row):>9} {(_num(row['ratio']) + 'x') if row['ratio'] else '-':>8} "
+            f"{_num(row['bound']):>9} {_pct(row['share']):>7}"
+        )
+    if earlier:
+        lines.insert(0, "* from an earlier session than fiddler-batch's: no ratio")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""The `fiddler-batch` command.
+
+Exit codes: 0 done (skipped bad records included); 1 the run failed (a bad record under
+`errors.on_bad_record: fail`, an unusable input file, a model problem, or no request could run);
+2 the job spec is invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import yaml
+
+import fiddler_batch
+
+if TYPE_CHECKING:
+    from fiddler_batch.spec import JobSpec
+
+SET_HELP = "Override a job key, e.g. --set generation.temperature=0.7 (VALUE is YAML). Repeatable."
+
+
+def _load(job: Path, overrides: tuple[str, ...], settings: dict[str, Any] | None = None) -> JobSpec:
+    from fiddler_batch.errors import JobSpecError
+    from fiddler_batch.jobfile import load_job
+
+    try:
+        return load_job(job, overrides, settings)
+    except JobSpecError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(fiddler_batch.__version__, prog_name="fiddler-batch")
+def main() -> None:
+    """Offline batch inference for mixture-of-experts models: a job spec in, completions with timing out."""
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Results file (sets output.path).")
+@click.option("--limit", type=int, help="Run only the first N records (sets input.limit).")
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option(
+    "--progress/--no-progress", default=None, help="Show a progress bar. Default: only when stderr is a terminal."
+)
+def run(job: Path, output: Path | None, limit: int | None, overrides: tuple[str, ...], progress: bool | None) -> None:
+    """Run the job spec JOB (a YAML file)."""
+    settings: dict[str, Any] = {}
+    if output is not None:
+        settings["output.path"] = output
+    if limit is not None:
+        settings["input.limit"] = limit
+    spec = _load(job, overrides, settings)
+
+    from transformers.utils import logging as transformers_logging
+
+    from fiddler_batch.engine import EngineError
+    from fiddler_batch.errors import ProblemsError
+    from fiddler_batch.report import format_table
+    from fiddler_batch.runner import run_job
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    click.echo(f"fiddler-batch: {job} -> {spec.output.path}", err=True)
+    try:
+        summary = run_job(spec, progress=sys.stderr.isatty() if progress is None else progress)
+    except ProblemsError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    except EngineError as exc:
+        click.echo(f"engine error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(format_table(summary))
+    requests = summary["requests"]
+    if requests["completed"] == 0 and requests["skipped"] > 0:
+        click.echo(f"no request could run: every record is listed in {summary['errors']}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option(
+    "--records",
+    is_flag=True,
+    help="Also read every input record and report the bad ones (prompt lengths need the model: "
+    "they are checked by `run`).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved spec as JSON instead of YAML.")
+def validate(job: Path, overrides: tuple[str, ...], records: bool, as_json: bool) -> None:
+    """Check the job spec JOB; print it resolved (defaults filled in, paths absolute) or every error."""
+    spec = _load(job, overrides)
+    resolved = spec.model_dump(mode="json")
+    click.echo(json.dumps(resolved, indent=2) if as_json else yaml.safe_dump(resolved, sort_keys=False).rstrip())
+    if records:
+        _check_records(spec)
+
+
+def _check_records(spec: JobSpec) -> None:
+    from fiddler_batch.errors import InputError
+    from fiddler_batch.io.readers import read_records
+    from fiddler_batch.io.requests import BadRecord, to_request
+
+    total, bad = 0, []
+    try:
+        for index, raw in enumerate(read_records(spec.input)):
+            total += 1
+            parsed = to_request(raw, index, spec.input, spec.generation)
+            if isinstance(parsed, BadRecord):
+                bad.append(parsed)
+    except InputError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    for record in bad:
+        click.echo(str(record.problem), err=True)
+    click.echo(f"{total} records, {len(bad)} bad", err=True)
+    if bad:
+        sys.exit(1)
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("schemas"),
+    show_default=True,
+    help="Folder for job.schema.json and record.schema.json.",
+)
+@click.option(
+    "--readme",
+    type=click.Path(path_type=Path),
+    default=Path("README.md"),
+    show_default=True,
+    help="README whose job-key and record-field tables are regenerated (skipped if there is none).",
+)
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if a file is out of date.")
+def schema(out: Path, readme: Path, check: bool) -> None:
+    """Write the JSON Schemas of the job spec and the output record, and the README's tables of both."""
+    from fiddler_batch.schemas import readme_with_tables, schema_files
+
+    wanted = {out / name: text for name, text in schema_files().items()}
+    if readme.is_file():
+        wanted[readme] = readme_with_tables(readme.read_text(encoding="utf-8"))
+    stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
+    if check:
+        for path in stale:
+            click.echo(f"out of date: {path} (run `make schemas`)", err=True)
+        sys.exit(1 if stale else 0)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in stale:
+        path.write_text(wanted[path], encoding="utf-8")
+        click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

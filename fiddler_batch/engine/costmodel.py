@@ -1,0 +1,237 @@
+"""The cost model: how long one expert takes on the CPU, on the fast device, and to copy there.
+
+Measured on the machine that runs the job (`fiddler-batch calibrate`), for the model's expert geometry,
+dtype and CPU thread count, and cached, never hard-coded. Times are milliseconds; between ladder points
+they are interpolated linearly, beyond the last point extrapolated from the last two.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fiddler_batch.engine.compute import expert_forward
+from fiddler_batch.engine.errors import EngineError
+from fiddler_batch.engine.layout import ExpertLayout
+
+FULL_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUICK_LADDER = (1, 8, 32, 128, 512)
+
+
+def _interp(ladder: Sequence[int], values: Sequence[float], n: int) -> float:
+    if n <= ladder[0]:
+        return values[0]
+    i = bisect.bisect_left(ladder, n)
+    if i == len(ladder):
+        i -= 1
+    n0, n1, v0, v1 = ladder[i - 1], ladder[i], values[i - 1], values[i]
+    return max(v0 + (v1 - v0) * (n - n0) / (n1 - n0), 0.0)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    ladder: tuple[int, ...]  # token counts measured
+    cpu_ms: tuple[float, ...]  # one expert on the CPU, per ladder point
+    gpu_ms: tuple[float, ...]  # one expert on the fast device, per ladder point
+    copy_ms: float  # one expert's weights, pinned host memory to the fast device
+    cpu_fixed_ms: float = 0.0  # per layer with CPU experts: activations to the CPU and results back
+    cpu_contention: float = 1.0  # CPU expert time multiplier while copies run (shared memory bandwidth)
+    copy_contention: float = 1.0  # copy time multiplier while the CPU computes experts
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def cpu(self, n: int) -> float:
+        return _interp(self.ladder, self.cpu_ms, n)
+
+    def gpu(self, n: int) -> float:
+        return _interp(self.ladder, self.gpu_ms, n)
+
+    def crossover(self) -> int | None:
+        """The smallest token count at which copying beats CPU compute (None: never within 4x the ladder)."""
+        for n in range(1, 4 * self.ladder[-1] + 1):
+            if self.cpu(n) > self.copy_ms + self.gpu(n):
+                return n
+        return None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CostModel:
+        return cls(
+            ladder=tuple(data["ladder"]),
+            cpu_ms=tuple(data["cpu_ms"]),
+            gpu_ms=tuple(data["gpu_ms"]),
+            copy_ms=float(data["copy_ms"]),
+            cpu_fixed_ms=float(data.get("cpu_fixed_ms", 0.0)),
+            cpu_contention=float(data.get("cpu_contention", 1.0)),
+            copy_contention=float(data.get("copy_contention", 1.0)),
+            meta=dict(data.get("meta", {})),
+        )
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise EngineError(f"cannot read the calibration file {path}: {exc}; run `fiddler-batch calibrate`") from exc
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FIDDLER_BATCH_CACHE", Path.home() / ".cache" / "fiddler-batch"))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(device: torch.device) -> str:
+    """Names the hardware, not the host: nodes of one type in a cluster share a calibration."""
+    parts = [_cpu_name(), f"{os.cpu_count()}cpu"]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_device_name(device))
+    return re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(parts)).strip("-")
+
+
+def cache_path(layout: ExpertLayout, device: torch.device, threads: int) -> Path:
+    return cache_dir() / "calibration" / machine_key(device) / f"{layout.geometry_key()}-t{threads}.json"
+
+
+def _median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def random_expert(layout: ExpertLayout, device: torch.device | str, pin: bool = False) -> dict[str, torch.Tensor]:
+    """One expert's weights, random, in the layout's shapes (no leading expert dimension)."""
+    h, i = layout.hidden, layout.intermediate
+    up_rows = 2 * i if layout.has_gate else i
+    shapes = {
+        "up": (h, up_rows) if layout.is_transposed else (up_rows, h),
+        "down": (i, h) if layout.is_transposed else (h, i),
+    }
+    if layout.has_bias:
+        shapes.update(up_bias=(up_rows,), down_bias=(h,))
+    out = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=pin and device == "cpu")
+        out[name] = t.uniform_(-0.05, 0.05)
+    return out
+
+
+def _contention(
+    cpu_step: Callable[[], object], copy_step: Callable[[], None], device: torch.device, copies: int
+) -> tuple[float, float]:
+    """(CPU expert time, copy time) in ms while both run at once: they share host memory bandwidth."""
+    stream = torch.cuda.Stream(device)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(copies + 1)]
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(stream):
+        events[0].record(stream)
+        for i in range(copies):
+            copy_step()
+            events[i + 1].record(stream)
+    cpu_times = []
+    while not events[-1].query() or len(cpu_times) < 3:
+        start = time.perf_counter()
+        cpu_step()
+        cpu_times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize(device)
+    # Copies that ran while the CPU was busy: all but the last one or two, which may finish alone.
+    copy_times = [events[i].elapsed_time(events[i + 1]) for i in range(max(copies - 2, 1))]
+    return statistics.median(cpu_times[:-1] or cpu_times), statistics.median(copy_times)
+
+
+def calibrate(
+    layout: ExpertLayout,
+    module: torch.nn.Module,
+    device: torch.device,
+    threads: int,
+    quick: bool = False,
+    host: dict[str, torch.Tensor] | None = None,
+) -> CostModel:
+    """Measure one expert of `layout` on the CPU and on `device`, the copy between them, and how much
+    CPU compute and copies slow each other down when they overlap.
+
+    `host`: one expert's weights as they will be used (the model's own, pinned); random ones otherwise.
+    """
+    ladder = QUICK_LADDER if quick else FULL_LADDER
+    reps = 3 if quick else 5
+    cuda = device.type == "cuda"
+    sync_dev = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    if host is None:
+        host = random_expert(layout, "cpu", pin=cuda)
+    fast = {k: torch.empty_like(v, device=device) for k, v in host.items()}
+    expert_bytes = sum(v.numel() * v.element_size() for v in host.values())
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            cpu_ms, gpu_ms = [], []
+            for n in ladder:
+                x = torch.randn(n, layout.hidden, dtype=layout.dtype)
+                w = torch.rand(n, dtype=layout.dtype)
+                cpu_ms.append(_median_ms(lambda: expert_forward(module, layout, host, x, w), reps, lambda: None))
+                xd, wd = x.to(device), w.to(device)
+                gpu_ms.append(_median_ms(lambda: expert_forward(module, layout, fast, xd, wd), reps, sync_dev))
+
+            def copy() -> None:
+                for k, v in host.items():
+                    fast[k].copy_(v, non_blocking=True)
+
+            copy_ms = _median_ms(copy, reps + 1, sync_dev)
+            cpu_contention = copy_contention = 1.0
+            fixed_ms = 0.0
+            if cuda:
+                small = torch.randn(8, layout.hidden, dtype=layout.dtype, device=device)
+                fixed_ms = _median_ms(lambda: small.to("cpu").to(device), reps + 1, sync_dev)
+                x1, w1 = torch.randn(1, layout.hidden, dtype=layout.dtype), torch.ones(1, dtype=layout.dtype)
+                busy_cpu, busy_copy = _contention(
+                    lambda: expert_forward(module, layout, host, x1, w1), copy, device, copies=8 if quick else 16
+                )
+                cpu_contention = max(1.0, busy_cpu / cpu_ms[0])
+                copy_contention = max(1.0, busy_copy / copy_ms)
+    finally:
+        torch.set_num_threads(previous_threads)
+    meta = {
+        "machine": machine_key(device),
+        "geometry": layout.geometry_key(),
+        "threads": threads,
+        "expert_bytes": expert_bytes,
+        "copy_gb_per_s": round(expert_bytes / copy_ms / 1e6, 2) if copy_ms else None,
+        "quick": quick,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return CostModel(
+        tuple(ladder), tuple(cpu_ms), tuple(gpu_ms), copy_ms, fixed_ms, cpu_contention, copy_contention, meta
+    )

@@ -1,0 +1,70 @@
+"""Problems worded for the user: where (file and line or row), which key or field, what is wrong, how to fix it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a job file, a command-line override or an input record."""
+
+    file: str | None
+    key: str
+    message: str
+    fix: str
+    line: int | None = None
+    """1-based line in a YAML or JSONL file."""
+    row: int | None = None
+    """0-based row in a Parquet file."""
+
+    @property
+    def where(self) -> str:
+        if self.file is None:
+            return "job"
+        if self.line is not None:
+            return f"{self.file}:{self.line}"
+        if self.row is not None:
+            return f"{self.file} row {self.row}"
+        return self.file
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.key}: {self.message}\n    fix: {self.fix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ProblemsError(Exception):
+    """Several problems reported together."""
+
+    headline = "problems"
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        count = len(self.problems)
+        lines = [f"{count} {self.headline}{'s' if count != 1 else ''}:" if count > 1 else f"{self.headline}:"]
+        lines += [str(problem) for problem in self.problems]
+        return "\n".join(lines)
+
+
+class JobSpecError(ProblemsError):
+    """The job spec (YAML file plus command-line overrides) is invalid."""
+
+    headline = "job spec error"
+
+
+class InputError(ProblemsError):
+    """An input file cannot be used at all (unreadable, or without the columns the job needs)."""
+
+    headline = "input error"
+
+
+class BadRecordError(ProblemsError):
+    """A bad input record, with `errors.on_bad_record: fail`."""
+
+    headline = "bad record"

@@ -1,0 +1,1 @@
+"""Reading requests from files and writing results to them."""

@@ -1,0 +1,365 @@
+"""Loading a job: YAML file, relative paths, command-line overrides, validation, clear errors.
+
+Precedence: command line (`--set KEY=VALUE` and the options that stand for keys) > YAML file > defaults.
+Relative paths written in the YAML file are relative to the YAML file's folder, so a job behaves the same
+whatever folder cron or Slurm starts it from; relative paths given on the command line are relative to the
+current folder, as usual for command-line arguments. `model.path` counts as a local folder when it exists
+there or starts with `.`, `/` or `~`; otherwise it is a hub id.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from fiddler_batch.demo import DEMOS
+from fiddler_batch.errors import JobSpecError, Problem
+from fiddler_batch.io.readers import input_files
+from fiddler_batch.spec import JobSpec, file_format
+
+Key = tuple[str | int, ...]
+COMMAND_LINE = "command line"
+
+
+def load_job(
+    path: Path, overrides: typing.Sequence[str] = (), settings: typing.Mapping[str, Any] | None = None
+) -> JobSpec:
+    """The validated job spec of the YAML file at `path`, with command-line changes applied on top.
+
+    `overrides` are "KEY=VALUE" strings (VALUE parsed as YAML); `settings` map keys to typed values and are
+    applied last (they come from dedicated options such as --output).
+    """
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise JobSpecError(
+            [Problem(shown, "(job file)", f"cannot read it: {exc.strerror or exc}", "check the path of the job file")]
+        ) from None
+    raw, lines, problems = _parse_yaml(text, shown)
+    if problems:
+        raise JobSpecError(problems)
+    _resolve_paths(raw, path.parent)
+    from_cli: set[Key] = set()
+    for assignment in overrides:
+        from_cli.add(_set(raw, *_parse_assignment(assignment)))
+    for name, value in (settings or {}).items():
+        from_cli.add(_set(raw, name, value))
+    locate = _Locator(shown, lines, from_cli)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise JobSpecError([_problem_from_error(error, locate) for error in exc.errors()]) from None
+    problems = _check_paths(spec, locate)
+    if problems:
+        raise JobSpecError(problems)
+    return spec
+
+
+def _check_paths(spec: JobSpec, locate: _Locator) -> list[Problem]:
+    """Problems with the file system: inputs that match nothing, models that are not there."""
+    problems = []
+    files = input_files(spec.input.path)
+    if not files:
+        problems.append(
+            locate.problem(
+                ("input", "path"),
+                f"no file matches {str(spec.input.path)!r}",
+                "check the path; relative paths in a job file are relative to the job file's folder",
+            )
+        )
+    for file in files:
+        if file_format(file, spec.input.format) is None:
+            problems.append(
+                locate.problem(
+                    ("input", "path"),
+                    f"cannot tell the format of {str(file)!r} from its extension",
+                    "use .jsonl or .parquet files, or set input.format",
+                )
+            )
+            break
+    model = spec.model.path
+    if model.startswith("demo:"):
+        if model[len("demo:") :] not in DEMOS:
+            problems.append(
+                locate.problem(
+                    ("model", "path"),
+                    f"unknown demo model {model!r}",
+                    f"use one of: {', '.join('demo:' + name for name in DEMOS)}",
+                )
+            )
+    elif Path(model).is_absolute():
+        if not Path(model).is_dir():
+            problems.append(
+                locate.problem(
+                    ("model", "path"),
+                    f"no checkpoint folder at {model!r}",
+                    "give an existing Hugging Face checkpoint folder, a hub id, or demo:tiny-mixtral",
+                )
+            )
+        elif not (Path(model) / "config.json").is_file():
+            problems.append(
+                locate.problem(
+                    ("model", "path"),
+                    f"{model!r} has no config.json",
+                    "give the folder that holds the checkpoint's config.json",
+                )
+            )
+    if spec.output.path.is_dir():
+        problems.append(
+            locate.problem(
+                ("output", "path"), f"{str(spec.output.path)!r} is a folder", "give a file name, e.g. out/results.jsonl"
+            )
+        )
+    return problems
+
+
+class _Locator:
+    """Turns a key into a Problem located at its YAML line, or on the command line if it was set there."""
+
+    def __init__(self, file: str, lines: dict[Key, int], from_cli: set[Key]):
+        self.file, self.lines, self.from_cli = file, lines, from_cli
+
+    def problem(self, key: Key, message: str, fix: str) -> Problem:
+        for end in range(len(key), 0, -1):
+            if key[:end] in self.from_cli:
+                return Problem(COMMAND_LINE, _dotted(key), message, fix)
+        for end in range(len(key), 0, -1):
+            if key[:end] in self.lines:
+                return Problem(self.file, _dotted(key), message, fix, line=self.lines[key[:end]])
+        return Problem(self.file, _dotted(key), message, fix)
+
+
+def _dotted(key: Key) -> str:
+    text = ""
+    for part in key:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _parse_yaml(text: str, shown: str) -> tuple[dict[str, Any], dict[Key, int], list[Problem]]:
+    """The YAML document as a dict, the line of every key, and syntax problems (duplicate keys included)."""
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        message = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        return (
+            {},
+            {},
+            [
+                Problem(
+                    shown,
+                    "(syntax)",
+                    f"invalid YAML: {message}",
+                    "fix the syntax at that line: indentation, a missing ':' or an unclosed quote",
+                    line=mark.line + 1 if mark else None,
+                )
+            ],
+        )
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        return (
+            {},
+            {},
+            [
+                Problem(
+                    shown,
+                    "(top level)",
+                    "the job file is not a mapping of sections",
+                    "write sections as `model:`, `input:`, `output:`, ... at the top level",
+                    line=1,
+                )
+            ],
+        )
+    lines: dict[Key, int] = {}
+    problems: list[Problem] = []
+    _walk_nodes(root, (), lines, problems, shown)
+    return raw, lines, problems
+
+
+def _walk_nodes(node: yaml.Node | None, key: Key, lines: dict[Key, int], problems: list[Problem], shown: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*key, str(key_node.value))
+            if child in lines:
+                problems.append(
+                    Problem(
+                        shown,
+                        _dotted(child),
+                        "key given twice",
+                        f"keep one of the two (the other is at line {lines[child]})",
+                        line=key_node.start_mark.line + 1,
+                    )
+                )
+            lines[child] = key_node.start_mark.line + 1
+            _walk_nodes(value_node, child, lines, problems, shown)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*key, i)] = item.start_mark.line + 1
+            _walk_nodes(item, (*key, i), lines, problems, shown)
+
+
+def _parse_assignment(assignment: str) -> tuple[str, Any]:
+    """KEY=VALUE as (KEY, VALUE parsed as YAML, or the raw text if it is not valid YAML)."""
+    name, sep, text = assignment.partition("=")
+    if not sep or not name.strip():
+        raise JobSpecError(
+            [Problem(COMMAND_LINE, assignment, "expected KEY=VALUE", "write e.g. --set generation.temperature=0.7")]
+        )
+    try:
+        return name.strip(), yaml.safe_load(text)
+    except yaml.YAMLError:
+        return name.strip(), text
+
+
+def _set(raw: dict[str, Any], name: str, value: Any) -> Key:
+    """Set the dotted key `name` in `raw`; a path given on the command line resolves against the current folder."""
+    parts = name.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = str(value) if isinstance(value, Path) else value
+    key = tuple(parts)
+    if key in _path_keys() or key == ("model", "path"):
+        _resolve_one(raw, key, Path.cwd())
+    return key
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for key in (*_path_keys(), ("model", "path")):
+        _resolve_one(raw, key, base)
+
+
+def _resolve_one(raw: dict[str, Any], key: Key, base: Path) -> None:
+    node: Any = raw
+    for part in key[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or not isinstance(node.get(key[-1]), str):
+        return
+    value = node[key[-1]]
+    if key == ("model", "path"):
+        if value.startswith("demo:"):
+            return
+        local = not Path(os.path.expanduser(value)).is_absolute() and (base / value).exists()
+        if not (local or value.startswith((".", "/", "~"))):
+            return  # a hub id
+    node[key[-1]] = os.path.abspath(base / os.path.expanduser(value))
+
+
+def _path_keys() -> list[Key]:
+    """Keys of the job spec typed as paths (found from the model, so engine settings are covered too)."""
+    keys: list[Key] = []
+
+    def walk(model: type[BaseModel], prefix: Key) -> None:
+        for name, field in model.model_fields.items():
+            inner = _unwrap_optional(field.annotation)
+            if inner is Path:
+                keys.append((*prefix, name))
+            elif isinstance(inner, type) and issubclass(inner, BaseModel):
+                walk(inner, (*prefix, name))
+
+    walk(JobSpec, ())
+    return keys
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _problem_from_error(error: Any, locate: _Locator) -> Problem:
+    key: Key = tuple(error["loc"])
+    ctx = error.get("ctx") or {}
+    if "key" in ctx:
+        key = (*key, *ctx["key"].split("."))
+    message, fix = explain(error, key)
+    return locate.problem(key, message, fix)
+
+
+def explain(error: Any, key: Key, model: type[BaseModel] = JobSpec, name: str | None = None) -> tuple[str, str]:
+    """(message, fix) for one pydantic error at `key` of `model`; `name` is how the key is shown to the user."""
+    ctx = error.get("ctx") or {}
+    name = name or _dotted(key)
+    if "fix" in ctx:
+        return error["msg"], ctx["fix"]
+    parent, field = _field_at(model, key)
+    if error["type"] == "extra_forbidden":
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(key[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key {key[-1]!r}", f"{hint}remove it or rename it; keys here: {', '.join(known)}"
+    expected = expected_value(field) if field else "a valid value"
+    about = f" ({_first_sentence(field.description)})" if field and field.description else ""
+    if error["type"] == "missing":
+        return "required key missing", f"add {name}: {expected}{about}"
+    return f"{error['msg']} (got {error['input']!r})", f"set {name} to {expected}{about}"
+
+
+def _field_at(model: type[BaseModel], key: Key) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The model that holds the last part of `key`, and that part's field (None where the key is unknown)."""
+    current: Any = model
+    field = None
+    parent = None
+    for part in key:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return parent, field
+        parent = current
+        field = current.model_fields.get(part)
+        if field is None:
+            return parent, None
+        current = _unwrap_optional(field.annotation)
+    return parent, field
+
+
+def expected_value(field: FieldInfo) -> str:
+    section = _unwrap_optional(field.annotation)
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        required = [name for name, sub in section.model_fields.items() if sub.is_required()]
+        keys = ", ".join(required) if required else ", ".join(section.model_fields)
+        return f"a section with keys ({'required: ' if required else ''}{keys})"
+    words = type_words(field.annotation)
+    bounds = []
+    for item in field.metadata:
+        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, attr, None) is not None:
+                bounds.append(f"{symbol} {getattr(item, attr)}")
+    return words + (" " + " and ".join(bounds) if bounds else "")
+
+
+def type_words(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(type_words(arg) for arg in args) + " or null"
+    if origin is list:
+        return "a list of " + type_words(typing.get_args(annotation)[0]).removeprefix("a ") + "s"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a mapping of keys"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(
+        annotation, "a valid value"
+    )
+
+
+def _first_sentence(text: str) -> str:
+    sentence = " ".join(text.split()).split(". ")[0]
+    return sentence.rstrip(".")

@@ -1,0 +1,123 @@
+"""The run's summary: counts, tokens, wall time, throughput and engine statistics, as JSON and as a table."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+
+def add_stats(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """`total` with the numbers of `more` added in, key by key (nested mappings too; other values: latest)."""
+    merged = dict(total)
+    for key, value in more.items():
+        if isinstance(value, dict):
+            merged[key] = add_stats(merged.get(key) or {}, value)
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and isinstance(merged.get(key), (int, float))
+        ):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+
+class Report:
+    """Accumulates what the run did, batch by batch."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.skipped = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.batches: Counter[str] = Counter()
+        self.finish_reasons: Counter[str] = Counter()
+        self.first_token_s: list[float] = []
+        self.total_s: list[float] = []
+        self.generate_s = 0.0
+        self.engine_stats: dict[str, Any] = {}
+
+    def add_batch(self, kind: str, records: list[dict[str, Any]], seconds: float, stats: dict[str, Any]) -> None:
+        self.batches[kind] += 1
+        self.generate_s += seconds
+        self.engine_stats = add_stats(self.engine_stats, stats)
+        for record in records:
+            self.records += 1
+            self.prompt_tokens += record["prompt_tokens"]
+            self.completion_tokens += record["completion_tokens"]
+            self.finish_reasons[record["finish_reason"]] += 1
+            self.first_token_s.append(record["timing"]["time_to_first_token_s"])
+            self.total_s.append(record["timing"]["total_s"])
+
+    def summary(self, wall_s: float, load_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **extra,
+            "requests": {"completed": self.records, "skipped": self.skipped, "total": self.records + self.skipped},
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "batches": {"total": sum(self.batches.values()), **dict(sorted(self.batches.items()))},
+            "finish_reasons": dict(sorted(self.finish_reasons.items())),
+            "time_s": {"wall": wall_s, "model_load": load_s, "generate": self.generate_s},
+            "throughput": {
+                "requests_per_s": _rate(self.records, wall_s),
+                "prompt_tokens_per_s": _rate(self.prompt_tokens, self.generate_s),
+                "completion_tokens_per_s": _rate(self.completion_tokens, self.generate_s),
+                "completion_tokens_per_s_wall": _rate(self.completion_tokens, wall_s),
+            },
+            "latency_s": {
+                "time_to_first_token_p50": _quantile(self.first_token_s, 0.5),
+                "time_to_first_token_p90": _quantile(self.first_token_s, 0.9),
+                "total_p50": _quantile(self.total_s, 0.5),
+                "total_p90": _quantile(self.total_s, 0.9),
+            },
+            "engine_stats": self.engine_stats,
+        }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A short table of the summary for the terminal."""
+    requests, tokens, time_s = summary["requests"], summary["tokens"], summary["time_s"]
+    throughput, latency = summary["throughput"], summary["latency_s"]
+    rows = [
+        ("requests", f"{requests['completed']} done, {requests['skipped']} skipped"),
+        ("batches", ", ".join(f"{v} {k}" for k, v in summary["batches"].items() if k != "total") or "0"),
+        ("tokens", f"{tokens['prompt']} prompt, {tokens['completion']} completion"),
+        (
+            "wall time",
+            f"{time_s['wall']:.1f} s (model load {time_s['model_load']:.1f} s, generate {time_s['generate']:.1f} s)",
+        ),
+        (
+            "throughput",
+            f"{_num(throughput['prompt_tokens_per_s'])} prompt tok/s, "
+            f"{_num(throughput['completion_tokens_per_s'])} completion tok/s",
+        ),
+        (
+            "latency p50",
+            f"first token {_num(latency['time_to_first_token_p50'], 's')}, total {_num(latency['total_p50'], 's')}",
+        ),
+        ("output", summary["output"]),
+    ]
+    if requests["skipped"]:
+        rows.append(("errors", summary["errors"]))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _rate(amount: float, seconds: float) -> float | None:
+    return amount / seconds if seconds > 0 else None
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.3f}" if value < 10 else f"{value:,.0f}"
+    return f"{text} {unit}".strip()

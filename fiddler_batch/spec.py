@@ -1,0 +1,229 @@
+"""The job spec: one pydantic model, mirrored key for key by `jobs/*.yaml`.
+
+Unknown keys are rejected everywhere. Cross-field checks live in the model validators below; checks that
+need the file system (does the input exist?) live in `fiddler_batch.jobfile`, which also loads the YAML,
+resolves relative paths and applies command-line overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from fiddler_batch.engine import EngineSpec, ModelSpec
+
+FileFormat = Literal["auto", "jsonl", "parquet"]
+FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def file_format(path: Path, declared: FileFormat) -> str | None:
+    """'jsonl' or 'parquet': the declared format, else the one the extension names (None if unknown)."""
+    if declared != "auto":
+        return declared
+    return FORMAT_BY_SUFFIX.get(path.suffix.lower())
+
+
+def _config() -> ConfigDict:
+    return ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class GenerationSpec(BaseModel):
+    """How completions are generated. Every key may also be overridden per record by an input column."""
+
+    model_config = _config()
+
+    max_new_tokens: int = Field(64, ge=1)
+    """Tokens to generate at most per request (the completion may end sooner, at EOS or a stop string)."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature. 0 means greedy decoding (the most likely token every step)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p. 1 keeps all."""
+    top_k: int = Field(0, ge=0)
+    """Sample among the top_k most likely tokens only. 0 keeps all."""
+    num_beams: int = Field(1, ge=1)
+    """Beam search width. 1 means no beam search. Beam search is deterministic: it needs temperature 0."""
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings: generation ends when the completion contains one; the completion is cut before it."""
+    seed: int = Field(0, ge=0)
+    """Sampling seed. Each request samples from its own random stream, seeded from this seed and the request's
+    id (or from the record's own `seed` column), so its completion does not depend on the batch it lands in."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise PydanticCustomError(
+                "empty_stop", "an empty stop string would stop at once", {"fix": "remove the empty string from stop"}
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _beams_are_greedy(self) -> GenerationSpec:
+        if self.num_beams > 1 and self.temperature > 0:
+            raise PydanticCustomError(
+                "beams_with_sampling",
+                "beam search (num_beams > 1) cannot sample (temperature > 0)",
+                {"fix": "set temperature: 0 for beam search, or num_beams: 1 for sampling", "key": "num_beams"},
+            )
+        return self
+
+    @property
+    def samples(self) -> bool:
+        return self.temperature > 0
+
+
+GENERATION_KEYS = tuple(GenerationSpec.model_fields)
+
+
+class InputSpec(BaseModel):
+    """Where the requests come from: JSONL or Parquet files, one request per line or row."""
+
+    model_config = _config()
+
+    path: Path
+    """An input file, or a glob of files (`data/*.parquet`), read in sorted order. Relative paths are relative to
+    the job file's folder."""
+    format: FileFormat = "auto"
+    """'jsonl' or 'parquet'; 'auto' picks by extension (.jsonl/.ndjson, .parquet/.pq)."""
+    id_column: str = "id"
+    """Column holding each request's id. Records without one get `FILE:LINE` (JSONL) or `FILE:ROW` (Parquet)."""
+    prompt_column: str = "prompt"
+    """Column holding a plain-text prompt (tokenized as is, with the tokenizer's special tokens)."""
+    messages_column: str = "messages"
+    """Column holding a chat conversation: a list of {role, content}, rendered with the tokenizer's chat
+    template. Each record has either a prompt or messages."""
+    override_columns: list[str] = Field(default_factory=lambda: list(GENERATION_KEYS))
+    """Columns that override generation settings per record when present and not null (names as in
+    `generation`). [] ignores them all."""
+    limit: int | None = Field(None, ge=1)
+    """Run only the first `limit` records (in input order). null runs them all."""
+
+    @field_validator("override_columns")
+    @classmethod
+    def _known_generation_keys(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in GENERATION_KEYS]
+        if unknown:
+            raise PydanticCustomError(
+                "unknown_override",
+                "not generation settings: {unknown}",
+                {"unknown": ", ".join(unknown), "fix": f"list only names among {', '.join(GENERATION_KEYS)}"},
+            )
+        return value
+
+
+class OutputSpec(BaseModel):
+    """Where the results go: one record per request, in input order."""
+
+    model_config = _config()
+
+    path: Path
+    """The results file (JSONL or Parquet). Beside it the run writes `STEM.summary.json`, `STEM.errors.jsonl`
+    and, while running, the work folder `STEM.parts/`. Relative paths are relative to the job file's folder."""
+    format: FileFormat = "auto"
+    """'jsonl' or 'parquet'; 'auto' picks by extension."""
+    include_prompt: bool = False
+    """Copy each request's prompt into its record (for chat records: the rendered conversation)."""
+    include_token_ids: bool = False
+    """Add the completion's token ids to each record."""
+    keep_parts: bool = False
+    """Keep the work folder of per-batch part files after they are merged into the results file."""
+
+
+class BatchingSpec(BaseModel):
+    """How requests are grouped into batches. A request too big for the budgets runs alone."""
+
+    model_config = _config()
+
+    window: int = Field(1024, ge=1)
+    """Requests read, tokenized and bucketed together. Larger windows make batches of more similar length."""
+    max_batch_size: int = Field(32, ge=1)
+    """Requests per batch at most."""
+    max_prefill_tokens: int = Field(16384, ge=1)
+    """Prompt tokens per batch at most, padding included: rows x longest prompt x num_beams."""
+    kv_cache_tokens: int = Field(65536, ge=1)
+    """KV-cache tokens per batch at most: rows x (longest prompt + largest max_new_tokens) x num_beams. Also
+    tells the engine how much KV cache to plan GPU memory for."""
+    prefill_heavy_ratio: float = Field(4.0, gt=0)
+    """A request is prefill-heavy when prompt tokens >= prefill_heavy_ratio x max_new_tokens, else
+    decode-heavy. Batches hold one kind only; the engine picks its strategy from the kind."""
+
+
+class ErrorsSpec(BaseModel):
+    """What happens to bad input records."""
+
+    model_config = _config()
+
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    """'skip': list the record in the errors file and go on; 'fail': stop the job at the first bad record."""
+    path: Path | None = None
+    """The errors file (JSONL). Default: `STEM.errors.jsonl` beside the output."""
+
+
+class JobSpec(BaseModel):
+    """A batch-inference job: which model, which requests, where the results go and how they are generated."""
+
+    model_config = _config()
+
+    model: ModelSpec
+    """The model to run."""
+    input: InputSpec
+    """The requests."""
+    output: OutputSpec
+    """The results."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    """Default generation settings (records may override them)."""
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    """Batch sizing."""
+    errors: ErrorsSpec = Field(default_factory=ErrorsSpec)
+    """Bad-record handling."""
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    """Engine settings: devices, GPU memory budget and expert execution strategy."""
+
+    @model_validator(mode="after")
+    def _check_outputs(self) -> JobSpec:
+        if file_format(self.output.path, self.output.format) is None:
+            raise PydanticCustomError(
+                "output_format",
+                "cannot tell the output format from the extension of {path}",
+                {
+                    "path": str(self.output.path),
+                    "key": "output.path",
+                    "fix": "end output.path with .jsonl or .parquet, or set output.format",
+                },
+            )
+        if self.output.path == self.input.path:
+            raise PydanticCustomError(
+                "output_is_input",
+                "output.path is the input file",
+                {"key": "output.path", "fix": "write the results to another file"},
+            )
+        return self
+
+    @property
+    def output_format(self) -> str:
+        return file_format(self.output.path, self.output.format) or "jsonl"
+
+    @property
+    def stem(self) -> Path:
+        """The output path without its extension: the base of the summary, errors and work-folder names."""
+        return self.output.path.with_suffix("")
+
+    @property
+    def errors_path(self) -> Path:
+        return self.errors.path or self.stem.with_name(self.stem.name + ".errors.jsonl")
+
+    @property
+    def summary_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".summary.json")
+
+    @property
+    def work_dir(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".parts")

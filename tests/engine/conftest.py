@@ -1,0 +1,65 @@
+"""Engine fixtures: tiny random models of each family, a hand-made cost model, forced planners."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from fiddler_batch.engine import Engine, EngineSpec
+from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.planner import Plan, Where
+
+from .families import build
+
+# CPU compute costs about one copy at 8 tokens, so mixed counts give mixed plans under every strategy.
+COST = CostModel(ladder=(1, 8, 64), cpu_ms=(1.0, 3.0, 20.0), gpu_ms=(0.1, 0.1, 0.3), copy_ms=3.0, cpu_fixed_ms=0.1)
+
+
+def forced(rule: Callable[[int, int], Where]) -> Callable:
+    """A planner that sends every non-resident expert with tokens where rule(layer, expert) says."""
+
+    def planner(layer, counts: list[int]) -> Plan:
+        where = []
+        for e, n in enumerate(counts):
+            if not n:
+                where.append(Where.IDLE)
+            elif layer.resident_row[e] >= 0:
+                where.append(Where.RESIDENT)
+            else:
+                where.append(rule(layer.index, e))
+        copies = tuple(e for e, w in enumerate(where) if w == Where.COPY)
+        return Plan(tuple(where), copies, True, 0.0)
+
+    return planner
+
+
+PLANS = {
+    "all-cpu": ("cpu-forced", 0.0, forced(lambda layer, e: Where.CPU)),
+    "all-copied": ("copy-forced", 0.0, forced(lambda layer, e: Where.COPY)),
+    "all-resident": ("resident", 1.0, None),
+    "mixed": ("mixed-forced", 0.25, forced(lambda layer, e: Where.CPU if (layer + e) % 2 else Where.COPY)),
+    "planner-balanced": ("balanced", 0.25, None),
+    "planner-fiddler-rule": ("fiddler-rule", 0.25, None),
+}
+
+
+def make_engine(reference: torch.nn.Module, plan: str, staging_slots: int = 2) -> tuple[torch.nn.Module, Engine]:
+    """A copy of `reference` placed by the engine on the CPU (the fast device), running `plan`."""
+    strategy, share, planner = PLANS[plan]
+    model = copy.deepcopy(reference)
+    engine = Engine.from_model(
+        model, EngineSpec(device="cpu", resident_experts=share, staging_slots=staging_slots), cost=COST
+    )
+    if planner is not None:
+        engine.set_planner(planner)
+    elif strategy in ("balanced", "fiddler-rule"):
+        engine.set_strategy(strategy)
+    return model, engine
+
+
+@pytest.fixture(scope="module")
+def family_model(request) -> torch.nn.Module:
+    return build(request.param)

@@ -1,0 +1,148 @@
+"""Engine behaviour around the executor: placement, statistics, profiles, loading, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from fiddler_batch.engine import Engine, EngineError, EngineSpec, ModelSpec
+from fiddler_batch.engine.costmodel import CostModel, calibrate, random_expert
+from fiddler_batch.engine.layout import read_layout
+
+from .conftest import COST, make_engine
+from .families import build
+
+PROMPTS = torch.randint(0, 160, (3, 9), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return build("mixtral")
+
+
+def test_model_without_experts_runs_plainly():
+    dense = build("dense")
+    with torch.no_grad():
+        ref = dense.generate(PROMPTS, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    engine = Engine.from_model(copy.deepcopy(dense), EngineSpec(device="cpu"))
+    assert engine.executor is None and engine.stats() == {}
+    with torch.no_grad():
+        assert torch.equal(engine.model.generate(PROMPTS, max_new_tokens=5, do_sample=False, pad_token_id=0), ref)
+
+
+def test_moe_without_3d_experts_is_refused_with_a_way_out():
+    class LegacyMoe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_local_experts=4)
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+    with pytest.raises(EngineError, match="hybrid: false"):
+        Engine.from_model(LegacyMoe(), EngineSpec(device="cpu"))
+
+
+def test_stats_count_every_routed_expert_once(mixtral):
+    model, engine = make_engine(mixtral, "mixed")
+    engine.reset_stats()
+    with torch.no_grad():
+        model(PROMPTS)
+    stats = engine.stats()
+    layers = len(engine.executor.layers)
+    assert stats["layer_calls"] == layers
+    assert stats["tokens_routed"] == layers * PROMPTS.numel() * 2  # top-2
+    assert stats["tokens_cpu"] + stats["tokens_copied"] + stats["tokens_resident"] == stats["tokens_routed"]
+    layout = engine.executor.layers[0].layout
+    assert stats["bytes_copied"] == stats["experts_copied"] * layout.expert_bytes(engine.executor.layers[0].module)
+    engine.reset_stats()
+    assert engine.stats()["layer_calls"] == 0
+
+
+def test_routed_counts_make_a_profile_that_places_popular_experts(mixtral, tmp_path):
+    model, engine = make_engine(mixtral, "all-resident")
+    with torch.no_grad():
+        model(PROMPTS)
+    counts = engine.routed_counts()
+    assert len(counts) == 3 and all(len(row) == 8 for row in counts)
+    assert sum(map(sum, counts)) == 3 * PROMPTS.numel() * 2
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"counts": counts}))
+    spec = EngineSpec(device="cpu", resident_experts=0.25, profile=profile)
+    placed = Engine.from_model(copy.deepcopy(mixtral), spec, cost=COST)
+    assert placed.placement.report["placed_by"] == "profile"
+    assert placed.placement.resident_count == 6  # a quarter of 3 x 8
+    for layer, row in zip(placed.executor.layers, counts):
+        resident = [e for e, r in enumerate(layer.resident_row) if r >= 0]
+        # Within a layer, every resident expert is at least as popular as every expert left off the device.
+        if resident:
+            assert min(row[e] for e in resident) >= max(row[e] for e in range(8) if e not in resident)
+
+
+def test_profile_for_another_model_is_refused(mixtral, tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"counts": [[1, 2]]}))
+    with pytest.raises(EngineError, match="fiddler-batch profile"):
+        Engine.from_model(copy.deepcopy(mixtral), EngineSpec(device="cpu", resident_experts=0.5, profile=profile), cost=COST)
+
+
+def test_kind_sets_the_strategy(mixtral):
+    spec = EngineSpec(device="cpu", resident_experts=0.25, strategy={"prefill_heavy": "copy", "decode_heavy": "cpu"})
+    engine = Engine.from_model(copy.deepcopy(mixtral), spec, cost=COST)
+    engine.set_kind("prefill_heavy")
+    with torch.no_grad():
+        engine.model(PROMPTS)
+    assert engine.stats()["experts_cpu"] == 0 and engine.stats()["experts_copied"] > 0
+    engine.set_kind("decode_heavy")
+    engine.reset_stats()
+    with torch.no_grad():
+        engine.model(PROMPTS)
+    assert engine.stats()["experts_copied"] == 0 and engine.stats()["experts_cpu"] > 0
+
+
+def test_loaded_checkpoint_matches_transformers(reference_model):
+    ref, tokenizer = reference_model
+    ids = tokenizer(["a prompt of some length", "short"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = ref.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    engine = Engine.load(
+        ModelSpec(path="demo:tiny-mixtral", dtype="float32"),
+        EngineSpec(device="cpu", resident_experts=0.25, strategy={"prefill_heavy": "balanced", "decode_heavy": "balanced"}),
+        cost=COST,
+    )
+    with torch.no_grad():
+        got = engine.model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(got, expected)
+    stats = engine.stats()
+    assert stats["experts_cpu"] and stats["experts_copied"] and stats["experts_resident"]
+    assert engine.describe()["placement"]["resident_share"] == 0.25
+
+
+def test_calibration_measures_every_point_and_round_trips(mixtral, tmp_path):
+    module = mixtral.model.layers[0].mlp.experts
+    layout = read_layout(module)
+    cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True, host=random_expert(layout, "cpu"))
+    assert len(cost.cpu_ms) == len(cost.gpu_ms) == len(cost.ladder)
+    assert all(t > 0 for t in cost.cpu_ms + cost.gpu_ms) and cost.copy_ms > 0
+    assert cost.meta["geometry"] == layout.geometry_key() and cost.meta["quick"]
+    path = tmp_path / "cost.json"
+    cost.save(path)
+    assert CostModel.load(path) == cost
+
+
+def test_missing_calibration_file_names_the_command(mixtral, tmp_path):
+    spec = EngineSpec(device="cpu", resident_experts=0.25, calibration=tmp_path / "none.json")
+    with pytest.raises(EngineError, match="fiddler-batch calibrate"):
+        Engine.from_model(copy.deepcopy(mixtral), spec)
+
+
+def test_engine_without_calibration_measures_one_and_caches_it(mixtral):
+    spec = EngineSpec(device="cpu", resident_experts=0.25)
+    first = Engine.from_model(copy.deepcopy(mixtral), spec)
+    assert first.executor.cost is not None and first.executor.cost.meta["quick"]
+    second = Engine.from_model(copy.deepcopy(mixtral), spec)
+    assert second.executor.cost == first.executor.cost  # read back from the cache, not measured again

@@ -1,0 +1,108 @@
+"""The planner on hand-made costs: each strategy's rule, and the balanced makespan choice."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.planner import STRATEGIES, Where, plan_layer, predict_ms
+
+# CPU: 4 ms up to 8 tokens, then growing; copy 5 ms; GPU 0.2 ms. Copying pays from about 16 tokens.
+COST = CostModel(ladder=(1, 8, 32, 128), cpu_ms=(4.0, 4.0, 12.0, 40.0), gpu_ms=(0.2, 0.2, 0.3, 0.5), copy_ms=5.0)
+
+R, C, P, I = Where.RESIDENT, Where.CPU, Where.COPY, Where.IDLE
+
+
+def test_idle_and_resident_experts_are_never_moved():
+    for strategy in STRATEGIES:
+        plan = plan_layer([0, 3, 0, 5], [True, True, False, False], COST, strategy)
+        assert plan.where[0] == I and plan.where[1] == R and plan.where[2] == I
+        assert plan.where[3] in (C, P)
+
+
+def test_cpu_and_copy_strategies_send_every_offloaded_expert_one_way():
+    counts, resident = [1, 40, 3, 0], [False, False, True, False]
+    assert plan_layer(counts, resident, COST, "cpu").where == (C, C, R, I)
+    plan = plan_layer(counts, resident, COST, "copy")
+    assert plan.where == (P, P, R, I)
+    assert plan.copy_order == (1, 0)  # most tokens first
+
+
+def test_fiddler_rule_compares_cpu_with_copy_plus_gpu_per_expert():
+    plan = plan_layer([1, 8, 16, 64], [False] * 4, COST, "fiddler-rule")
+    # cpu(16) = 6.67 > 5 + 0.2 and cpu(8) = 4 < 5.2
+    assert plan.where == (C, C, P, P)
+    assert not plan.overlap
+    assert plan.predicted_ms == pytest.approx(COST.cpu(1) + COST.cpu(8) + 2 * COST.copy_ms + COST.gpu(16) + COST.gpu(64))
+
+
+def test_balanced_splits_two_equal_experts_between_cpu_and_link():
+    # Alone, each expert is cheaper on the CPU (4 ms < 5.2 ms); together, one copy overlaps the other's
+    # CPU compute: 5.2 ms instead of 8 ms.
+    plan = plan_layer([1, 1], [False, False], COST, "balanced")
+    assert sorted(plan.where) == sorted([C, P])
+    assert plan.predicted_ms == pytest.approx(5.2)
+    assert plan_layer([1, 1], [False, False], COST, "fiddler-rule").where == (C, C)
+
+
+def test_balanced_copies_the_experts_with_most_tokens():
+    plan = plan_layer([2, 100, 1, 60], [False] * 4, COST, "balanced")
+    assert set(plan.copy_order) >= {1, 3}
+    assert plan.copy_order[0] == 1
+
+
+def test_contention_makes_overlap_less_attractive():
+    slow = CostModel(COST.ladder, COST.cpu_ms, COST.gpu_ms, COST.copy_ms, cpu_contention=2.5, copy_contention=1.5)
+    # With CPU compute 2.5x slower during copies, overlapping one of each no longer pays.
+    plan = plan_layer([1, 1], [False, False], slow, "balanced")
+    assert plan.where == (C, C)
+    assert plan.predicted_ms == pytest.approx(8.0)
+
+
+def test_balanced_is_never_predicted_slower_than_the_other_strategies():
+    rng = random.Random(7)
+    for _ in range(300):
+        experts = rng.randint(1, 10)
+        counts = [rng.choice([0, 1, 2, 5, 9, 20, 70, 200]) for _ in range(experts)]
+        resident = [rng.random() < 0.3 for _ in range(experts)]
+        best = plan_layer(counts, resident, COST, "balanced").predicted_ms
+        for strategy in ("cpu", "copy", "fiddler-rule"):
+            other = plan_layer(counts, resident, COST, strategy)
+            overlapped = predict_ms(counts, other.where, other.copy_order, COST, overlap=True)
+            assert best <= overlapped + 1e-9
+
+
+def exhaustive_best(counts: list[int], cost: CostModel) -> float:
+    best = float("inf")
+    for choice in itertools.product([C, P], repeat=len(counts)):
+        copies = sorted((e for e, w in enumerate(choice) if w == P), key=lambda e: -counts[e])
+        best = min(best, predict_ms(counts, choice, copies, cost, overlap=True))
+    return best
+
+
+def test_balanced_matches_exhaustive_search_when_gpu_time_is_flat():
+    flat = CostModel(COST.ladder, COST.cpu_ms, (0.2, 0.2, 0.2, 0.2), COST.copy_ms)
+    rng = random.Random(3)
+    for _ in range(100):
+        counts = [rng.choice([1, 3, 8, 20, 50]) for _ in range(rng.randint(1, 6))]
+        plan = plan_layer(counts, [False] * len(counts), flat, "balanced")
+        assert plan.predicted_ms == pytest.approx(exhaustive_best(counts, flat))
+
+
+def test_balanced_is_within_one_gpu_tail_of_exhaustive_search():
+    # Copying the experts with the most tokens leaves the last copied expert's GPU time (the part the
+    # link cannot hide) as the only room for a better choice.
+    rng = random.Random(3)
+    for _ in range(100):
+        counts = [rng.choice([1, 3, 8, 20, 50]) for _ in range(rng.randint(1, 6))]
+        plan = plan_layer(counts, [False] * len(counts), COST, "balanced")
+        best = exhaustive_best(counts, COST)
+        assert best - 1e-9 <= plan.predicted_ms <= best + max(COST.gpu(n) for n in counts)
+
+
+def test_unknown_strategy_is_rejected():
+    with pytest.raises(ValueError, match="unknown strategy"):
+        plan_layer([1], [False], COST, "fastest")

@@ -1,0 +1,49 @@
+"""Helpers for tests: writing job files and inputs, reading results, running the CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_job(folder: Path, records: list[Any] | None = None, **sections: Any) -> Path:
+    """A job file in `folder` (input: `prompts.jsonl` holding `records`, output: `out/results.jsonl`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if records is not None:
+        write_jsonl(folder / "prompts.jsonl", records)
+    job: dict[str, Any] = {
+        "model": {"path": "demo:tiny-mixtral", "dtype": "float32"},
+        "input": {"path": "prompts.jsonl"},
+        "output": {"path": "out/results.jsonl"},
+        "generation": {"max_new_tokens": 8},
+        "engine": {"device": "cpu"},
+    }
+    for name, values in sections.items():
+        job[name] = {**job.get(name, {}), **values}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `fiddler-batch ARGS` as a subprocess, the way a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "fiddler_batch.cli", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=300
+    )

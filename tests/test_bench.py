@@ -1,0 +1,132 @@
+"""The benchmark suite: its CPU smoke run writes a results JSON, a markdown table and a PNG chart; pieces merge;
+the size syntax, the request mix and the bound's arithmetic. Nothing here asserts anything about speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fiddler_batch.bench.bounds import split_ms
+from fiddler_batch.bench.cli import bench
+from fiddler_batch.bench.model import build_tokenizer
+from fiddler_batch.bench.scenarios import request_mix, write_requests
+from fiddler_batch.bench.settings import BASELINES, PROTOCOL_SIZES, SCENARIOS, Case, Mix, parse_sizes
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("| scenario")]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke run of every scenario and baseline, once for the module."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("bench")
+    result = CliRunner().invoke(bench, ["--smoke", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_smoke_writes_json_markdown_and_png(smoke: Path) -> None:
+    data = json.loads((smoke / "results.json").read_text())
+    assert data["format"] == "fiddler-batch-bench/1"
+    [session] = data["sessions"]
+    for key in ("id", "date", "command", "host", "card", "versions", "settings", "model", "budget", "cost_model",
+                "rates", "placements", "timeline"):
+        assert key in session
+    assert session["card"] is None and session["versions"]["torch"]
+    assert {(r["scenario"], r["baseline"]) for r in data["runs"]} == {(s, b) for s in SCENARIOS for b in BASELINES}
+    for run in data["runs"]:
+        if run["baseline"] == "accelerate":
+            assert run["status"] == "skipped" and "CPU" in run["reason"]
+            continue
+        assert run["status"] == "ok", run
+        assert len(run["reps"]) == 1 and run["median"] and run["warmup"]
+        assert run["reps"][0]["engine_stats"]["layer_calls"] > 0
+    assert {b["scenario"] for b in data["bounds"]} == set(SCENARIOS)
+    assert all(b["traced_on"] == "fiddler-batch" and b["metrics"] for b in data["bounds"])
+
+    rows = _table_rows((smoke / "results.md").read_text())
+    assert {(row[0].split()[0], row[2]) for row in rows} == {(s, b) for s in SCENARIOS for b in BASELINES}
+    assert len(rows) == len(SCENARIOS) * len(BASELINES)
+    assert (smoke / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_smoke_records_its_command(smoke: Path) -> None:
+    command = json.loads((smoke / "results.json").read_text())["sessions"][0]["command"]
+    assert command.startswith("fiddler-batch bench --smoke ") and "--sizes a=8x8" in command
+
+
+def test_pieces_append_and_merge(smoke: Path, tmp_path: Path) -> None:
+    piece = tmp_path / "piece"
+    run = subprocess.run(
+        [sys.executable, "-m", "fiddler_batch.bench", "--smoke", "--scenario", "b", "--baselines",
+         "cpu-experts,fiddler-batch", "--out", str(piece)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines()[-1].startswith("b 64 ")  # the table is printed last
+
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(bench, ["--merge", str(smoke / "results.json"), "--merge", str(piece / "results.json"),
+                                        "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((merged / "results.json").read_text())
+    assert len(data["sessions"]) == 2
+    assert len(data["runs"]) == len(SCENARIOS) * len(BASELINES) + 2
+    rows = _table_rows((merged / "results.md").read_text())
+    b_rows = {row[2]: row for row in rows if row[0].startswith("b ")}
+    # b's rows come from the newer session that ran fiddler-batch; baselines it did not run are marked.
+    assert "from session" in b_rows["fiddler-rule"][-1] and b_rows["fiddler-rule"][6] == "-"
+    assert b_rows["cpu-experts"][6].endswith("x")
+    assert (merged / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sizes() -> None:
+    sizes = parse_sizes(("a=32x64,128x128", "c=8", "d=300"), {})
+    assert sizes["a"] == (Case("a", prompt=32, new=64), Case("a", prompt=128, new=128))
+    assert sizes["c"] == (Case("c", prompt=32, new=64, width=8),)
+    assert sizes["d"] == (Case("d", requests=300),)
+    assert parse_sizes(("full",), {}) == PROTOCOL_SIZES
+    assert parse_sizes(("b=all",), {})["b"] == PROTOCOL_SIZES["b"]
+    for bad in ("a=32", "b=0", "e=1", "c"):
+        with pytest.raises(ValueError):
+            parse_sizes((bad,), {})
+
+
+def test_request_mix_keeps_its_proportions_in_every_prefix(tmp_path: Path) -> None:
+    mix = Mix(chat_words=(4, 8), chat_new=3, doc_every=4, doc_words=(20, 30), doc_new=2)
+    records = request_mix(12, mix, seed=1)
+    assert [r["kind"] for r in records[:4]] == ["chat", "chat", "chat", "doc"]
+    assert records[:8] == request_mix(8, mix, seed=1)
+    written = write_requests(tmp_path / "r.jsonl", 8, mix, vocab_size=512, seed=1, max_new=2)
+    assert (written["chats"], written["documents"]) == (6, 2)
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    tokenizer = build_tokenizer(512)
+    for line, record in zip(lines, records):
+        assert line["max_new_tokens"] == min(record["new"], 2)
+        if "prompt" in line:
+            assert len(tokenizer(line["prompt"])["input_ids"]) == record["words"] + 1  # BOS
+        else:
+            text = tokenizer.apply_chat_template(line["messages"], tokenize=False, add_generation_prompt=True)
+            assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == record["words"] + 3
+
+
+def test_split_bound() -> None:
+    # Equal experts: the CPU and the link share them at their combined rate.
+    cpu_ms, copy_ms = 4.0, 6.0
+    assert split_ms([cpu_ms] * 3, copy_ms) == pytest.approx(3 / (1 / cpu_ms + 1 / copy_ms))
+    # An expert cheap on the CPU goes there first; the rest go over the link.
+    assert split_ms([1.0, 100.0, 100.0], 5.0) == pytest.approx(
+        1.0 + ((2 * 5.0 - 1.0) / (100.0 + 5.0)) * 100.0
+    )
+    assert split_ms([], 5.0) == 0.0
