@@ -57,15 +57,12 @@ def run(job: Path, output: Path | None, limit: int | None, overrides: tuple[str,
         settings["input.limit"] = limit
     spec = _load(job, overrides, settings)
 
-    from transformers.utils import logging as transformers_logging
-
     from fiddler_batch.engine import EngineError
     from fiddler_batch.errors import ProblemsError
     from fiddler_batch.report import format_table
     from fiddler_batch.runner import run_job
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    _quiet_transformers()
     click.echo(f"fiddler-batch: {job} -> {spec.output.path}", err=True)
     try:
         summary = run_job(spec, progress=sys.stderr.isatty() if progress is None else progress)
@@ -156,6 +153,99 @@ def schema(out: Path, readme: Path, check: bool) -> None:
         path.write_text(wanted[path], encoding="utf-8")
         click.echo(f"wrote {path}")
 
+
+def _quiet_transformers() -> None:
+    """Our own progress and messages only: transformers' loading bars and warnings stay out of job logs."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def _engine_errors(action):
+    """Run `action`, turning the engine's errors into a message and exit code 1."""
+    from fiddler_batch.engine import EngineError
+
+    try:
+        return action()
+    except EngineError as exc:
+        click.echo(f"engine error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="Fewer token counts and repetitions (what a run does when it has none).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Calibration file to write (sets engine.calibration). Default: the cache entry runs look for.",
+)
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str, ...]) -> None:
+    """Measure the cost model for JOB's model on this machine: one expert on the CPU and on the GPU over a
+    ladder of token counts, the pinned host-to-GPU copy, and how CPU work and copies slow each other."""
+    spec = _load(job, overrides, {"engine.calibration": output} if output is not None else None)
+    from fiddler_batch.engine import Engine
+
+    _quiet_transformers()
+
+    def measure() -> tuple[Any, Path]:
+        engine = Engine.load(spec.model, spec.engine, kv_cache_tokens=spec.batching.kv_cache_tokens, calibrate=False)
+        return engine.calibrate(quick=quick)
+
+    cost, path = _engine_errors(measure)
+    click.echo(f"{'tokens':>8} {'cpu ms':>10} {'gpu ms':>10}")
+    for n, cpu_ms, gpu_ms in zip(cost.ladder, cost.cpu_ms, cost.gpu_ms):
+        click.echo(f"{n:>8} {cpu_ms:>10.3f} {gpu_ms:>10.3f}")
+    crossover = cost.crossover()
+    click.echo(
+        f"copy of one expert: {cost.copy_ms:.3f} ms ({cost.meta.get('copy_gb_per_s')} GB/s); CPU compute "
+        f"{cost.cpu_contention:.2f}x and copies {cost.copy_contention:.2f}x slower while both run; copying beats "
+        f"the CPU from {crossover if crossover else 'no'} tokens per expert"
+    )
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--sample", default=64, show_default=True, type=click.IntRange(min=1), help="Requests to route.")
+@click.option(
+    "--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1), help="New tokens per request at most."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Profile file to write. Default: engine.profile, else STEM.profile.json beside the job's output.",
+)
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def profile(job: Path, sample: int, max_new_tokens: int, output: Path | None, overrides: tuple[str, ...]) -> None:
+    """Record how often each (layer, expert) of JOB's model is routed to on the first requests of JOB, so that
+    runs with engine.profile keep the most popular experts on the GPU."""
+    spec = _load(job, overrides)
+    from fiddler_batch.profiling import default_profile_path, profile_job, save_profile
+
+    _quiet_transformers()
+    path = output or default_profile_path(spec)
+    result = _engine_errors(lambda: profile_job(spec, sample, max_new_tokens))
+    save_profile(result, path)
+    click.echo(
+        f"routed {result['tokens_routed']} tokens of {result['requests']} requests over "
+        f"{len(result['counts'])} MoE layers in {result['seconds']} s; wrote {path}"
+    )
+    if spec.engine.profile is None or Path(spec.engine.profile) != path:
+        click.echo(f"use it with: engine.profile: {path}  (or --set engine.profile={path})")
+
+
+def _register_bench() -> None:
+    from fiddler_batch.bench.cli import bench
+
+    main.add_command(bench)
+
+
+_register_bench()
 
 if __name__ == "__main__":
     main()
