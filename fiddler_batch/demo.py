@@ -10,7 +10,6 @@ into place, so processes racing to build the same checkpoint are safe: the loser
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fiddler_batch.machine import cache_root
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2; byte b is id 3 + b
@@ -122,11 +123,6 @@ def build_tiny_mixtral(shape: TinyMixtralShape = TinyMixtralShape(), seed: int =
     with torch.no_grad():
         model.lm_head.weight.mul_(row_scale[:, None])  # [V, H]
     return config, model, tokenizer
-
-
-def cache_root() -> Path:
-    """Where built artefacts are kept: `$FIDDLER_BATCH_CACHE`, else `~/.cache/fiddler-batch`."""
-    return Path(os.environ.get("FIDDLER_BATCH_CACHE") or Path.home() / ".cache" / "fiddler-batch").expanduser()
 
 
 def ensure_demo_checkpoint(name: str) -> Path:

@@ -26,7 +26,7 @@ from torch import nn
 
 from fiddler_batch.engine import Engine, EngineSpec
 from fiddler_batch.engine.core import DEFAULT_ACTIVATION_TOKENS, activation_bytes, kv_cache_bytes
-from fiddler_batch.engine.costmodel import CostModel, calibrate
+from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.layout import check_supported, read_layout
 from fiddler_batch.engine.settings import StrategyByKind
 
@@ -139,11 +139,6 @@ def _device_of(name: str, device_map: dict[str, Any]) -> Any:
     return device_map[max(owners, key=len)] if owners else None
 
 
-PROVISIONAL_COST = CostModel(ladder=(1, 2), cpu_ms=(1.0, 1.0), gpu_ms=(1.0, 1.0), copy_ms=1.0)
-"""Stands in for the cost model between placing the first engine and calibrating on its pinned experts
-(`calibrate_on`); nothing runs in between."""
-
-
 def place_engine(
     name: str,
     model: nn.Module,
@@ -168,7 +163,7 @@ def place_engine(
         strategy=StrategyByKind(prefill_heavy=strategy, decode_heavy=strategy) if strategy else StrategyByKind(),
     )
     engine = Engine.from_model(
-        model, spec, tokenizer, kv_cache_tokens=kv_tokens, cost=cost or PROVISIONAL_COST,
+        model, spec, tokenizer, kv_cache_tokens=kv_tokens, cost=cost, calibrate=False,
         popularity=None if name == "cpu-experts" else popularity,
     )
     info = {**engine.describe(), "strategy": spec.strategy.model_dump()}
@@ -177,8 +172,6 @@ def place_engine(
 
 def calibrate_on(engine: Engine) -> CostModel:
     """A full calibration on the engine's own pinned experts (its first MoE layer's expert 0), installed in
-    the engine and returned for the other baselines."""
-    layer = engine.executor.layers[0]
-    cost = calibrate(layer.layout, layer.module, engine.device, engine.executor.cpu_threads, host=layer.host_expert(0))
-    engine.executor.cost = cost
+    the engine (and in this machine's calibration cache) and returned for the other baselines."""
+    cost, _ = engine.calibrate()
     return cost

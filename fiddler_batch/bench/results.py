@@ -27,6 +27,7 @@ import torch
 
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.io.writer import atomic_write_text
+from fiddler_batch.machine import cpu_name
 
 FORMAT = "fiddler-batch-bench/1"
 PACKAGES = ("transformers", "accelerate", "fiddler-batch", "matplotlib")
@@ -37,16 +38,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ram_gb() -> float | None:
@@ -67,7 +58,7 @@ def environment() -> dict[str, Any]:
         card = {"name": props.name, "memory_gb": round(props.total_memory / 1e9, 1), "cuda": torch.version.cuda,
                 "count": torch.cuda.device_count()}
     return {
-        "host": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "host": {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "ram_gb": _ram_gb(), "os": platform.platform()},
         "card": card,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

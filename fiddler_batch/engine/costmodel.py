@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.errors import EngineError
 from fiddler_batch.engine.layout import ExpertLayout
+from fiddler_batch.machine import cache_root, cpu_name
 
 FULL_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_LADDER = (1, 8, 32, 128, 512)
@@ -92,30 +92,16 @@ class CostModel:
             raise EngineError(f"cannot read the calibration file {path}: {exc}; run `fiddler-batch calibrate`") from exc
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FIDDLER_BATCH_CACHE", Path.home() / ".cache" / "fiddler-batch"))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_key(device: torch.device) -> str:
     """Names the hardware, not the host: nodes of one type in a cluster share a calibration."""
-    parts = [_cpu_name(), f"{os.cpu_count()}cpu"]
+    parts = [cpu_name(), f"{os.cpu_count()}cpu"]
     if device.type == "cuda":
         parts.append(torch.cuda.get_device_name(device))
     return re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(parts)).strip("-")
 
 
 def cache_path(layout: ExpertLayout, device: torch.device, threads: int) -> Path:
-    return cache_dir() / "calibration" / machine_key(device) / f"{layout.geometry_key()}-t{threads}.json"
+    return cache_root() / "calibration" / machine_key(device) / f"{layout.geometry_key()}-t{threads}.json"
 
 
 def _median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], warmup: int = 2) -> float:
@@ -145,6 +131,14 @@ def random_expert(layout: ExpertLayout, device: torch.device | str, pin: bool = 
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=pin and device == "cpu")
         out[name] = t.uniform_(-0.05, 0.05)
+    return out
+
+
+def _non_decreasing(values: list[float]) -> list[float]:
+    """Each value capped by every value after it (times over an increasing ladder of token counts)."""
+    out = list(values)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
     return out
 
 
@@ -208,6 +202,9 @@ def calibrate(
                 for k, v in host.items():
                     fast[k].copy_(v, non_blocking=True)
 
+            # Fewer tokens never take longer: a point slower than a larger one is a measurement outlier
+            # (a first call that paid for warming caches or thread pools), so take the envelope from above.
+            cpu_ms, gpu_ms = _non_decreasing(cpu_ms), _non_decreasing(gpu_ms)
             copy_ms = _median_ms(copy, reps + 1, sync_dev)
             cpu_contention = copy_contention = 1.0
             fixed_ms = 0.0

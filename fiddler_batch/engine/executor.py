@@ -83,8 +83,7 @@ class Stats:
     bytes_copied: int = 0
     forward_s: float = 0.0  # host time inside the experts forward (includes waiting for routing)
     cpu_compute_s: float = 0.0  # host time in CPU experts
-    route_wait_s: float = 0.0  # host time waiting for routing to reach the host
-    plan_s: float = 0.0
+    route_wait_s: float = 0.0  # host time from entering the experts to having a plan (waits for the GPU)
     predicted_s: float = 0.0  # the planner's predicted expert time, summed
     copy_events: list = field(default_factory=list, repr=False)
 
@@ -97,6 +96,26 @@ class Stats:
             if isinstance(v, float):
                 out[k] = round(v, 6)
         return out
+
+
+class Timeline:
+    """Host and GPU timestamps of each experts call, for finding where time goes (benchmarks/timeline.py)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.records: list[dict] = []
+
+    def begin(self, layer: int, tokens: int) -> None:
+        self.records.append({"layer": layer, "tokens": tokens, "host": {}, "gpu": {}})
+        self.mark("enter")
+
+    def mark(self, name: str) -> None:
+        record = self.records[-1]
+        record["host"][name] = time.perf_counter()
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            record["gpu"][name] = event
 
 
 class HybridExecutor:
@@ -118,7 +137,7 @@ class HybridExecutor:
         self.cpu_threads = cpu_threads
         self.planner: Planner | None = None
         self.stats = Stats()
-        self.trace: list[dict] | None = None  # set to a list to record a per-call timeline
+        self.timeline: Timeline | None = None  # set to record every call's timestamps
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.slots = [StagingSlot(layers[0].host, device) for _ in range(staging_slots)] if layers else []
@@ -157,42 +176,31 @@ class HybridExecutor:
         weights = top_k_weights.t().reshape(-1)[order]  # [K*T]
 
         start = time.perf_counter()
-        mark = self._mark if self.trace is not None else None
-        if mark:
-            record = {"layer": layer.index, "tokens": num_tokens, "host": {"enter": start}, "gpu": {}}
-            self.trace.append(record)
-            mark(record, "enter")
-        counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
-        if self.cuda:
-            host_counts = self.routing.get((num_experts,), counts.dtype)
-            host_counts.copy_(counts, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            counts_list = host_counts.tolist()
-        else:
-            counts_list = counts.tolist()
-        t_routed = time.perf_counter()
-        plan = self.plan(layer, counts_list)
-        t_planned = time.perf_counter()
-        stats.route_wait_s += t_routed - start
-        stats.plan_s += t_planned - t_routed
+        timeline = self.timeline
+        if timeline:
+            timeline.begin(layer.index, num_tokens)
+        counts = self._counts(flat, num_experts)
+        if timeline:
+            timeline.mark("routed")
+        plan = self.plan(layer, counts)
+        stats.route_wait_s += time.perf_counter() - start
         stats.predicted_s += plan.predicted_ms / 1e3
         stats.layer_calls += 1
         stats.tokens_routed += num_tokens * top_k
         if not layer.routed:
             layer.routed = [0] * num_experts
-        for e, n in enumerate(counts_list):
+        for e, n in enumerate(counts):
             layer.routed[e] += n
+        if timeline:
+            timeline.records[-1]["plan"] = {w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY)}
 
         bounds = [0] * (num_experts + 1)  # expert e owns sorted slots bounds[e]:bounds[e+1]
-        for e, n in enumerate(counts_list):
+        for e, n in enumerate(counts):
             bounds[e + 1] = bounds[e] + n
         out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         gathered = hidden[tokens]  # [K*T, H]
 
         cpu_experts = plan.experts(Where.CPU)
-        if mark:
-            record["host"]["routed"] = t_routed
-            record["plan"] = {w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY)}
         cpu_inputs = self._send_to_host(gathered, weights, cpu_experts, bounds) if cpu_experts else None
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
@@ -200,8 +208,8 @@ class HybridExecutor:
             stats.experts_resident += 1
             stats.tokens_resident += b - a
         self._run_copied(layer, plan, gathered, weights, bounds, out)
-        if mark:
-            mark(record, "gpu_queued")
+        if timeline:
+            timeline.mark("gpu_queued")
         if cpu_inputs is not None:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
@@ -214,16 +222,19 @@ class HybridExecutor:
         else:
             result.copy_(self._sum_over_top_k(out, order, num_tokens, top_k))
         stats.forward_s += time.perf_counter() - start
-        if mark:
-            mark(record, "exit")
+        if timeline:
+            timeline.mark("exit")
         return result
 
-    def _mark(self, record: dict, name: str, stream: torch.cuda.Stream | None = None) -> None:
-        record["host"][name] = time.perf_counter()
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(stream or torch.cuda.current_stream(self.device))
-            record["gpu"][name] = event
+    def _counts(self, flat: torch.Tensor, num_experts: int) -> list[int]:
+        """Tokens routed to each expert, on the host: the one point where the host waits for the GPU."""
+        counts = torch.bincount(flat, minlength=num_experts)  # [E]
+        if not self.cuda:
+            return counts.tolist()
+        host = self.routing.get((num_experts,), counts.dtype)
+        host.copy_(counts, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.tolist()
 
     # -- pieces -------------------------------------------------------------------------------------
 
@@ -300,8 +311,8 @@ class HybridExecutor:
         if self.cuda:
             end.record(stream or main)
             self.stats.copy_events.append((start, end))
-            if self.trace is not None:
-                self.trace[-1]["gpu"]["copy_start"], self.trace[-1]["gpu"]["copy_end"] = start, end
+            if self.timeline:
+                self.timeline.records[-1]["gpu"].update(copy_start=start, copy_end=end)
 
     def _compute_on_cpu(
         self,
@@ -315,8 +326,8 @@ class HybridExecutor:
         if ready is not None:
             ready.synchronize()
         begin = time.perf_counter()
-        if self.trace is not None:
-            self.trace[-1]["host"]["cpu_start"] = begin
+        if self.timeline:
+            self.timeline.mark("cpu_start")
         results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
@@ -328,8 +339,8 @@ class HybridExecutor:
             self.stats.experts_cpu += 1
             self.stats.tokens_cpu += n
         self.stats.cpu_compute_s += time.perf_counter() - begin
-        if self.trace is not None:
-            self.trace[-1]["host"]["cpu_end"] = time.perf_counter()
+        if self.timeline:
+            self.timeline.mark("cpu_end")
         if results is not None:
             for e, s in zip(experts, starts):
                 n = bounds[e + 1] - bounds[e]

@@ -15,6 +15,22 @@ COMMON = dict(
     tie_word_embeddings=False,
 )
 
+DEEPSEEK = dict(
+    intermediate_size=128,
+    moe_intermediate_size=48,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,  # layer 0 is a dense MLP, the others MoE
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    n_group=1,
+    topk_group=1,
+    num_key_value_heads=4,  # multi-head latent attention: one key/value head per query head
+)
+
 FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
     "qwen2_moe": (
@@ -36,47 +52,8 @@ FAMILIES = {
         dict(intermediate_size=128, moe_intermediate_size=48, num_experts=16, num_experts_per_tok=4, head_dim=16),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
-    "deepseek_v2": (
-        "DeepseekV2Config",
-        "DeepseekV2ForCausalLM",
-        dict(
-            intermediate_size=128,
-            moe_intermediate_size=48,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=16,
-            v_head_dim=16,
-            n_group=1,
-            topk_group=1,
-            topk_method="greedy",
-            num_key_value_heads=4,  # multi-head latent attention: one key/value head per query head
-        ),
-    ),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        dict(
-            intermediate_size=128,
-            moe_intermediate_size=48,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=32,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=16,
-            v_head_dim=16,
-            n_group=2,
-            topk_group=1,
-            num_key_value_heads=4,
-        ),
-    ),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(DEEPSEEK, q_lora_rank=None, topk_method="greedy")),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(DEEPSEEK, q_lora_rank=32, n_group=2, topk_group=1)),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
     "gpt_oss": (
         "GptOssConfig",

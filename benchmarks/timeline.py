@@ -1,0 +1,56 @@
+"""Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
+
+    python benchmarks/timeline.py [--strategy balanced] [--steps 6]
+
+Builds the 8-layer Mixtral-geometry slice at 25% resident, turns on the executor's trace and prints, for the
+last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
+start and end, leaving) and GPU times (copies) in ms from the start of the run, then the gaps between
+layers (host time outside the experts: attention, norms, the generate loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fiddler_batch.bench.model import build_model
+from fiddler_batch.engine import Engine, EngineSpec
+from fiddler_batch.engine.executor import Timeline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="balanced")
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    model = build_model(layers=8, seed=0)
+    prompt = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    engine = Engine.from_model(model, EngineSpec(resident_experts=0.25))
+    engine.set_strategy(args.strategy)
+    executor = engine.executor
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        torch.cuda.synchronize()
+        base = torch.cuda.Event(enable_timing=True)
+        base.record()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        executor.timeline = Timeline(engine.device)
+        model.generate(prompt, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    previous_exit = None
+    for record in executor.timeline.records[-3 * len(executor.layers) :]:
+        host = {k: round((v - t0) * 1e3, 2) for k, v in record["host"].items()}
+        gpu = {k: round(base.elapsed_time(v), 2) for k, v in record["gpu"].items()}
+        plan = {k: len(v) for k, v in record["plan"].items()}
+        gap = host["enter"] - previous_exit if previous_exit is not None else 0.0
+        previous_exit = host["exit"]
+        print(f"layer {record['layer']} tokens {record['tokens']} {plan} gap {gap:.2f} host {host} gpu {gpu}")
+    print(f"{args.steps} steps in {wall * 1e3:.1f} ms; stats {engine.stats()}")
+
+
+if __name__ == "__main__":
+    main()
