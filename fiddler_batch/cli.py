@@ -8,6 +8,7 @@ Exit codes: 0 done (skipped bad records included); 1 the run failed (a bad recor
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,13 @@ def _load(job: Path, overrides: tuple[str, ...], settings: dict[str, Any] | None
 @click.version_option(fiddler_batch.__version__, prog_name="fiddler-batch")
 def main() -> None:
     """Offline batch inference for mixture-of-experts models: a job spec in, completions with timing out."""
+    # The engine says where it placed the model and when it calibrates: show that on stderr.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("fiddler-batch: %(message)s"))
+    package_log = logging.getLogger("fiddler_batch")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
 
 
 @main.command()

@@ -196,15 +196,7 @@ class Engine:
         # full passes, which otherwise stall generation for tens of milliseconds at a time.
         gc.collect()
         gc.freeze()
-        log.info(
-            "placed %d of %d experts on %s (%.2f GB), %d staging slots; the rest in %s host memory",
-            placement.resident_count,
-            placement.report["total_experts"],
-            device,
-            placement.report["resident_gb"],
-            placement.staging_slots,
-            "pinned" if device.type == "cuda" else "plain",
-        )
+        log.info(_placement_line(placement, device))
         return cls(model, tokenizer, device, spec, executor, placement)
 
     # -- what the runner uses -----------------------------------------------------------------------
@@ -294,6 +286,19 @@ class Engine:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+
+
+def _placement_line(placement: Placement, device: torch.device) -> str:
+    report = placement.report
+    resident, total = report["resident_experts"], report["total_experts"]
+    size = f"{report['resident_gb']:.2f} GB" if report["resident_gb"] >= 0.1 else "under 0.1 GB"
+    if resident == total:
+        return f"all {total} experts on {device} ({size})"
+    host = "pinned" if device.type == "cuda" else "plain"
+    return (
+        f"{resident} of {total} experts resident on {device} ({size}), {placement.staging_slots} staging slots "
+        f"for copies; the other {total - resident} computed on the CPU or copied from {host} host memory"
+    )
 
 
 def _move_all_but_experts(

@@ -86,6 +86,8 @@ def plan_placement(
     fit = (available - slots * budget.expert_bytes) // budget.expert_bytes
     cap = total_experts if max_share is None else int(max_share * total_experts + 1e-9)
     count = max(0, min(fit, cap))
+    if count == total_experts:
+        slots = 0  # nothing is ever copied
     resident = choose_resident(num_layers, num_experts, count, popularity)
     report = {
         "budget_gb": round(budget.total / GB, 3),
