@@ -68,3 +68,9 @@ class BadRecordError(ProblemsError):
     """A bad input record, with `errors.on_bad_record: fail`."""
 
     headline = "bad record"
+
+
+class BusyError(ProblemsError):
+    """Another run of the same job (same output) is writing the work folder."""
+
+    headline = "job already running"

@@ -168,6 +168,7 @@ def generate_batch(engine: Any, batch: Batch) -> BatchResult:
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([stops]),
         )
+    ended = time.perf_counter()
     sequences = output.sequences[:, prompt_len:].tolist()  # [B, T]
     if batch.num_beams > 1:
         lengths = (output.beam_indices != -1).sum(dim=1).tolist()  # [B]
@@ -184,7 +185,8 @@ def generate_batch(engine: Any, batch: Batch) -> BatchResult:
                 text=text,
                 finish_reason="stop" if stopped or ended_by_eos else "length",
                 time_to_first_token_s=stops.step_times[0] - started,
-                total_s=stops.step_times[len(tokens) - 1] - started,
+                # A beam-search result is settled only when the search ends, whatever its length.
+                total_s=(ended if batch.num_beams > 1 else stops.step_times[len(tokens) - 1]) - started,
             )
         )
     return BatchResult(batch_start, completions)

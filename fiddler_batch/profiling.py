@@ -18,7 +18,7 @@ from fiddler_batch.batching import plan_batches
 from fiddler_batch.engine import Engine, EngineError
 from fiddler_batch.generation import generate_batch
 from fiddler_batch.io.readers import read_records
-from fiddler_batch.io.requests import BadRecord, to_request
+from fiddler_batch.io.requests import to_requests
 from fiddler_batch.io.writer import atomic_write_text
 from fiddler_batch.prompts import prepare
 from fiddler_batch.spec import JobSpec
@@ -28,7 +28,7 @@ def default_profile_path(spec: JobSpec) -> Path:
     """engine.profile when the job names one, else `STEM.profile.json` beside the job's output."""
     if spec.engine.profile is not None:
         return Path(spec.engine.profile)
-    return spec.output.path.with_name(spec.output.path.name.split(".")[0] + ".profile.json")
+    return spec.stem.with_name(spec.stem.name + ".profile.json")
 
 
 def profile_job(spec: JobSpec, sample: int, max_new_tokens: int, engine: Any = None) -> dict[str, Any]:
@@ -40,17 +40,16 @@ def profile_job(spec: JobSpec, sample: int, max_new_tokens: int, engine: Any = N
         engine = Engine.load(spec.model, engine_spec, kv_cache_tokens=spec.batching.kv_cache_tokens)
     if engine.executor is None:
         raise EngineError(f"{spec.model.path} has no experts for the hybrid engine to place: nothing to profile")
-    requests = []
-    for index, raw in enumerate(itertools.islice(read_records(spec.input), 4 * sample)):
-        parsed = to_request(raw, index, spec.input, spec.generation)
-        if isinstance(parsed, BadRecord):
-            continue
-        capped = parsed.generation.model_copy(
-            update={"max_new_tokens": min(parsed.generation.max_new_tokens, max_new_tokens)}
+    good, _ = to_requests(itertools.islice(enumerate(read_records(spec.input)), 4 * sample), spec.input, spec.generation)
+    requests = [
+        dataclasses.replace(
+            request,
+            generation=request.generation.model_copy(
+                update={"max_new_tokens": min(request.generation.max_new_tokens, max_new_tokens)}
+            ),
         )
-        requests.append(dataclasses.replace(parsed, generation=capped))
-        if len(requests) == sample:
-            break
+        for request in good[:sample]
+    ]
     prepared, _ = prepare(requests, engine.tokenizer, engine.max_context)
     if not prepared:
         raise EngineError(f"no usable request among the first records of {spec.input.path}: nothing to profile")

@@ -23,7 +23,7 @@ from fiddler_batch.errors import BadRecordError
 from fiddler_batch.generation import BatchResult, generate_batch
 from fiddler_batch.io.readers import RawRecord, count_records, read_records
 from fiddler_batch.io.records import OutputRecord, Timing, parquet_schema
-from fiddler_batch.io.requests import BadRecord, Request, to_request
+from fiddler_batch.io.requests import BadRecord, to_requests
 from fiddler_batch.io.writer import WorkFolder, atomic_write_text, merged_lines, write_jsonl, write_parquet
 from fiddler_batch.prompts import prepare
 from fiddler_batch.report import Report
@@ -57,7 +57,7 @@ def run_job(spec: JobSpec, *, progress: bool = False, engine: Any = None) -> dic
         load_s = time.perf_counter() - load_started
         batch_ids = itertools.count()
         for window in _windows(read_records(spec.input), spec.batching.window):
-            requests, bad = _requests(window, spec)
+            requests, bad = to_requests(window, spec.input, spec.generation)
             prepared, too_long = prepare(requests, engine.tokenizer, engine.max_context)
             for record in sorted(bad + too_long, key=lambda b: b.index):
                 _skip(record, spec, work, report)
@@ -75,7 +75,10 @@ def run_job(spec: JobSpec, *, progress: bool = False, engine: Any = None) -> dic
     finally:
         bar.close()
     work.finish()
-    _merge(spec, work)
+    try:
+        _merge(spec, work)
+    finally:
+        work.release()
     summary = report.summary(
         wall_s=time.perf_counter() - started,
         load_s=load_s,
@@ -95,14 +98,6 @@ def _windows(records: Iterable[RawRecord], size: int) -> Iterator[list[tuple[int
     numbered = enumerate(records)
     while window := list(itertools.islice(numbered, size)):
         yield window
-
-
-def _requests(window: list[tuple[int, RawRecord]], spec: JobSpec) -> tuple[list[Request], list[BadRecord]]:
-    requests, bad = [], []
-    for index, raw in window:
-        parsed = to_request(raw, index, spec.input, spec.generation)
-        (bad if isinstance(parsed, BadRecord) else requests).append(parsed)
-    return requests, bad
 
 
 def _skip(record: BadRecord, spec: JobSpec, work: WorkFolder, report: Report) -> None:

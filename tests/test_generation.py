@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,15 @@ def run_in(engine: Any, folder: Path, records: list[dict[str, Any]], max_batch_s
     )
     run_job(spec, engine=engine)
     return spec.output.path
+
+
+def test_beam_search_requests_finish_when_the_search_ends(engine: Any) -> None:
+    # Under beam search the demo model ends PROMPTS[5] at EOS after about 19 tokens and runs PROMPTS[3] to 48.
+    items = prepared(engine, [PROMPTS[5], PROMPTS[3]], num_beams=3, max_new_tokens=48)
+    started = time.perf_counter()
+    completions = run(engine, items)
+    wall = time.perf_counter() - started
+    assert len(completions[0].token_ids) < len(completions[1].token_ids)
+    assert len({c.total_s for c in completions}) == 1  # settled together, whatever their lengths
+    assert 0.8 * wall <= completions[0].total_s <= wall
+    assert all(0 < c.time_to_first_token_s < c.total_s for c in completions)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from fiddler_batch.io.records import parquet_schema
-from fiddler_batch.io.writer import WorkFolder, atomic_write_text, merged_lines, write_jsonl, write_parquet
+from fiddler_batch.errors import BusyError
+from fiddler_batch.io.writer import FILE_MODE, WorkFolder, _file_mode, atomic_write_text, merged_lines, write_jsonl, write_parquet
 from jobhelpers import read_jsonl
 
 
@@ -54,10 +57,39 @@ def test_a_fresh_start_clears_what_the_rank_left_behind(tmp_path: Path) -> None:
     work.start({})
     work.write_batch(7, [{"index": 0, "id": "a"}])
     work.finish()
+    work.release()
     again = WorkFolder(tmp_path / "r.parts")
     again.start({})
     assert again.parts() == [] and not again.done.exists() and not again.manifest.exists()
     again.abort()
+
+
+def test_a_second_run_of_the_same_job_is_refused_while_the_first_writes(tmp_path: Path) -> None:
+    first = WorkFolder(tmp_path / "r.parts")
+    first.start({})
+    first.write_batch(0, [{"index": 0, "id": "a"}])
+    with pytest.raises(BusyError, match="another run of this job"):
+        WorkFolder(tmp_path / "r.parts").start({})
+    assert [p.name for p in first.parts()] == ["part-r00000-000000.jsonl"]  # untouched
+    first.abort()
+    second = WorkFolder(tmp_path / "r.parts")
+    second.start({})  # the lock went with the first run
+    second.abort()
+
+
+def test_results_get_the_mode_the_umask_gives_new_files(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        assert _file_mode() == 0o644  # readable by others, unlike a temporary file's 0600
+        os.umask(0o077)
+        assert _file_mode() == 0o600
+    finally:
+        os.umask(previous)
+    target = tmp_path / "out.jsonl"
+    write_jsonl(target, ["{}\n"])
+    atomic_write_text(tmp_path / "summary.json", "{}")
+    assert stat.S_IMODE(target.stat().st_mode) == FILE_MODE == _file_mode()
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == FILE_MODE
 
 
 @pytest.mark.parametrize("fan_in", [2, 128])

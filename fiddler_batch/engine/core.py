@@ -108,7 +108,6 @@ class Engine:
         self.spec = spec
         self.executor = executor
         self.placement = placement
-        self.kind: BatchKind | None = None
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -207,7 +206,6 @@ class Engine:
 
     def set_kind(self, kind: BatchKind) -> None:
         """Set the execution strategy for the next batch from its kind."""
-        self.kind = kind
         self.set_strategy(getattr(self.spec.strategy, kind))
 
     def calibrate(self, quick: bool = False) -> tuple[CostModel, Path]:
@@ -375,10 +373,12 @@ def _layer_state(
             rows[e] = e
         resident = host
     else:
+        # Expert by expert from the (pinned) host tensors into buffers on the device: no host-side copy.
+        resident = {role: torch.empty((len(resident_ids), *t.shape[1:]), dtype=t.dtype, device=device) for role, t in host.items()}
         for row, e in enumerate(resident_ids):
             rows[e] = row
-        ids = torch.tensor(resident_ids, dtype=torch.long)
-        resident = {role: t.index_select(0, ids).to(device) for role, t in host.items()}
+            for role, t in host.items():
+                resident[role][row].copy_(t[e])
     return LayerState(index, name, module, layout, host, rows, resident)
 
 

@@ -8,8 +8,10 @@ runs, then drives three resources at once:
     main stream   resident experts; copied experts once landed  (RESIDENT, COPY)
     host thread   CPU experts from pinned host weights           (CPU), results copied back
 
-and adds every expert's output into the layer's result in expert order, as the eager loop does, so each
-path gives the reference's numbers for the same tokens.
+and adds the experts' outputs into the layer's result: in the eager loop's order on the CPU and whenever
+a token has at most two experts, so each path gives the reference's numbers for the same tokens; on CUDA
+with more experts per token, by a deterministic sum over top-k positions (CUDA's index_add_ is not
+deterministic with repeated indices).
 """
 
 from __future__ import annotations

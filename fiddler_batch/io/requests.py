@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,17 @@ def request_seed(job_seed: int, request_id: str) -> int:
     """A request's sampling seed, from the job's seed and the request's id only (never from its batch)."""
     digest = hashlib.sha256(f"{job_seed}:{request_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def to_requests(
+    numbered: Iterable[tuple[int, RawRecord]], spec: InputSpec, defaults: GenerationSpec
+) -> tuple[list[Request], list[BadRecord]]:
+    """`to_request` over (input index, record) pairs: the good requests and the bad records, apart."""
+    requests, bad = [], []
+    for index, raw in numbered:
+        parsed = to_request(raw, index, spec, defaults)
+        (bad if isinstance(parsed, BadRecord) else requests).append(parsed)
+    return requests, bad
 
 
 def to_request(raw: RawRecord, index: int, spec: InputSpec, defaults: GenerationSpec) -> Request | BadRecord:

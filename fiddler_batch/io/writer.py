@@ -8,7 +8,8 @@ Work-folder layout (`STEM.parts/` beside the output), per rank R (always 0 until
 - `manifest-rRRRRR.jsonl`: one line per part file, appended after the part is in place: its name, batch id,
   and the input indices and ids it holds (what a resumed run would skip);
 - `errors-rRRRRR.jsonl`: the rank's bad records, complete once `done-rRRRRR` exists;
-- `done-rRRRRR`: empty marker, written last, once the rank has finished every request.
+- `done-rRRRRR`: empty marker, written last, once the rank has finished every request;
+- `lock-rRRRRR`: held (flock) while a run of the rank is writing, so two runs of one job cannot mix files.
 
 The merge is a streaming k-way merge by input index over every part file, so results come out in input order
 without holding them in memory.
@@ -16,6 +17,7 @@ without holding them in memory.
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import json
 import os
@@ -28,10 +30,21 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fiddler_batch.errors import BusyError, Problem
 from fiddler_batch.io.records import to_parquet_row
 
 MERGE_FAN_IN = 128
 PARQUET_ROWS_PER_GROUP = 1024
+
+
+def _file_mode() -> int:
+    """What `open` would give a new file under this process's umask (temporary files start at 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,6 +62,7 @@ class _atomic:
     def __enter__(self) -> IO[Any]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, FILE_MODE)
         self.tmp = Path(name)
         self.handle = os.fdopen(fd, self.mode, encoding=None if "b" in self.mode else "utf-8")
         return self.handle
@@ -76,10 +90,27 @@ class WorkFolder:
         self.done = path / f"done-{self.tag}"
 
     def start(self, job: dict[str, Any]) -> None:
-        """Start afresh: remove what an earlier run of this rank left, record the job, open the errors file."""
+        """Start afresh: take the rank's lock, remove what an earlier run of it left, record the job, open
+        the errors file."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = (self.path / f"lock-{self.tag}").open("a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise BusyError(
+                [
+                    Problem(
+                        str(self.path),
+                        "output.path",
+                        "another run of this job is writing this work folder",
+                        "wait for it to finish, or give this run another output.path",
+                    )
+                ]
+            ) from None
         for old in self.path.glob(f"*-{self.tag}*"):
-            old.unlink()
+            if old.name != f"lock-{self.tag}":
+                old.unlink()
         atomic_write_text(self.path / "job.json", json.dumps(job, indent=2, sort_keys=True) + "\n")
         self._errors = _atomic(self.errors)
         self._error_handle = self._errors.__enter__()
@@ -105,13 +136,17 @@ class WorkFolder:
         self._error_handle.write(json.dumps(error, ensure_ascii=False) + "\n")
 
     def finish(self) -> None:
-        """Close the errors file and mark the rank done."""
+        """Close the errors file and mark the rank done (the lock is held until `release`)."""
         self._errors.__exit__(None, None, None)
         atomic_write_text(self.done, "")
 
     def abort(self) -> None:
-        """Drop the unfinished errors file (the part files stay: they are complete)."""
+        """Drop the unfinished errors file (the part files stay: they are complete) and release the lock."""
         self._errors.__exit__(RuntimeError, None, None)
+        self.release()
+
+    def release(self) -> None:
+        self._lock.close()  # closing the file drops the flock
 
     def parts(self) -> list[Path]:
         return sorted(self.path.glob("part-r*-*.jsonl"))
@@ -120,6 +155,7 @@ class WorkFolder:
         return sorted(self.path.glob("errors-r*.jsonl"))
 
     def remove(self) -> None:
+        """Delete the work folder (with its lock still held, so no other run starts in it meanwhile)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 
