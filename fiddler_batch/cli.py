@@ -65,21 +65,12 @@ def run(job: Path, output: Path | None, limit: int | None, overrides: tuple[str,
         settings["input.limit"] = limit
     spec = _load(job, overrides, settings)
 
-    from fiddler_batch.engine import EngineError
-    from fiddler_batch.errors import ProblemsError
     from fiddler_batch.report import format_table
     from fiddler_batch.runner import run_job
 
     _quiet_transformers()
     click.echo(f"fiddler-batch: {job} -> {spec.output.path}", err=True)
-    try:
-        summary = run_job(spec, progress=sys.stderr.isatty() if progress is None else progress)
-    except ProblemsError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    except EngineError as exc:
-        click.echo(f"engine error: {exc}", err=True)
-        sys.exit(1)
+    summary = _failures(lambda: run_job(spec, progress=sys.stderr.isatty() if progress is None else progress))
     click.echo(format_table(summary))
     requests = summary["requests"]
     if requests["completed"] == 0 and requests["skipped"] > 0:
@@ -170,15 +161,18 @@ def _quiet_transformers() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _engine_errors(action):
-    """Run `action`, turning the engine's errors into a message and exit code 1."""
+def _failures(action):
+    """Run `action`; a problem with the input or the engine becomes its message and exit code 1."""
     from fiddler_batch.engine import EngineError
+    from fiddler_batch.errors import ProblemsError
 
     try:
         return action()
+    except ProblemsError as exc:
+        click.echo(str(exc), err=True)
     except EngineError as exc:
         click.echo(f"engine error: {exc}", err=True)
-        sys.exit(1)
+    sys.exit(1)
 
 
 @main.command()
@@ -203,7 +197,7 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
         engine = Engine.load(spec.model, spec.engine, kv_cache_tokens=spec.batching.kv_cache_tokens, calibrate=False)
         return engine.calibrate(quick=quick)
 
-    cost, path = _engine_errors(measure)
+    cost, path = _failures(measure)
     click.echo(f"{'tokens':>8} {'cpu ms':>10} {'gpu ms':>10}")
     for n, cpu_ms, gpu_ms in zip(cost.ladder, cost.cpu_ms, cost.gpu_ms):
         click.echo(f"{n:>8} {cpu_ms:>10.3f} {gpu_ms:>10.3f}")
@@ -237,7 +231,7 @@ def profile(job: Path, sample: int, max_new_tokens: int, output: Path | None, ov
 
     _quiet_transformers()
     path = output or default_profile_path(spec)
-    result = _engine_errors(lambda: profile_job(spec, sample, max_new_tokens))
+    result = _failures(lambda: profile_job(spec, sample, max_new_tokens))
     save_profile(result, path)
     click.echo(
         f"routed {result['tokens_routed']} tokens of {result['requests']} requests over "
