@@ -17,12 +17,21 @@ import sys
 
 import torch
 
+from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
-from fiddler_batch.engine import Engine, EngineSpec
+from fiddler_batch.engine import Engine
+from fiddler_batch.spec import EngineSpec
 
 GEOMETRY = dict(
-    hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-    num_experts_per_tok=2, vocab_size=4096, max_position_embeddings=4096, tie_word_embeddings=False,
+    hidden_size=1024,
+    intermediate_size=2048,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    vocab_size=4096,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
 )
 
 
@@ -46,7 +55,8 @@ def check_bf16() -> bool:
         eager = model(ids).logits.float()
     model.to("cpu")
     torch.cuda.empty_cache()
-    engine = Engine.from_model(model, EngineSpec(resident_experts=0.25))
+    engine = Engine.from_model(model, EngineSpec(resident_share=0.25))
+    engine.set_cost_model(cost_model_for(engine, engine.spec))
     with torch.no_grad():
         ours = model(ids).logits.float()
     stats = engine.stats()
@@ -57,9 +67,11 @@ def check_bf16() -> bool:
         return rel, (x.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
     (noise, noise_top1), (rel, top1) = compare(eager), compare(ours)
-    print(f"bf16, 8 layers, 256 tokens: eager vs grouped_mm rel err {noise:.4f} (top-1 agree {noise_top1:.3f}); "
-          f"engine vs grouped_mm rel err {rel:.4f} (top-1 agree {top1:.3f}); engine experts cpu "
-          f"{stats['experts_cpu']} copied {stats['experts_copied']} resident {stats['experts_resident']}")
+    print(
+        f"bf16, 8 layers, 256 tokens: eager vs grouped_mm rel err {noise:.4f} (top-1 agree {noise_top1:.3f}); "
+        f"engine vs grouped_mm rel err {rel:.4f} (top-1 agree {top1:.3f}); engine experts cpu "
+        f"{stats['experts_cpu']} copied {stats['experts_copied']} resident {stats['experts_resident']}"
+    )
     return rel <= 2 * noise and top1 >= noise_top1 - 0.05
 
 
@@ -74,7 +86,8 @@ def main() -> int:
     failures = 0
     print(f"{'slots':>5} {'strategy':<13} {'rel err':>9} greedy beam   cpu copied resident")
     for slots in (1, 4):
-        engine = Engine.from_model(model, EngineSpec(resident_experts=0.25, staging_slots=slots))
+        engine = Engine.from_model(model, EngineSpec(resident_share=0.25, staging_slots=slots))
+        engine.set_cost_model(cost_model_for(engine, engine.spec))
         for strategy in ("balanced", "fiddler-rule", "cpu", "copy"):
             engine.set_strategy(strategy)
             engine.reset_stats()

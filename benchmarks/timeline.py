@@ -15,9 +15,11 @@ import time
 
 import torch
 
+from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
-from fiddler_batch.engine import Engine, EngineSpec
+from fiddler_batch.engine import Engine
 from fiddler_batch.engine.executor import Timeline
+from fiddler_batch.spec import EngineSpec
 
 
 def main() -> None:
@@ -27,7 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     model = build_model(layers=8, seed=0)
     prompt = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
-    engine = Engine.from_model(model, EngineSpec(resident_experts=0.25))
+    engine = Engine.from_model(model, EngineSpec(resident_share=0.25))
+    engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy(args.strategy)
     executor = engine.executor
     with torch.no_grad():

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fiddler_batch.engine import BatchKind
 from fiddler_batch.prompts import Prepared
-from fiddler_batch.spec import BatchingSpec
+from fiddler_batch.spec import BatchingSpec, BatchKind
 
 
 def batch_kind(prompt_tokens: int, max_new_tokens: int, prefill_heavy_ratio: float) -> BatchKind:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import yaml
@@ -21,6 +22,7 @@ import fiddler_batch
 if TYPE_CHECKING:
     from fiddler_batch.spec import JobSpec
 
+T = TypeVar("T")
 SET_HELP = "Override a job key, e.g. --set generation.temperature=0.7 (VALUE is YAML). Repeatable."
 
 
@@ -35,15 +37,28 @@ def _load(job: Path, overrides: tuple[str, ...], settings: dict[str, Any] | None
         sys.exit(2)
 
 
+class _BarFriendlyHandler(logging.Handler):
+    """Log lines on stderr that do not break a progress bar being drawn there (tqdm clears and redraws it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(fiddler_batch.__version__, prog_name="fiddler-batch")
 def main() -> None:
     """Offline batch inference for mixture-of-experts models: a job spec in, completions with timing out."""
     # The engine says where it placed the model and when it calibrates: show that on stderr.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("fiddler-batch: %(message)s"))
     package_log = logging.getLogger("fiddler_batch")
-    package_log.addHandler(handler)
+    if not any(isinstance(h, _BarFriendlyHandler) for h in package_log.handlers):  # once per process
+        handler = _BarFriendlyHandler()
+        handler.setFormatter(logging.Formatter("fiddler-batch: %(message)s"))
+        package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     package_log.propagate = False
 
@@ -72,9 +87,8 @@ def run(job: Path, output: Path | None, limit: int | None, overrides: tuple[str,
     click.echo(f"fiddler-batch: {job} -> {spec.output.path}", err=True)
     summary = _failures(lambda: run_job(spec, progress=sys.stderr.isatty() if progress is None else progress))
     click.echo(format_table(summary))
-    requests = summary["requests"]
-    if requests["completed"] == 0 and requests["skipped"] > 0:
-        click.echo(f"no request could run: every record is listed in {summary['errors']}", err=True)
+    if summary.requests.completed == 0 and summary.requests.skipped > 0:
+        click.echo(f"no request could run: every record is listed in {summary.errors}", err=True)
         sys.exit(1)
 
 
@@ -137,19 +151,25 @@ def _check_records(spec: JobSpec) -> None:
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if a file is out of date.")
 def schema(out: Path, readme: Path, check: bool) -> None:
     """Write the JSON Schemas of the job spec and the output record, and the README's tables of both."""
-    from fiddler_batch.schemas import readme_with_tables, schema_files
+    from fiddler_batch.io.atomic import atomic_write_text
+    from fiddler_batch.schemas import MissingMarkers, readme_with_tables, schema_files
 
     wanted = {out / name: text for name, text in schema_files().items()}
     if readme.is_file():
-        wanted[readme] = readme_with_tables(readme.read_text(encoding="utf-8"))
-    stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
+        try:
+            wanted[readme] = readme_with_tables(readme.read_text(encoding="utf-8"))
+        except MissingMarkers as exc:
+            click.echo(f"{readme}: {exc}; its tables are left alone", err=True)
+    missing = [path for path in wanted if not path.is_file()]
+    stale = [path for path in wanted if path.is_file() and path.read_text(encoding="utf-8") != wanted[path]]
     if check:
+        for path in missing:
+            click.echo(f"missing: {path} (run `fiddler-batch schema --out {out}`)", err=True)
         for path in stale:
-            click.echo(f"out of date: {path} (run `make schemas`)", err=True)
-        sys.exit(1 if stale else 0)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in stale:
-        path.write_text(wanted[path], encoding="utf-8")
+            click.echo(f"out of date: {path} (run `fiddler-batch schema --out {out}`)", err=True)
+        sys.exit(1 if missing or stale else 0)
+    for path in missing + stale:
+        atomic_write_text(path, wanted[path])
         click.echo(f"wrote {path}")
 
 
@@ -161,17 +181,14 @@ def _quiet_transformers() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _failures(action):
+def _failures(action: Callable[[], T]) -> T:
     """Run `action`; a problem with the input or the engine becomes its message and exit code 1."""
-    from fiddler_batch.engine import EngineError
     from fiddler_batch.errors import ProblemsError
 
     try:
         return action()
     except ProblemsError as exc:
         click.echo(str(exc), err=True)
-    except EngineError as exc:
-        click.echo(f"engine error: {exc}", err=True)
     sys.exit(1)
 
 
@@ -189,13 +206,16 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
     """Measure the cost model for JOB's model on this machine: one expert on the CPU and on the GPU over a
     ladder of token counts, the pinned host-to-GPU copy, and how CPU work and copies slow each other."""
     spec = _load(job, overrides, {"engine.calibration": output} if output is not None else None)
-    from fiddler_batch.engine import Engine
+    from fiddler_batch.assets import cost_cache_path, load_engine, save_cost_model
 
     _quiet_transformers()
 
     def measure() -> tuple[Any, Path]:
-        engine = Engine.load(spec.model, spec.engine, kv_cache_tokens=spec.batching.kv_cache_tokens, calibrate=False)
-        return engine.calibrate(quick=quick)
+        engine = load_engine(spec.model, spec.engine, kv_cache_tokens=spec.batching.kv_cache_tokens, calibrate=False)
+        cost = engine.measure_cost_model(quick=quick)
+        path = Path(spec.engine.calibration) if spec.engine.calibration else cost_cache_path(engine)
+        save_cost_model(cost, path, engine)
+        return cost, path
 
     cost, path = _failures(measure)
     click.echo(f"{'tokens':>8} {'cpu ms':>10} {'gpu ms':>10}")
@@ -214,7 +234,11 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
 @click.argument("job", type=click.Path(path_type=Path))
 @click.option("--sample", default=64, show_default=True, type=click.IntRange(min=1), help="Requests to route.")
 @click.option(
-    "--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1), help="New tokens per request at most."
+    "--max-new-tokens",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="New tokens per request at most.",
 )
 @click.option(
     "-o",
@@ -227,7 +251,8 @@ def profile(job: Path, sample: int, max_new_tokens: int, output: Path | None, ov
     """Record how often each (layer, expert) of JOB's model is routed to on the first requests of JOB, so that
     runs with engine.profile keep the most popular experts on the GPU."""
     spec = _load(job, overrides)
-    from fiddler_batch.profiling import default_profile_path, profile_job, save_profile
+    from fiddler_batch.assets import save_profile
+    from fiddler_batch.profiling import default_profile_path, profile_job
 
     _quiet_transformers()
     path = output or default_profile_path(spec)

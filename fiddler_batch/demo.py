@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from fiddler_batch.errors import EngineError
 from fiddler_batch.machine import cache_root
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -84,14 +83,16 @@ def build_byte_tokenizer() -> Any:
     )
 
 
-def build_tiny_mixtral(shape: TinyMixtralShape = TinyMixtralShape(), seed: int = 0) -> tuple[Any, Any, Any]:
+def build_tiny_mixtral(shape: TinyMixtralShape | None = None, seed: int = 0) -> tuple[Any, Any, Any]:
     """(config, model, tokenizer) of a seeded random Mixtral in float32, ready for `save_pretrained`.
 
     The output head is reshaped so that greedy text is mostly printable ASCII and ends with `</s>` now and
     then: rows of other bytes are scaled down. Random weights otherwise; the same seed gives the same model.
     """
+    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    shape = shape or TinyMixtralShape()
     tokenizer = build_byte_tokenizer()
     config = MixtralConfig(
         vocab_size=len(tokenizer),
@@ -128,9 +129,9 @@ def build_tiny_mixtral(shape: TinyMixtralShape = TinyMixtralShape(), seed: int =
 def ensure_demo_checkpoint(name: str) -> Path:
     """The folder of demo checkpoint `name`, built on first use (atomically) and reused afterwards."""
     if name not in DEMOS:
-        from fiddler_batch.engine import EngineError
-
-        raise EngineError(f"unknown demo model {name!r}: use one of {', '.join('demo:' + d for d in DEMOS)}")
+        raise EngineError(
+            "model.path", f"unknown demo model 'demo:{name}'", f"use one of: {', '.join('demo:' + d for d in DEMOS)}"
+        )
     version, shape = DEMOS[name]
     final = cache_root() / "demo" / f"{name}-v{version}"
     if (final / "config.json").is_file():

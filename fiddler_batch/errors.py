@@ -70,6 +70,15 @@ class BadRecordError(ProblemsError):
     headline = "bad record"
 
 
+class EngineError(ProblemsError):
+    """The model or the engine settings cannot be used as given: which key, what is wrong, how to fix it."""
+
+    headline = "engine error"
+
+    def __init__(self, key: str, message: str, fix: str):
+        super().__init__([Problem(None, key, message, fix)])
+
+
 class BusyError(ProblemsError):
     """Another run of the same job (same output) is writing the work folder."""
 

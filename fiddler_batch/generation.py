@@ -10,16 +10,38 @@ step finished, which gives each row its time to first token and total time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from fiddler_batch.batching import Batch
-from fiddler_batch.spec import GenerationSpec
+from fiddler_batch.spec import BatchKind, GenerationSpec
 
 FinishReason = Literal["stop", "length"]
+
+
+class BatchEngine(Protocol):
+    """What the runner and the generation loop need of an engine (`fiddler_batch.engine.Engine` is one)."""
+
+    model: Any
+    """A transformers causal LM whose inputs go to `device`."""
+    tokenizer: Any
+    device: torch.device
+
+    @property
+    def max_context(self) -> int | None:
+        """Prompt plus new tokens at most (None: no limit known)."""
+
+    def set_kind(self, kind: BatchKind) -> None:
+        """The kind of the next batch, which sets the engine's strategy."""
+
+    def reset_stats(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the last reset (empty when the engine keeps none)."""
 
 
 @dataclass(frozen=True)
@@ -137,12 +159,27 @@ class RowStops(StoppingCriteria):
         return any(s in tail for s in stop)
 
 
-def generate_batch(engine: Any, batch: Batch) -> BatchResult:
-    """Run `batch` on `engine.model`; completions come back in the batch's row order."""
+def pad_token_id(engine: BatchEngine) -> int:
+    """The token a batch is padded with (the tokenizer's, else the smallest end-of-sequence token, else 0)."""
+    eos_ids = _eos_ids(engine.model, engine.tokenizer)
+    pad = engine.tokenizer.pad_token_id
+    return pad if pad is not None else min(eos_ids, default=0)
+
+
+def generate_batch(
+    engine: BatchEngine, batch: Batch, real_tokens: Callable[[torch.Tensor | None], None] | None = None
+) -> BatchResult:
+    """Run `batch` on `engine.model`; completions come back in the batch's row order.
+
+    `real_tokens`, when given, hears before each forward pass which of its tokens belong to a request ([T]
+    booleans, flattened like the hidden states the experts see): the prompt positions the attention mask keeps
+    (not the left padding), then at each decode step the rows whose request has not finished. It hears None
+    when the call ends.
+    """
     model, tokenizer, device = engine.model, engine.tokenizer, engine.device
     settings = [item.request.generation for item in batch.items]
     eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    pad_id = pad_token_id(engine)
     input_ids, attention_mask = _left_pad([item.ids for item in batch.items], pad_id, device)  # [B, L], [B, L]
     prompt_len = input_ids.shape[1]
 
@@ -158,16 +195,26 @@ def generate_batch(engine: Any, batch: Batch) -> BatchResult:
         eos_token_id=sorted(eos_ids) or None,
         return_dict_in_generate=True,
     )
+    hook = (
+        model.register_forward_pre_hook(_real_token_reporter(stops, real_tokens), with_kwargs=True)
+        if real_tokens
+        else None
+    )
     batch_start = time.time()
     started = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=processors,
-            stopping_criteria=StoppingCriteriaList([stops]),
-        )
+    try:
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([stops]),
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
+            real_tokens(None)
     ended = time.perf_counter()
     sequences = output.sequences[:, prompt_len:].tolist()  # [B, T]
     if batch.num_beams > 1:
@@ -190,6 +237,31 @@ def generate_batch(engine: Any, batch: Batch) -> BatchResult:
             )
         )
     return BatchResult(batch_start, completions)
+
+
+def _real_token_reporter(stops: RowStops, report: Callable[[torch.Tensor | None], None]) -> Callable[..., None]:
+    """A forward pre-hook that reports which tokens of the coming forward pass belong to a live request."""
+
+    def before_forward(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)  # [R, S]
+        attention_mask = kwargs.get("attention_mask")  # [R, L]
+        if input_ids is None:
+            report(None)
+            return
+        rows, steps = input_ids.shape
+        if not stops.step_times:  # the prefill: every prompt position but the left padding
+            mask = (
+                attention_mask[:, -steps:].bool()
+                if attention_mask is not None
+                else torch.ones_like(input_ids, dtype=torch.bool)
+            )
+        else:  # a decode step: the rows still running (beam search: every candidate)
+            group = rows // len(stops.done_at)
+            live = [group > 1 or done is None for done in stops.done_at]
+            mask = torch.tensor(live, device=input_ids.device).repeat_interleave(group)[:, None].expand(rows, steps)
+        report(mask.reshape(-1))  # [R*S]
+
+    return before_forward
 
 
 def _finish_text(tokenizer: Any, tokens: list[int], stop: list[str]) -> tuple[str, bool]:

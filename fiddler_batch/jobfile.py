@@ -9,23 +9,20 @@ there or starts with `.`, `/` or `~`; otherwise it is a hub id.
 
 from __future__ import annotations
 
-import difflib
 import os
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
 
 from fiddler_batch.demo import DEMOS
 from fiddler_batch.errors import JobSpecError, Problem
-from fiddler_batch.io.readers import input_files
-from fiddler_batch.spec import JobSpec, file_format
+from fiddler_batch.io.files import input_files
+from fiddler_batch.spec import JobSpec, input_format
+from fiddler_batch.wording import Key, dotted, explain, unwrap_optional
 
-Key = tuple[str | int, ...]
 COMMAND_LINE = "command line"
 
 
@@ -77,7 +74,7 @@ def _check_paths(spec: JobSpec, locate: _Locator) -> list[Problem]:
             )
         )
     for file in files:
-        if file_format(file, spec.input.format) is None:
+        if input_format(file, spec.input.format) is None:
             problems.append(
                 locate.problem(
                     ("input", "path"),
@@ -131,18 +128,11 @@ class _Locator:
     def problem(self, key: Key, message: str, fix: str) -> Problem:
         for end in range(len(key), 0, -1):
             if key[:end] in self.from_cli:
-                return Problem(COMMAND_LINE, _dotted(key), message, fix)
+                return Problem(COMMAND_LINE, dotted(key), message, fix)
         for end in range(len(key), 0, -1):
             if key[:end] in self.lines:
-                return Problem(self.file, _dotted(key), message, fix, line=self.lines[key[:end]])
-        return Problem(self.file, _dotted(key), message, fix)
-
-
-def _dotted(key: Key) -> str:
-    text = ""
-    for part in key:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
+                return Problem(self.file, dotted(key), message, fix, line=self.lines[key[:end]])
+        return Problem(self.file, dotted(key), message, fix)
 
 
 def _parse_yaml(text: str, shown: str) -> tuple[dict[str, Any], dict[Key, int], list[Problem]]:
@@ -196,7 +186,7 @@ def _walk_nodes(node: yaml.Node | None, key: Key, lines: dict[Key, int], problem
                 problems.append(
                     Problem(
                         shown,
-                        _dotted(child),
+                        dotted(child),
                         "key given twice",
                         f"keep one of the two (the other is at line {lines[child]})",
                         line=key_node.start_mark.line + 1,
@@ -265,7 +255,7 @@ def _path_keys() -> list[Key]:
 
     def walk(model: type[BaseModel], prefix: Key) -> None:
         for name, field in model.model_fields.items():
-            inner = _unwrap_optional(field.annotation)
+            inner = unwrap_optional(field.annotation)
             if inner is Path:
                 keys.append((*prefix, name))
             elif isinstance(inner, type) and issubclass(inner, BaseModel):
@@ -275,14 +265,6 @@ def _path_keys() -> list[Key]:
     return keys
 
 
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
 def _problem_from_error(error: Any, locate: _Locator) -> Problem:
     key: Key = tuple(error["loc"])
     ctx = error.get("ctx") or {}
@@ -290,76 +272,3 @@ def _problem_from_error(error: Any, locate: _Locator) -> Problem:
         key = (*key, *ctx["key"].split("."))
     message, fix = explain(error, key)
     return locate.problem(key, message, fix)
-
-
-def explain(error: Any, key: Key, model: type[BaseModel] = JobSpec, name: str | None = None) -> tuple[str, str]:
-    """(message, fix) for one pydantic error at `key` of `model`; `name` is how the key is shown to the user."""
-    ctx = error.get("ctx") or {}
-    name = name or _dotted(key)
-    if "fix" in ctx:
-        return error["msg"], ctx["fix"]
-    parent, field = _field_at(model, key)
-    if error["type"] == "extra_forbidden":
-        known = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(key[-1]), known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        return f"unknown key {key[-1]!r}", f"{hint}remove it or rename it; keys here: {', '.join(known)}"
-    expected = expected_value(field) if field else "a valid value"
-    about = f" ({_first_sentence(field.description)})" if field and field.description else ""
-    if error["type"] == "missing":
-        return "required key missing", f"add {name}: {expected}{about}"
-    return f"{error['msg']} (got {error['input']!r})", f"set {name} to {expected}{about}"
-
-
-def _field_at(model: type[BaseModel], key: Key) -> tuple[type[BaseModel] | None, FieldInfo | None]:
-    """The model that holds the last part of `key`, and that part's field (None where the key is unknown)."""
-    current: Any = model
-    field = None
-    parent = None
-    for part in key:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return parent, field
-        parent = current
-        field = current.model_fields.get(part)
-        if field is None:
-            return parent, None
-        current = _unwrap_optional(field.annotation)
-    return parent, field
-
-
-def expected_value(field: FieldInfo) -> str:
-    section = _unwrap_optional(field.annotation)
-    if isinstance(section, type) and issubclass(section, BaseModel):
-        required = [name for name, sub in section.model_fields.items() if sub.is_required()]
-        keys = ", ".join(required) if required else ", ".join(section.model_fields)
-        return f"a section with keys ({'required: ' if required else ''}{keys})"
-    words = type_words(field.annotation)
-    bounds = []
-    for item in field.metadata:
-        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(item, attr, None) is not None:
-                bounds.append(f"{symbol} {getattr(item, attr)}")
-    return words + (" " + " and ".join(bounds) if bounds else "")
-
-
-def type_words(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(annotation))
-    if origin in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return " or ".join(type_words(arg) for arg in args) + " or null"
-    if origin is list:
-        return "a list of " + type_words(typing.get_args(annotation)[0]).removeprefix("a ") + "s"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "a mapping of keys"
-    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(
-        annotation, "a valid value"
-    )
-
-
-def _first_sentence(text: str) -> str:
-    sentence = " ".join(text.split()).split(". ")[0]
-    return sentence.rstrip(".")

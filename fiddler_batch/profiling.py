@@ -2,24 +2,23 @@
 
 `fiddler-batch profile JOB` runs the first requests of the job through the engine, as the job would run
 them but with fewer new tokens, and saves the routed-token counts; `engine.profile` then places the most
-popular experts on the GPU.
+popular experts on the GPU. Only real tokens count: the left padding of a batch's shorter prompts and the
+steps a finished row still takes inside its batch are left out, since no request's output depends on them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from fiddler_batch.batching import plan_batches
-from fiddler_batch.engine import Engine, EngineError
+from fiddler_batch.errors import EngineError
 from fiddler_batch.generation import generate_batch
 from fiddler_batch.io.readers import read_records
 from fiddler_batch.io.requests import to_requests
-from fiddler_batch.io.writer import atomic_write_text
 from fiddler_batch.prompts import prepare
 from fiddler_batch.spec import JobSpec
 
@@ -35,12 +34,18 @@ def profile_job(spec: JobSpec, sample: int, max_new_tokens: int, engine: Any = N
     """Route the first `sample` good requests of the job (at most `max_new_tokens` new tokens each) and
     return the profile: counts[layer][expert] of routed tokens."""
     if engine is None:
+        from fiddler_batch.assets import load_engine
+
         # Placement while profiling does not matter, and an old profile must not be required to make a new one.
         engine_spec = spec.engine.model_copy(update={"profile": None})
-        engine = Engine.load(spec.model, engine_spec, kv_cache_tokens=spec.batching.kv_cache_tokens)
+        engine = load_engine(spec.model, engine_spec, kv_cache_tokens=spec.batching.kv_cache_tokens)
     if engine.executor is None:
-        raise EngineError(f"{spec.model.path} has no experts for the hybrid engine to place: nothing to profile")
-    good, _ = to_requests(itertools.islice(enumerate(read_records(spec.input)), 4 * sample), spec.input, spec.generation)
+        raise EngineError(
+            "model.path", f"{spec.model.path} has no experts for the hybrid engine to place", "nothing to profile"
+        )
+    good, _ = to_requests(
+        itertools.islice(enumerate(read_records(spec.input)), 4 * sample), spec.input, spec.generation
+    )
     requests = [
         dataclasses.replace(
             request,
@@ -52,12 +57,16 @@ def profile_job(spec: JobSpec, sample: int, max_new_tokens: int, engine: Any = N
     ]
     prepared, _ = prepare(requests, engine.tokenizer, engine.max_context)
     if not prepared:
-        raise EngineError(f"no usable request among the first records of {spec.input.path}: nothing to profile")
+        raise EngineError(
+            "input.path",
+            f"no usable request among the first records of {spec.input.path}",
+            "check the input: nothing to profile",
+        )
     before = engine.routed_counts()
     started = time.perf_counter()
     for batch in plan_batches(prepared, spec.batching):
         engine.set_kind(batch.kind)
-        generate_batch(engine, batch)
+        generate_batch(engine, batch, real_tokens=engine.set_count_mask)
     after = engine.routed_counts()
     counts = [[a - b for a, b in zip(row_after, row_before)] for row_after, row_before in zip(after, before)]
     return {
@@ -69,8 +78,3 @@ def profile_job(spec: JobSpec, sample: int, max_new_tokens: int, engine: Any = N
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "counts": counts,
     }
-
-
-def save_profile(profile: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(profile, indent=1) + "\n")

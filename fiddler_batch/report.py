@@ -1,10 +1,101 @@
-"""The run's summary: counts, tokens, wall time, throughput and engine statistics, as JSON and as a table."""
+"""The run's summary: counts, tokens, wall time, throughput and engine statistics, as JSON and as a table.
+
+`RunSummary` is the summary file's model (`STEM.summary.json`); its JSON Schema is exported to `schemas/`.
+"""
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _config() -> ConfigDict:
+    return ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class RequestCounts(BaseModel):
+    model_config = _config()
+
+    completed: int
+    """Requests that ran and have a result record."""
+    skipped: int
+    """Bad records, listed in the errors file."""
+    total: int
+    """Records read: completed + skipped."""
+
+
+class TokenCounts(BaseModel):
+    model_config = _config()
+
+    prompt: int
+    """Prompt tokens of the completed requests."""
+    completion: int
+    """Tokens generated for the completed requests."""
+
+
+class TimeSpent(BaseModel):
+    model_config = _config()
+
+    wall: float
+    """Seconds from the start of the run to the end of the merge."""
+    model_load: float
+    """Seconds spent loading and placing the model (and calibrating, when it had to)."""
+    generate: float
+    """Seconds inside the model, summed over batches."""
+
+
+class Throughput(BaseModel):
+    model_config = _config()
+
+    requests_per_s: float | None
+    """Completed requests per second of wall time."""
+    prompt_tokens_per_s: float | None
+    """Prompt tokens per second of generate time."""
+    completion_tokens_per_s: float | None
+    """Completion tokens per second of generate time."""
+    completion_tokens_per_s_wall: float | None
+    """Completion tokens per second of wall time."""
+
+
+class Latency(BaseModel):
+    model_config = _config()
+
+    time_to_first_token_p50: float | None
+    time_to_first_token_p90: float | None
+    total_p50: float | None
+    total_p90: float | None
+
+
+class RunSummary(BaseModel):
+    """What a run did, written to `STEM.summary.json` and printed as a table."""
+
+    model_config = _config()
+
+    output: str
+    """The results file."""
+    errors: str
+    """The errors file (bad records)."""
+    device: str
+    """The fast device the model ran on."""
+    model: str
+    """model.path as the job gave it."""
+    finished_at: str
+    """ISO 8601 time (UTC) at which the run ended."""
+    requests: RequestCounts
+    tokens: TokenCounts
+    batches: dict[str, int]
+    """Batches run: 'total' and the count of each kind."""
+    finish_reasons: dict[str, int]
+    """Completed requests by finish reason."""
+    time_s: TimeSpent
+    throughput: Throughput
+    latency_s: Latency
+    """Percentiles over completed requests, in seconds."""
+    engine_stats: dict[str, Any] = Field(default_factory=dict)
+    """The engine's statistics summed over batches."""
 
 
 def add_stats(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
@@ -39,8 +130,10 @@ class Report:
         self.generate_s = 0.0
         self.engine_stats: dict[str, Any] = {}
 
-    def add_batch(self, kind: str, records: list[dict[str, Any]], seconds: float, stats: dict[str, Any]) -> None:
-        self.batches[kind] += 1
+    def add_group(self, kind: str | None, records: list[dict[str, Any]], seconds: float, stats: dict[str, Any]) -> None:
+        """A group of finished requests (one batch, when `kind` is given) that took `seconds` in the model."""
+        if kind is not None:
+            self.batches[kind] += 1
         self.generate_s += seconds
         self.engine_stats = add_stats(self.engine_stats, stats)
         for record in records:
@@ -51,55 +144,53 @@ class Report:
             self.first_token_s.append(record["timing"]["time_to_first_token_s"])
             self.total_s.append(record["timing"]["total_s"])
 
-    def summary(self, wall_s: float, load_s: float, extra: dict[str, Any]) -> dict[str, Any]:
-        return {
-            **extra,
-            "requests": {"completed": self.records, "skipped": self.skipped, "total": self.records + self.skipped},
-            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
-            "batches": {"total": sum(self.batches.values()), **dict(sorted(self.batches.items()))},
-            "finish_reasons": dict(sorted(self.finish_reasons.items())),
-            "time_s": {"wall": wall_s, "model_load": load_s, "generate": self.generate_s},
-            "throughput": {
-                "requests_per_s": _rate(self.records, wall_s),
-                "prompt_tokens_per_s": _rate(self.prompt_tokens, self.generate_s),
-                "completion_tokens_per_s": _rate(self.completion_tokens, self.generate_s),
-                "completion_tokens_per_s_wall": _rate(self.completion_tokens, wall_s),
-            },
-            "latency_s": {
-                "time_to_first_token_p50": _quantile(self.first_token_s, 0.5),
-                "time_to_first_token_p90": _quantile(self.first_token_s, 0.9),
-                "total_p50": _quantile(self.total_s, 0.5),
-                "total_p90": _quantile(self.total_s, 0.9),
-            },
-            "engine_stats": self.engine_stats,
-        }
+    def summary(self, wall_s: float, load_s: float, **where: str) -> RunSummary:
+        """The summary; `where` gives output, errors, device, model and finished_at."""
+        return RunSummary(
+            **where,
+            requests=RequestCounts(completed=self.records, skipped=self.skipped, total=self.records + self.skipped),
+            tokens=TokenCounts(prompt=self.prompt_tokens, completion=self.completion_tokens),
+            batches={"total": sum(self.batches.values()), **dict(sorted(self.batches.items()))},
+            finish_reasons=dict(sorted(self.finish_reasons.items())),
+            time_s=TimeSpent(wall=wall_s, model_load=load_s, generate=self.generate_s),
+            throughput=Throughput(
+                requests_per_s=_rate(self.records, wall_s),
+                prompt_tokens_per_s=_rate(self.prompt_tokens, self.generate_s),
+                completion_tokens_per_s=_rate(self.completion_tokens, self.generate_s),
+                completion_tokens_per_s_wall=_rate(self.completion_tokens, wall_s),
+            ),
+            latency_s=Latency(
+                time_to_first_token_p50=_quantile(self.first_token_s, 0.5),
+                time_to_first_token_p90=_quantile(self.first_token_s, 0.9),
+                total_p50=_quantile(self.total_s, 0.5),
+                total_p90=_quantile(self.total_s, 0.9),
+            ),
+            engine_stats=self.engine_stats,
+        )
 
 
-def format_table(summary: dict[str, Any]) -> str:
+def format_table(summary: RunSummary) -> str:
     """A short table of the summary for the terminal."""
-    requests, tokens, time_s = summary["requests"], summary["tokens"], summary["time_s"]
-    throughput, latency = summary["throughput"], summary["latency_s"]
+    requests, tokens, time_s = summary.requests, summary.tokens, summary.time_s
+    throughput, latency = summary.throughput, summary.latency_s
     rows = [
-        ("requests", f"{requests['completed']} done, {requests['skipped']} skipped"),
-        ("batches", ", ".join(f"{v} {k}" for k, v in summary["batches"].items() if k != "total") or "0"),
-        ("tokens", f"{tokens['prompt']} prompt, {tokens['completion']} completion"),
-        (
-            "wall time",
-            f"{time_s['wall']:.1f} s (model load {time_s['model_load']:.1f} s, generate {time_s['generate']:.1f} s)",
-        ),
+        ("requests", f"{requests.completed} done, {requests.skipped} skipped"),
+        ("batches", ", ".join(f"{v} {k}" for k, v in summary.batches.items() if k != "total") or "0"),
+        ("tokens", f"{tokens.prompt} prompt, {tokens.completion} completion"),
+        ("wall time", f"{time_s.wall:.1f} s (model load {time_s.model_load:.1f} s, generate {time_s.generate:.1f} s)"),
         (
             "throughput",
-            f"{_num(throughput['prompt_tokens_per_s'])} prompt tok/s, "
-            f"{_num(throughput['completion_tokens_per_s'])} completion tok/s",
+            f"{_num(throughput.prompt_tokens_per_s)} prompt tok/s, "
+            f"{_num(throughput.completion_tokens_per_s)} completion tok/s",
         ),
         (
             "latency p50",
-            f"first token {_num(latency['time_to_first_token_p50'], 's')}, total {_num(latency['total_p50'], 's')}",
+            f"first token {_num(latency.time_to_first_token_p50, 's')}, total {_num(latency.total_p50, 's')}",
         ),
-        ("output", summary["output"]),
+        ("output", summary.output),
     ]
-    if requests["skipped"]:
-        rows.append(("errors", summary["errors"]))
+    if requests.skipped:
+        rows.append(("errors", summary.errors))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

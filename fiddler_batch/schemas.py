@@ -13,8 +13,14 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from fiddler_batch.io.records import OutputRecord
-from fiddler_batch.jobfile import expected_value
+from fiddler_batch.report import RunSummary
 from fiddler_batch.spec import JobSpec
+from fiddler_batch.wording import expected_value
+
+
+class MissingMarkers(ValueError):
+    """The README has no pair of markers for a table."""
+
 
 TABLES = {
     # marker name: (model, first column's title, whether to show defaults)
@@ -28,6 +34,7 @@ def schema_files() -> dict[str, str]:
     schemas = {
         "job.schema.json": JobSpec.model_json_schema(mode="validation"),
         "record.schema.json": OutputRecord.model_json_schema(mode="serialization"),
+        "summary.schema.json": RunSummary.model_json_schema(mode="serialization"),
     }
     return {name: json.dumps(schema, indent=2, ensure_ascii=False) + "\n" for name, schema in schemas.items()}
 
@@ -57,6 +64,8 @@ def readme_with_tables(readme: str) -> str:
     """`readme` with the text between each pair of table markers replaced by the current table."""
     for name, (model, title, with_defaults) in TABLES.items():
         start_marker, end_marker = _markers(name)
+        if start_marker not in readme or end_marker not in readme:
+            raise MissingMarkers(f"no table markers {start_marker!r} ... {end_marker!r}")
         start, end = readme.index(start_marker) + len(start_marker), readme.index(end_marker)
         readme = readme[:start] + "\n" + fields_table(model, title, with_defaults) + "\n" + readme[end:]
     return readme

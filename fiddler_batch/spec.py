@@ -1,8 +1,12 @@
 """The job spec: one pydantic model, mirrored key for key by `jobs/*.yaml`.
 
-Unknown keys are rejected everywhere. Cross-field checks live in the model validators below; checks that
-need the file system (does the input exist?) live in `fiddler_batch.jobfile`, which also loads the YAML,
-resolves relative paths and applies command-line overrides.
+This module is the configuration's leaf: it imports pydantic and nothing of the engine, torch or
+transformers, so that loading and validating a job (`fiddler-batch validate`) is quick. Everything that
+runs a job reads its settings from here; the engine takes its own section (`EngineSpec`) as its settings.
+
+Unknown keys are rejected everywhere, and so are non-finite numbers. Cross-field checks live in the model
+validators below; checks that need the file system (does the input exist?) live in `fiddler_batch.jobfile`,
+which also loads the YAML, resolves relative paths and applies command-line overrides.
 """
 
 from __future__ import annotations
@@ -13,21 +17,38 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from fiddler_batch.engine import EngineSpec, ModelSpec
+InputFormatName = Literal["jsonl", "parquet"]
+"""Formats requests can be read from (each has a reader in `fiddler_batch.io.readers.READERS`)."""
+OutputFormatName = Literal["jsonl", "parquet"]
+"""Formats results can be written in (each has a writer in `fiddler_batch.io.writers.WRITERS`)."""
+InputFormat = Literal["auto", InputFormatName]
+OutputFormat = Literal["auto", OutputFormatName]
 
-FileFormat = Literal["auto", "jsonl", "parquet"]
-FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+INPUT_SUFFIXES: dict[str, InputFormatName] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+OUTPUT_SUFFIXES: dict[str, OutputFormatName] = {".jsonl": "jsonl", ".parquet": "parquet"}
 
 
-def file_format(path: Path, declared: FileFormat) -> str | None:
-    """'jsonl' or 'parquet': the declared format, else the one the extension names (None if unknown)."""
+def input_format(path: Path, declared: str) -> InputFormatName | None:
+    """The declared input format, else the one the file's extension names (None if unknown)."""
     if declared != "auto":
-        return declared
-    return FORMAT_BY_SUFFIX.get(path.suffix.lower())
+        return declared  # type: ignore[return-value]
+    return INPUT_SUFFIXES.get(path.suffix.lower())
+
+
+def output_format(path: Path, declared: str) -> OutputFormatName | None:
+    """The declared output format, else the one the file's extension names (None if unknown)."""
+    if declared != "auto":
+        return declared  # type: ignore[return-value]
+    return OUTPUT_SUFFIXES.get(path.suffix.lower())
 
 
 def _config() -> ConfigDict:
-    return ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    return ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class GenerationSpec(BaseModel):
@@ -91,7 +112,7 @@ class InputSpec(BaseModel):
     path: Path
     """An input file, or a glob of files (`data/*.parquet`), read in sorted order. Relative paths are relative to
     the job file's folder."""
-    format: FileFormat = "auto"
+    format: InputFormat = "auto"
     """'jsonl' or 'parquet'; 'auto' picks by extension (.jsonl/.ndjson, .parquet/.pq)."""
     id_column: str = "id"
     """Column holding each request's id. Records without one get `FILE:LINE` (JSONL) or `FILE:ROW` (Parquet)."""
@@ -127,8 +148,8 @@ class OutputSpec(BaseModel):
     path: Path
     """The results file (JSONL or Parquet). Beside it the run writes `STEM.summary.json`, `STEM.errors.jsonl`
     and, while running, the work folder `STEM.parts/`. Relative paths are relative to the job file's folder."""
-    format: FileFormat = "auto"
-    """'jsonl' or 'parquet'; 'auto' picks by extension."""
+    format: OutputFormat = "auto"
+    """'jsonl' or 'parquet'; 'auto' picks by extension (.jsonl, .parquet)."""
     include_prompt: bool = False
     """Copy each request's prompt into its record (for chat records: the rendered conversation)."""
     include_token_ids: bool = False
@@ -167,6 +188,121 @@ class ErrorsSpec(BaseModel):
     """The errors file (JSONL). Default: `STEM.errors.jsonl` beside the output."""
 
 
+BatchKind = Literal["prefill_heavy", "decode_heavy"]
+"""How the runner classifies a batch: most of its work is prompt processing, or most of it is decoding."""
+
+StrategyName = Literal["balanced", "fiddler-rule", "cpu", "copy"]
+"""How off-GPU experts are executed (each name has its behaviour in `fiddler_batch.engine.planner.STRATEGIES`).
+
+- ``balanced``: per layer and step, the planner splits the off-GPU experts between CPU compute and
+  copy-then-GPU so that the CPU, the PCIe link and the GPU finish together (the three work at once).
+- ``fiddler-rule``: the paper's Algorithm 1. Per expert, the cheaper of CPU compute and copy plus GPU
+  compute; CPU work and GPU work run one after the other.
+- ``cpu``: every off-GPU expert is computed on the CPU (llama.cpp ``--cpu-moe`` style).
+- ``copy``: every off-GPU expert is copied to the GPU and computed there.
+"""
+
+ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelSpec(BaseModel):
+    """Which model to run."""
+
+    model_config = _config()
+
+    path: str
+    """A local Hugging Face checkpoint directory, a hub id, or 'demo:tiny-mixtral' for the embedded demo model
+    (tiny, random, built locally on first use: its text is noise)."""
+    dtype: ModelDType = "auto"
+    """Weight dtype; 'auto' keeps the checkpoint's."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty_path(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError(
+                "empty_model_path",
+                "model.path is empty",
+                {"fix": "give a checkpoint folder, a hub id or demo:tiny-mixtral"},
+            )
+        return value
+
+
+class StrategyByKind(BaseModel):
+    """Which strategy each kind of batch runs with."""
+
+    model_config = _config()
+
+    prefill_heavy: StrategyName = "balanced"
+    """Strategy for batches dominated by prompt processing (long prompts)."""
+    decode_heavy: StrategyName = "balanced"
+    """Strategy for batches dominated by decoding (short prompts, long outputs)."""
+
+
+class EngineSpec(BaseModel):
+    """Where the model's weights live and how mixture-of-experts layers are executed.
+
+    Every field has a default that does the right thing on a machine with or without a GPU, so a job spec
+    may leave the whole section out.
+    """
+
+    model_config = _config()
+
+    device: str = "auto"
+    """Fast device: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'. With
+    'cpu' everything runs on the CPU."""
+    hybrid: bool = True
+    """Run mixture-of-experts layers with the CPU-GPU hybrid executor. When false the whole model is placed on
+    the fast device, which must hold it."""
+    gpu_budget_gb: float | None = Field(None, gt=0)
+    """GPU memory the engine may use, in GB (1e9 bytes). Default: what the card has free minus gpu_margin_gb."""
+    gpu_margin_gb: float = Field(2.0, ge=0)
+    """Memory left free on the card when gpu_budget_gb is not set, in GB."""
+    resident_share: float | None = Field(None, ge=0, le=1)
+    """Cap on the share (0 to 1) of all experts kept resident on the GPU; 0.25 keeps at most a quarter of
+    them. Default: as many as the budget holds after non-expert weights, the KV cache, activations and staging
+    slots. (Called `resident_experts` before version 0.2.)"""
+    staging_slots: int = Field(4, ge=1, le=64)
+    """GPU buffers, one expert each, that copied experts are staged in."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """Threads for experts computed on the CPU. Default: the physical cores."""
+    strategy: StrategyByKind = Field(default_factory=StrategyByKind)
+    """Execution strategy for each kind of batch."""
+    calibration: Path | None = None
+    """Cost-model file written by `fiddler-batch calibrate`. Default: the cache entry for this machine, model
+    geometry and dtype; measured quickly on first use when there is none."""
+    profile: Path | None = None
+    """Expert-popularity file written by `fiddler-batch profile`. Resident experts are the most popular ones;
+    without a profile they are spread evenly across layers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "resident_experts" in data:
+            raise PydanticCustomError(
+                "renamed_key",
+                "engine.resident_experts was renamed engine.resident_share (a share of all experts, 0 to 1)",
+                {"fix": "write resident_share: with the same value", "key": "resident_experts"},
+            )
+        return data
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu", "cuda"):
+            return value
+        if value.startswith("cuda:") and value[5:].isdigit():
+            return value
+        raise PydanticCustomError(
+            "unknown_device",
+            "unknown device {device!r}",
+            {"device": value, "fix": "use 'auto', 'cpu', 'cuda' or 'cuda:N'"},
+        )
+
+
 class JobSpec(BaseModel):
     """A batch-inference job: which model, which requests, where the results go and how they are generated."""
 
@@ -189,7 +325,7 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_outputs(self) -> JobSpec:
-        if file_format(self.output.path, self.output.format) is None:
+        if output_format(self.output.path, self.output.format) is None:
             raise PydanticCustomError(
                 "output_format",
                 "cannot tell the output format from the extension of {path}",
@@ -208,8 +344,8 @@ class JobSpec(BaseModel):
         return self
 
     @property
-    def output_format(self) -> str:
-        return file_format(self.output.path, self.output.format) or "jsonl"
+    def output_format(self) -> OutputFormatName:
+        return output_format(self.output.path, self.output.format) or "jsonl"
 
     @property
     def stem(self) -> Path:

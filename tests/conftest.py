@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> None:
+    """Tiny models run fastest on one thread, and a loaded 2-core machine slows many threads down by far more."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,9 +40,10 @@ def demo_path(demo_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(demo_path: Path) -> Any:
-    from fiddler_batch.engine import Engine, EngineSpec, ModelSpec
+    from fiddler_batch.assets import load_engine
+    from fiddler_batch.spec import EngineSpec, ModelSpec
 
-    return Engine.load(ModelSpec(path="demo:tiny-mixtral", dtype="float32"), EngineSpec(device="cpu"))
+    return load_engine(ModelSpec(path="demo:tiny-mixtral", dtype="float32"), EngineSpec(device="cpu"))
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _table_rows(markdown: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
-            if line.startswith("| ") and not line.startswith("| scenario")]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("| ") and not line.startswith("| scenario")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,21 @@ def test_smoke_writes_json_markdown_and_png(smoke: Path) -> None:
     data = json.loads((smoke / "results.json").read_text())
     assert data["format"] == "fiddler-batch-bench/1"
     [session] = data["sessions"]
-    for key in ("id", "date", "command", "host", "card", "versions", "settings", "model", "budget", "cost_model",
-                "rates", "placements", "timeline"):
+    for key in (
+        "id",
+        "date",
+        "command",
+        "host",
+        "card",
+        "versions",
+        "settings",
+        "model",
+        "budget",
+        "cost_model",
+        "rates",
+        "placements",
+        "timeline",
+    ):
         assert key in session
     assert session["card"] is None and session["versions"]["torch"]
     assert {(r["scenario"], r["baseline"]) for r in data["runs"]} == {(s, b) for s in SCENARIOS for b in BASELINES}
@@ -69,16 +85,30 @@ def test_smoke_records_its_command(smoke: Path) -> None:
 def test_pieces_append_and_merge(smoke: Path, tmp_path: Path) -> None:
     piece = tmp_path / "piece"
     run = subprocess.run(
-        [sys.executable, "-m", "fiddler_batch.bench", "--smoke", "--scenario", "b", "--baselines",
-         "cpu-experts,fiddler-batch", "--out", str(piece)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fiddler_batch.bench",
+            "--smoke",
+            "--scenario",
+            "b",
+            "--baselines",
+            "cpu-experts,fiddler-batch",
+            "--out",
+            str(piece),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.splitlines()[-1].startswith("b 64 ")  # the table is printed last
 
     merged = tmp_path / "merged"
-    result = CliRunner().invoke(bench, ["--merge", str(smoke / "results.json"), "--merge", str(piece / "results.json"),
-                                        "--out", str(merged)])
+    result = CliRunner().invoke(
+        bench, ["--merge", str(smoke / "results.json"), "--merge", str(piece / "results.json"), "--out", str(merged)]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((merged / "results.json").read_text())
     assert len(data["sessions"]) == 2
@@ -126,7 +156,5 @@ def test_split_bound() -> None:
     cpu_ms, copy_ms = 4.0, 6.0
     assert split_ms([cpu_ms] * 3, copy_ms) == pytest.approx(3 / (1 / cpu_ms + 1 / copy_ms))
     # An expert cheap on the CPU goes there first; the rest go over the link.
-    assert split_ms([1.0, 100.0, 100.0], 5.0) == pytest.approx(
-        1.0 + ((2 * 5.0 - 1.0) / (100.0 + 5.0)) * 100.0
-    )
+    assert split_ms([1.0, 100.0, 100.0], 5.0) == pytest.approx(1.0 + ((2 * 5.0 - 1.0) / (100.0 + 5.0)) * 100.0)
     assert split_ms([], 5.0) == 0.0

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from fiddler_batch.demo import build_byte_tokenizer, build_tiny_mixtral, ensure_demo_checkpoint
-from fiddler_batch.engine import EngineError
+from fiddler_batch.errors import EngineError
 
 
 def test_tokenizer_round_trips_any_utf8_and_has_special_tokens() -> None:
@@ -60,5 +60,5 @@ def test_racing_builders_agree_and_leave_no_temporary_folder(tmp_path: Path) -> 
 
 
 def test_unknown_demo_name() -> None:
-    with pytest.raises(EngineError, match="unknown demo model 'huge'"):
+    with pytest.raises(EngineError, match="unknown demo model 'demo:huge'"):
         ensure_demo_checkpoint("huge")

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.assets import load_cost_model
+from fiddler_batch.batching import plan_batches
+from fiddler_batch.generation import generate_batch
+from fiddler_batch.io.readers import read_records
+from fiddler_batch.io.requests import to_requests
+from fiddler_batch.jobfile import load_job
+from fiddler_batch.profiling import profile_job
+from fiddler_batch.prompts import prepare
+
 from jobhelpers import cli, read_jsonl, write_job
 
 RECORDS = [{"id": f"r{i}", "prompt": f"prompt number {i} " * (1 + i % 5)} for i in range(12)]
@@ -13,11 +22,11 @@ RECORDS = [{"id": f"r{i}", "prompt": f"prompt number {i} " * (1 + i % 5)} for i 
 
 def test_calibrate_writes_a_cost_model_that_a_run_then_uses(tmp_path: Path, demo_path: Path) -> None:
     calibration = tmp_path / "cost.json"
-    job = write_job(tmp_path, RECORDS, engine={"device": "cpu", "resident_experts": 0.25})
+    job = write_job(tmp_path, RECORDS, engine={"device": "cpu", "resident_share": 0.25})
     done = cli("calibrate", str(job), "--quick", "--output", str(calibration))
     assert done.returncode == 0, done.stderr
     assert f"wrote {calibration}" in done.stdout
-    cost = CostModel.load(calibration)
+    cost = load_cost_model(calibration)
     assert cost.meta["quick"] and len(cost.cpu_ms) == len(cost.ladder) and cost.copy_ms > 0
 
     run = cli("run", str(job), "--set", f"engine.calibration={calibration}")
@@ -37,6 +46,22 @@ def test_profile_counts_routing_and_places_popular_experts(tmp_path: Path, demo_
     assert profile["requests"] == 6 and len(counts) == 4 and all(len(row) == 8 for row in counts)
     assert sum(map(sum, counts)) == profile["tokens_routed"] > 0
 
-    run = cli("run", str(job), "--set", f"engine.profile={path}", "--set", "engine.resident_experts=0.25")
+    run = cli("run", str(job), "--set", f"engine.profile={path}", "--set", "engine.resident_share=0.25")
     assert run.returncode == 0, run.stderr
     assert "8 of 32 experts resident" in run.stderr
+
+
+def test_profile_counts_real_tokens_only(engine: Any, tmp_path: Path) -> None:
+    """Two prompts of 26 and 64 tokens in one batch: the shorter one's 38 pads count for nothing."""
+    records = [{"id": "short", "prompt": "s" * 25}, {"id": "long", "prompt": "l" * 63}]  # + BOS: 26 and 64 tokens
+    spec = load_job(write_job(tmp_path, records, generation={"max_new_tokens": 2}))
+    profile = profile_job(spec, sample=2, max_new_tokens=2, engine=engine)
+    requests, _ = to_requests(enumerate(read_records(spec.input)), spec.input, spec.generation)
+    items, _ = prepare(requests, engine.tokenizer, engine.max_context)
+    assert sorted(item.prompt_tokens for item in items) == [26, 64]
+    [batch] = plan_batches(items, spec.batching)
+    lengths = [len(c.token_ids) for c in generate_batch(engine, batch).completions]
+    decode_rows = sum(1 for n in lengths if n == 2)  # rows that took the second step (no EOS first)
+    per_layer = 2 * (26 + 64 + decode_rows)  # top-2 routing per real token
+    assert [sum(row) for row in profile["counts"]] == [per_layer] * 4
+    assert per_layer < 2 * 2 * 64  # what counting the padded rectangle gave

@@ -12,6 +12,7 @@ from fiddler_batch.errors import InputError
 from fiddler_batch.io.readers import count_records, read_records
 from fiddler_batch.io.requests import BadRecord, Request, request_seed, to_request
 from fiddler_batch.spec import GenerationSpec, InputSpec
+
 from jobhelpers import write_jsonl
 
 DEFAULTS = GenerationSpec(max_new_tokens=16, seed=3)

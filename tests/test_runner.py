@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,8 @@ import pytest
 
 from fiddler_batch.jobfile import load_job
 from fiddler_batch.report import add_stats
-from fiddler_batch.runner import run_job
+from fiddler_batch.runner import progress_bar, rates_postfix, run_job
+
 from jobhelpers import read_jsonl, write_job
 
 
@@ -44,17 +46,17 @@ def test_the_engine_hears_kind_reset_and_stats_around_every_batch(engine: Any, t
     recording = Recording(engine)
     summary = run_job(spec, engine=recording)
     records = read_jsonl(spec.output.path)
-    batches = summary["batches"]["total"]
+    batches = summary.batches["total"]
     assert recording.calls[0::3] == [
         f"set_kind {kind}"
-        for kind in ["prefill_heavy"] * summary["batches"]["prefill_heavy"]
-        + ["decode_heavy"] * summary["batches"]["decode_heavy"]
+        for kind in ["prefill_heavy"] * summary.batches["prefill_heavy"]
+        + ["decode_heavy"] * summary.batches["decode_heavy"]
     ]
     assert recording.calls[1::3] == ["reset_stats"] * batches and recording.calls[2::3] == ["stats"] * batches
     assert all(
         r["engine_stats"] == {"experts_cpu": 2, "nested": {"bytes": 10}, "strategy": "balanced"} for r in records
     )
-    assert summary["engine_stats"] == {
+    assert summary.engine_stats == {
         "experts_cpu": 2 * batches,
         "nested": {"bytes": 10 * batches},
         "strategy": "balanced",
@@ -67,13 +69,13 @@ def test_a_killed_run_leaves_complete_parts_listed_in_the_manifest(engine: Any, 
         run_job(spec, engine=Recording(engine, kill_at_batch=2))
     assert not spec.output.path.exists() and not (spec.work_dir / "done-r00000").exists()
     manifest = read_jsonl(spec.work_dir / "manifest-r00000.jsonl")
-    assert [entry["batch_id"] for entry in manifest] == [0, 1]
+    assert [entry["part"] for entry in manifest] == ["part-r00000-000000.jsonl", "part-r00000-000001.jsonl"]
     for entry in manifest:
         part = read_jsonl(spec.work_dir / entry["part"])
         assert [r["index"] for r in part] == entry["indices"] and [r["id"] for r in part] == entry["ids"]
     assert not list(spec.work_dir.glob(".*.tmp"))  # the errors file being written was dropped
     summary = run_job(spec, engine=engine)  # a fresh run of the same job completes
-    assert summary["requests"]["completed"] == 9 and not spec.work_dir.exists()
+    assert summary.requests.completed == 9 and not spec.work_dir.exists()
 
 
 def test_keep_parts_keeps_the_work_folder(engine: Any, tmp_path: Path) -> None:
@@ -86,3 +88,13 @@ def test_keep_parts_keeps_the_work_folder(engine: Any, tmp_path: Path) -> None:
 def test_add_stats_sums_numbers_key_by_key() -> None:
     total = add_stats({"a": 1, "n": {"x": 1.5}}, {"a": 2, "n": {"x": 1.0, "y": 3}, "s": "cpu", "flag": True})
     assert total == {"a": 3, "n": {"x": 2.5, "y": 3}, "s": "cpu", "flag": True}
+
+
+def test_the_progress_bar_keeps_its_token_rates_at_80_columns() -> None:
+    out = io.StringIO()
+    with progress_bar(total=2_000_000, enabled=True, file=out, ncols=80) as bar:
+        bar.update(1_234_567)
+        bar.set_postfix_str(rates_postfix(98_765_432, 12_345_678, 1000.0))
+    last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert len(last) <= 80 and last.endswith("in 98,765 out 12,346 tok/s]"), last
+    assert "1234567/2000000" in last

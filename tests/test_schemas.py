@@ -11,6 +11,7 @@ from fiddler_batch.cli import main
 from fiddler_batch.io.records import OutputRecord
 from fiddler_batch.schemas import readme_with_tables, schema_files
 from fiddler_batch.spec import JobSpec
+
 from jobhelpers import REPO
 
 

@@ -11,6 +11,7 @@ from fiddler_batch.errors import JobSpecError
 from fiddler_batch.jobfile import load_job
 from fiddler_batch.schemas import _leaf_fields
 from fiddler_batch.spec import JobSpec
+
 from jobhelpers import REPO, write_job
 
 

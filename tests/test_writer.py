@@ -1,4 +1,4 @@
-"""The writer: atomic files, part files with a manifest and markers, ordered streaming merge, Parquet output."""
+"""Writing: atomic files, part files with a manifest and markers, ordered streaming merge, output formats."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import json
 import os
 import random
 import stat
+import typing
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from fiddler_batch.io.records import parquet_schema
 from fiddler_batch.errors import BusyError
-from fiddler_batch.io.writer import FILE_MODE, WorkFolder, _file_mode, atomic_write_text, merged_lines, write_jsonl, write_parquet
+from fiddler_batch.io.atomic import FILE_MODE, _file_mode, atomic_write_text
+from fiddler_batch.io.records import OutputRecord, arrow_schema
+from fiddler_batch.io.workfolder import WorkFolder, merged_lines
+from fiddler_batch.io.writers import WRITERS, write_jsonl, write_parquet
+from fiddler_batch.spec import GenerationSpec, OutputFormatName, OutputSpec
+
 from jobhelpers import read_jsonl
 
 
@@ -39,42 +44,45 @@ def with_failure(target: Path) -> None:
 def test_work_folder_writes_sorted_parts_manifest_errors_and_done_marker(tmp_path: Path) -> None:
     work = WorkFolder(tmp_path / "r.parts")
     work.start({"job": "x"})
-    work.write_batch(0, [{"index": 5, "id": "e"}, {"index": 2, "id": "b"}])
-    work.write_error({"index": 3, "reason": "bad"})
+    work.write_part("results", 0, [{"index": 5, "id": "e"}, {"index": 2, "id": "b"}])
+    work.write_part("errors", 0, [{"index": 3, "id": None, "reason": "bad"}])
     assert not work.done.exists()
     work.finish()
     assert [p.name for p in work.parts()] == ["part-r00000-000000.jsonl"]
     assert [r["index"] for r in read_jsonl(work.parts()[0])] == [2, 5]
     assert read_jsonl(work.manifest) == [
-        {"part": "part-r00000-000000.jsonl", "batch_id": 0, "indices": [2, 5], "ids": ["b", "e"]}
+        {"part": "part-r00000-000000.jsonl", "kind": "results", "indices": [2, 5], "ids": ["b", "e"]},
+        {"part": "errors-r00000-000000.jsonl", "kind": "errors", "indices": [3], "ids": [None]},
     ]
-    assert read_jsonl(work.errors) == [{"index": 3, "reason": "bad"}]
+    assert read_jsonl(work.parts("errors")[0]) == [{"index": 3, "id": None, "reason": "bad"}]
     assert work.done.exists() and json.loads((work.path / "job.json").read_text()) == {"job": "x"}
 
 
 def test_a_fresh_start_clears_what_the_rank_left_behind(tmp_path: Path) -> None:
     work = WorkFolder(tmp_path / "r.parts")
     work.start({})
-    work.write_batch(7, [{"index": 0, "id": "a"}])
+    work.write_part("results", 7, [{"index": 0, "id": "a"}])
     work.finish()
     work.release()
+    (tmp_path / "r.parts" / ".part-r00000-000008.jsonl.abc.tmp").write_text("half")  # a killed write
     again = WorkFolder(tmp_path / "r.parts")
     again.start({})
     assert again.parts() == [] and not again.done.exists() and not again.manifest.exists()
-    again.abort()
+    assert not list((tmp_path / "r.parts").glob(".*.tmp"))
+    again.release()
 
 
 def test_a_second_run_of_the_same_job_is_refused_while_the_first_writes(tmp_path: Path) -> None:
     first = WorkFolder(tmp_path / "r.parts")
     first.start({})
-    first.write_batch(0, [{"index": 0, "id": "a"}])
+    first.write_part("results", 0, [{"index": 0, "id": "a"}])
     with pytest.raises(BusyError, match="another run of this job"):
         WorkFolder(tmp_path / "r.parts").start({})
     assert [p.name for p in first.parts()] == ["part-r00000-000000.jsonl"]  # untouched
-    first.abort()
+    first.release()
     second = WorkFolder(tmp_path / "r.parts")
     second.start({})  # the lock went with the first run
-    second.abort()
+    second.release()
 
 
 def test_results_get_the_mode_the_umask_gives_new_files(tmp_path: Path) -> None:
@@ -99,18 +107,22 @@ def test_merge_restores_input_order_across_many_parts(tmp_path: Path, fan_in: in
     work = WorkFolder(tmp_path / "w")
     work.start({})
     for batch_id in range(10):
-        work.write_batch(batch_id, [{"index": i, "id": str(i)} for i in indices[batch_id * 10 : (batch_id + 1) * 10]])
+        work.write_part(
+            "results", batch_id, [{"index": i, "id": str(i)} for i in indices[batch_id * 10 : (batch_id + 1) * 10]]
+        )
     work.finish()
     merged = [json.loads(line)["index"] for line in merged_lines(work.parts(), fan_in=fan_in)]
     assert merged == list(range(100))
     assert not list((tmp_path / "w").glob(".merge-*"))  # scratch runs are cleaned up
 
 
-def test_parquet_output_round_trips_records(tmp_path: Path) -> None:
-    record = {
+def a_record(**generation: object) -> dict[str, object]:
+    return {
         "id": "a",
         "index": 0,
+        "prompt": "p",
         "completion": "hi",
+        "completion_token_ids": [5, 6],
         "prompt_tokens": 3,
         "completion_tokens": 2,
         "finish_reason": "stop",
@@ -124,19 +136,40 @@ def test_parquet_output_round_trips_records(tmp_path: Path) -> None:
         "batch_id": 0,
         "batch_kind": "decode_heavy",
         "batch_size": 1,
-        "generation": {
-            "max_new_tokens": 4,
-            "temperature": 0.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "num_beams": 1,
-            "stop": ["x"],
-            "seed": 5,
-        },
-        "engine_stats": {"experts_cpu": 3},
+        "generation": GenerationSpec(stop=["x"], seed=5, **generation).model_dump(mode="json"),
+        "engine_stats": {"experts_cpu": 3, "nested": {"a": 1}},
     }
-    count = write_parquet(tmp_path / "o.parquet", [json.dumps(record) + "\n"] * 3, parquet_schema(False, False))
-    rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
+
+
+@pytest.mark.parametrize("include", [(False, False), (True, True)])
+def test_parquet_output_holds_every_field_that_jsonl_output_holds(tmp_path: Path, include: tuple[bool, bool]) -> None:
+    spec = OutputSpec(path=tmp_path / "o.parquet", include_prompt=include[0], include_token_ids=include[1])
+    record = OutputRecord.model_validate(a_record()).model_dump(
+        mode="json", exclude={name for name, wanted in zip(("prompt", "completion_token_ids"), include) if not wanted}
+    )
+    count = write_parquet(spec.path, [json.dumps(record) + "\n"] * 3, spec)
+    rows = pq.read_table(spec.path).to_pylist()
     assert count == 3 and len(rows) == 3
-    assert rows[0]["timing"] == record["timing"] and rows[0]["generation"] == record["generation"]
-    assert json.loads(rows[0]["engine_stats"]) == {"experts_cpu": 3}
+    assert {**rows[0], "engine_stats": json.loads(rows[0]["engine_stats"])} == record
+
+
+def test_the_parquet_schema_follows_the_record_model_field_by_field() -> None:
+    schema = arrow_schema(True, True)
+    assert schema.names == list(OutputRecord.model_fields)
+    assert schema.field("generation").type.num_fields == len(GenerationSpec.model_fields)
+    assert [f.name for f in schema.field("timing").type] == [
+        "batch_start",
+        "time_to_first_token_s",
+        "decode_s",
+        "total_s",
+        "decode_tokens_per_s",
+    ]
+    assert (
+        "prompt" not in arrow_schema(False, True).names
+        and "completion_token_ids" not in arrow_schema(True, False).names
+    )
+
+
+def test_every_output_format_has_a_writer() -> None:
+    assert set(WRITERS) == set(typing.get_args(OutputFormatName))
+    assert all(name == writer.name for name, writer in WRITERS.items())

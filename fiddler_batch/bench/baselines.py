@@ -24,16 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fiddler_batch.engine import Engine, EngineSpec
-from fiddler_batch.engine.core import DEFAULT_ACTIVATION_TOKENS, activation_bytes, kv_cache_bytes
+from fiddler_batch.bench.settings import BASELINE_TABLE
+from fiddler_batch.engine import Engine
+from fiddler_batch.engine.budget import GB, needs
+from fiddler_batch.engine.core import non_expert_bytes
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.layout import check_supported, read_layout
-from fiddler_batch.engine.settings import StrategyByKind
-
-GB = 1e9
-
-ENGINE_STRATEGY = {"cpu-experts": "cpu", "fiddler-rule": "fiddler-rule", "fiddler-batch": None}
-"""The engine baselines and the strategy each runs every batch with (None: the engine's defaults)."""
+from fiddler_batch.spec import EngineSpec, StrategyByKind
 
 BUDGET_FORMULA = (
     "GPU budget = non-expert weights + (resident experts + staging slots) x expert bytes + KV cache + activations "
@@ -59,7 +56,7 @@ class Placed:
 
     @property
     def slow(self) -> bool:
-        return self.name == "accelerate"
+        return BASELINE_TABLE[self.name].slow
 
 
 def gpu_budget(model: nn.Module, share: float, staging_slots: int, kv_tokens: int) -> dict[str, Any]:
@@ -68,13 +65,16 @@ def gpu_budget(model: nn.Module, share: float, staging_slots: int, kv_tokens: in
     layout = read_layout(found[0][1])
     expert = layout.expert_bytes(found[0][1])
     total_experts = len(found) * layout.num_experts
-    expert_params = {id(getattr(m, attr)) for _, m in found for attr in layout.weight_names.values()}
-    non_expert = sum(
-        p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params
-    ) + sum(b.numel() * b.element_size() for b in model.buffers())
+    element = torch.empty((), dtype=layout.dtype).element_size()
+    need = needs(
+        model.config,
+        non_expert_bytes=non_expert_bytes(model, found),
+        expert_intermediate=layout.intermediate,
+        kv_tokens=kv_tokens,
+        element_size=element,
+    )
+    non_expert, kv, act = need.non_expert, need.kv_cache, need.activations
     resident = int(share * total_experts + 1e-9)
-    kv = kv_cache_bytes(model.config, kv_tokens, layout.dtype)
-    act = activation_bytes(model.config, layout, min(kv_tokens, DEFAULT_ACTIVATION_TOKENS), layout.dtype)
     weights = non_expert + (resident + staging_slots) * expert
     return {
         "formula": BUDGET_FORMULA,
@@ -154,24 +154,32 @@ def place_engine(
 ) -> Placed:
     """Place the model with the engine as baseline `name` (without `cost`: calibrate with `calibrate_on`
     before running anything)."""
-    strategy = ENGINE_STRATEGY[name]
+    baseline = BASELINE_TABLE[name]
+    strategy = baseline.strategy
     spec = EngineSpec(
         device=device,
-        resident_experts=0.0 if name == "cpu-experts" else share,
+        resident_share=share if baseline.resident else 0.0,
         staging_slots=staging_slots,
         cpu_threads=cpu_threads,
         strategy=StrategyByKind(prefill_heavy=strategy, decode_heavy=strategy) if strategy else StrategyByKind(),
     )
     engine = Engine.from_model(
-        model, spec, tokenizer, kv_cache_tokens=kv_tokens, cost=cost, calibrate=False,
-        popularity=None if name == "cpu-experts" else popularity,
+        model,
+        spec,
+        tokenizer,
+        kv_cache_tokens=kv_tokens,
+        cost=cost,
+        popularity=popularity if baseline.resident else None,
     )
     info = {**engine.describe(), "strategy": spec.strategy.model_dump()}
     return Placed(name, engine, info, lambda: engine.close(release_host=False))
 
 
 def calibrate_on(engine: Engine) -> CostModel:
-    """A full calibration on the engine's own pinned experts (its first MoE layer's expert 0), installed in
-    the engine (and in this machine's calibration cache) and returned for the other baselines."""
-    cost, _ = engine.calibrate()
+    """A full calibration on the engine's own pinned experts (its first MoE layer's first host expert),
+    installed in the engine (and in this machine's calibration cache) and returned for the other baselines."""
+    from fiddler_batch.assets import cost_cache_path, save_cost_model
+
+    cost = engine.measure_cost_model()
+    save_cost_model(cost, cost_cache_path(engine), engine)
     return cost

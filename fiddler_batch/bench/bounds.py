@@ -99,8 +99,9 @@ def recording_routing(engine: Engine) -> Iterator[list[tuple[int, list[int]]]]:
         engine.set_planner(None)
 
 
-def _zero_experts(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                  top_k_weights: torch.Tensor) -> torch.Tensor:
+def _zero_experts(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     return torch.zeros_like(hidden_states)
 
 

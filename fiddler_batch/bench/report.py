@@ -18,6 +18,7 @@ from fiddler_batch.bench.bounds import FORMULA
 from fiddler_batch.bench.results import Results
 from fiddler_batch.bench.scenarios import DEFINITIONS, METRICS, PRIMARY, SECONDARY
 from fiddler_batch.bench.settings import BASELINES, OURS, SCENARIO_TITLES
+from fiddler_batch.io.atomic import atomic_file
 
 Row = dict[str, Any]
 
@@ -67,13 +68,27 @@ def table_rows(results: Results) -> list[Row]:
             share = speed / _speed(metric, bound_value) if speed and _speed(metric, bound_value) else None
             second = SECONDARY.get(scenario)
             second_value = run["median"].get(second) if second and run["status"] == "ok" else None
-            rows.append({
-                "variant": variant, "scenario": scenario, "case": case, "baseline": baseline,
-                "status": run["status"], "reason": run.get("reason"), "metric": metric, "value": value,
-                "secondary": second, "secondary_value": second_value,
-                "ratio": ratio, "bound": bound_value, "share": share, "reps": len(run.get("reps", [])),
-                "shortened": run.get("shortened"), "other_session": run["session"] != home, "session": run["session"],
-            })
+            rows.append(
+                {
+                    "variant": variant,
+                    "scenario": scenario,
+                    "case": case,
+                    "baseline": baseline,
+                    "status": run["status"],
+                    "reason": run.get("reason"),
+                    "metric": metric,
+                    "value": value,
+                    "secondary": second,
+                    "secondary_value": second_value,
+                    "ratio": ratio,
+                    "bound": bound_value,
+                    "share": share,
+                    "reps": len(run.get("reps", [])),
+                    "shortened": run.get("shortened"),
+                    "other_session": run["session"] != home,
+                    "session": run["session"],
+                }
+            )
     return rows
 
 
@@ -118,10 +133,13 @@ def markdown(results: Results) -> str:
     for session in results.sessions:
         lines += _session_lines(session)
     for variant in dict.fromkeys(r["variant"] for r in rows):
-        lines += [f"## {variant}", "",
-                  "| scenario | size | baseline | metric | median | also | fiddler-batch / baseline | bound "
-                  "| % of bound | runs | notes |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            f"## {variant}",
+            "",
+            "| scenario | size | baseline | metric | median | also | fiddler-batch / baseline | bound "
+            "| % of bound | runs | notes |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for row in (r for r in rows if r["variant"] == variant):
             also = f"{_metric_name(row['secondary'])} {_num(row['secondary_value'])}" if row["secondary_value"] else ""
             lines.append(
@@ -132,13 +150,17 @@ def markdown(results: Results) -> str:
                 f"| {row['reps']} | {_notes(row)} |"
             )
         lines.append("")
-    lines += ["## How to read it", "",
-              "- Ratio: fiddler-batch's speed / the baseline's speed (for times: the baseline's time / "
-              "fiddler-batch's), from runs of the same session; above 1 means fiddler-batch is faster.",
-              "- Median over the timed runs (`runs`), each after a warm-up; shortened runs are listed in the notes.",
-              *[f"- {s}: {DEFINITIONS[s]}." for s in sorted({r['scenario'] for r in rows})],
-              f"- Bound: {FORMULA}. % of bound = the run's speed / the bound's speed.",
-              f"- {BUDGET_FORMULA}.", ""]
+    lines += [
+        "## How to read it",
+        "",
+        "- Ratio: fiddler-batch's speed / the baseline's speed (for times: the baseline's time / "
+        "fiddler-batch's), from runs of the same session; above 1 means fiddler-batch is faster.",
+        "- Median over the timed runs (`runs`), each after a warm-up; shortened runs are listed in the notes.",
+        *[f"- {s}: {DEFINITIONS[s]}." for s in sorted({r["scenario"] for r in rows})],
+        f"- Bound: {FORMULA}. % of bound = the run's speed / the bound's speed.",
+        f"- {BUDGET_FORMULA}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -152,7 +174,8 @@ def _session_lines(session: dict[str, Any]) -> list[str]:
     versions = session["versions"]
     settings = session["settings"]
     lines = [
-        f"### Session {session['id']} ({session['date']})", "",
+        f"### Session {session['id']} ({session['date']})",
+        "",
         f"- Command: `{session['command']}`",
         f"- Card: {card['name']} ({card['memory_gb']} GB, CUDA {card['cuda']})" if card else "- Card: none (CPU run)",
         f"- Host: {host['cpu']}, {host['cpus']} CPUs, {host['ram_gb']} GB RAM, {host['torch_threads']} torch threads",
@@ -211,8 +234,15 @@ def chart(results: Results, path: Path) -> bool:
         bars = ax.bar(range(len(names)), values, color=[colors[n] for n in names])
         for bar, row in zip(bars, panel_rows):
             text = _num(row["value"]) if row["status"] == "ok" else row["status"]
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
         metric = panel_rows[0]["metric"]
         bound = panel_rows[0]["bound"]
         title = f"{panel[1]} {SCENARIO_TITLES[panel[1]]}, {panel[2]}"
@@ -225,11 +255,11 @@ def chart(results: Results, path: Path) -> bool:
         ax.set_ylabel(_metric_name(metric) + ("" if METRICS[metric][1] else " (lower is better)"), fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, max([*values, bound or 0.0, 1e-9]) * 1.18)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, dpi=110, format="png")
     plt.close(fig)
     return True
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fiddler_batch.engine.costmodel import CostModel
-from fiddler_batch.io.writer import atomic_write_text
+from fiddler_batch.io.atomic import atomic_write_text
 from fiddler_batch.machine import cpu_name
 
 FORMAT = "fiddler-batch-bench/1"
@@ -55,14 +55,26 @@ def environment() -> dict[str, Any]:
     card = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        card = {"name": props.name, "memory_gb": round(props.total_memory / 1e9, 1), "cuda": torch.version.cuda,
-                "count": torch.cuda.device_count()}
+        card = {
+            "name": props.name,
+            "memory_gb": round(props.total_memory / 1e9, 1),
+            "cuda": torch.version.cuda,
+            "count": torch.cuda.device_count(),
+        }
     return {
-        "host": {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "ram_gb": _ram_gb(), "os": platform.platform()},
+        "host": {
+            "cpu": cpu_name(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "ram_gb": _ram_gb(),
+            "os": platform.platform(),
+        },
         "card": card,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     **{name: _version(name) for name in PACKAGES}},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            **{name: _version(name) for name in PACKAGES},
+        },
     }
 
 

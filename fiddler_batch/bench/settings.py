@@ -1,6 +1,6 @@
 """What one benchmark run measures: scenarios and their sizes, baselines, the model variant, repetitions.
 
-Scenarios (../shared/BENCHMARK.md): (a) single-request decode, (b) long prefill, (c) beam search, (d) offline
+Scenarios (benchmarks/PROTOCOL.md): (a) single-request decode, (b) long prefill, (c) beam search, (d) offline
 throughput through the job runner. A `Case` is one scenario at one size. Sizes are written as on the command
 line: a `32x64` (prompt x new tokens), b `1024` (prompt tokens), c `4` (beam width; prompt 32, 64 new tokens),
 d `256` (requests).
@@ -19,10 +19,56 @@ SCENARIO_TITLES = {
     "c": "beam search",
     "d": "offline throughput (job runner)",
 }
-BASELINES = ("accelerate", "cpu-experts", "fiddler-rule", "fiddler-batch")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One way of placing and running the benchmark model under the shared GPU budget."""
+
+    name: str
+    placement: str
+    """'accelerate' (transformers + accelerate's device_map) or 'engine' (fiddler-batch's engine)."""
+    strategy: str | None
+    """The engine strategy every batch runs with (None: the engine's defaults)."""
+    resident: bool
+    """Keeps the budget's share of experts resident on the GPU (False: none, every expert off the GPU)."""
+    slow: bool
+    """So slow (seconds per token) that it runs shortened: fewer tokens, requests and repetitions."""
+    description: str
+
+
+BASELINE_TABLE: dict[str, Baseline] = {
+    b.name: b
+    for b in (
+        Baseline(
+            "accelerate",
+            "accelerate",
+            None,
+            True,
+            True,
+            "transformers + accelerate, device_map='auto' with max_memory capped to the budget",
+        ),
+        Baseline(
+            "cpu-experts",
+            "engine",
+            "cpu",
+            False,
+            False,
+            "every expert computed on the CPU, everything else on the GPU (llama.cpp --cpu-moe style)",
+        ),
+        Baseline(
+            "fiddler-rule",
+            "engine",
+            "fiddler-rule",
+            True,
+            False,
+            "the paper's Algorithm 1: per expert the cheaper of CPU and copy + GPU, one after the other",
+        ),
+        Baseline("fiddler-batch", "engine", None, True, False, "fiddler-batch's engine with its default settings"),
+    )
+}
+BASELINES = tuple(BASELINE_TABLE)
 OURS = "fiddler-batch"
-SLOW_BASELINES = ("accelerate",)
-"""Baselines so slow (seconds per token) that they run shortened: fewer tokens, requests and repetitions."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +123,7 @@ PROTOCOL_SIZES: dict[str, tuple[Case, ...]] = {
     "c": tuple(Case("c", prompt=BEAM_PROMPT, new=BEAM_NEW, width=w) for w in (4, 8, 16)),
     "d": (Case("d", requests=256),),
 }
-"""Every size BENCHMARK.md lists (`--sizes full`)."""
+"""Every size benchmarks/PROTOCOL.md lists (`--sizes full`)."""
 
 DEFAULT_SIZES: dict[str, tuple[Case, ...]] = {
     "a": (Case("a", prompt=32, new=64),),
@@ -181,12 +227,30 @@ class Settings:
         args += ["--scenario", ",".join(self.scenarios)]
         for scenario in self.scenarios:
             args += ["--sizes", f"{scenario}=" + ",".join(c.label for c in self.sizes.get(scenario, ()))]
-        args += ["--baselines", ",".join(self.baselines), "--layers", str(self.layers),
-                 "--resident", f"{self.resident:g}", "--skew", f"{self.skew:g}", "--seed", str(self.seed),
-                 "--reps", str(self.reps),
-                 "--slow-reps", str(self.slow_reps), "--slow-max-new", str(self.slow_max_new),
-                 "--slow-requests", str(self.slow_requests), "--device", self.device,
-                 "--staging-slots", str(self.staging_slots)]
+        args += [
+            "--baselines",
+            ",".join(self.baselines),
+            "--layers",
+            str(self.layers),
+            "--resident",
+            f"{self.resident:g}",
+            "--skew",
+            f"{self.skew:g}",
+            "--seed",
+            str(self.seed),
+            "--reps",
+            str(self.reps),
+            "--slow-reps",
+            str(self.slow_reps),
+            "--slow-max-new",
+            str(self.slow_max_new),
+            "--slow-requests",
+            str(self.slow_requests),
+            "--device",
+            self.device,
+            "--staging-slots",
+            str(self.staging_slots),
+        ]
         if self.cpu_threads:
             args += ["--cpu-threads", str(self.cpu_threads)]
         if self.calibration:
@@ -206,6 +270,14 @@ def smoke_settings(settings: Settings) -> Settings:
     """The CPU smoke run: tiny geometry, 2 layers, the CPU as the fast device with one thread (steady on small
     shared machines), tiny sizes, one repetition."""
     return replace(
-        settings, geometry="tiny", layers=2, device="cpu", cpu_threads=1, reps=1, sizes=dict(SMOKE_SIZES),
-        mix=SMOKE_MIX, slow_max_new=4, slow_requests=8,
+        settings,
+        geometry="tiny",
+        layers=2,
+        device="cpu",
+        cpu_threads=1,
+        reps=1,
+        sizes=dict(SMOKE_SIZES),
+        mix=SMOKE_MIX,
+        slow_max_new=4,
+        slow_requests=8,
     )

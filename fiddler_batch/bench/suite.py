@@ -42,7 +42,7 @@ from fiddler_batch.bench.scenarios import (
     throughput_metrics,
     write_requests,
 )
-from fiddler_batch.bench.settings import BASELINES, OURS, Case, Settings
+from fiddler_batch.bench.settings import BASELINE_TABLE, BASELINES, OURS, Case, Settings
 from fiddler_batch.spec import BatchingSpec
 
 GEOMETRIES = {"mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
@@ -93,8 +93,10 @@ class Suite:
         s = self.settings
         self.session = self.results.new_session(s.to_json())
         self.clock = Clock(self.session, self.log)
-        self.log(f"fiddler-batch bench: {s.variant}; cases {', '.join(c.scenario + ' ' + c.label for c in s.cases())}; "
-                 f"baselines {', '.join(b for b in BASELINES if b in s.baselines)}; {s.reps} timed run(s) each")
+        self.log(
+            f"fiddler-batch bench: {s.variant}; cases {', '.join(c.scenario + ' ' + c.label for c in s.cases())}; "
+            f"baselines {', '.join(b for b in BASELINES if b in s.baselines)}; {s.reps} timed run(s) each"
+        )
         geometry = GEOMETRIES[s.geometry]
         with self.clock.part("build model"):
             started = time.perf_counter()
@@ -105,10 +107,12 @@ class Suite:
         self.budget = gpu_budget(self.model, s.resident, s.staging_slots, KV_TOKENS)
         self.session["budget"] = self.budget
         b = self.budget
-        self.log(f"GPU budget {b['total_gb']} GB: weights {b['weights_bytes'] / 1e9:.2f} GB ({b['resident_experts']} "
-                 f"resident experts + {s.staging_slots} staging slots of {b['expert_bytes'] / 1e6:.0f} MB, non-expert "
-                 f"{b['non_expert_bytes'] / 1e9:.2f} GB) + KV cache {b['kv_cache_bytes'] / 1e9:.2f} GB + activations "
-                 f"{b['activation_bytes'] / 1e9:.2f} GB")
+        self.log(
+            f"GPU budget {b['total_gb']} GB: weights {b['weights_bytes'] / 1e9:.2f} GB ({b['resident_experts']} "
+            f"resident experts + {s.staging_slots} staging slots of {b['expert_bytes'] / 1e6:.0f} MB, non-expert "
+            f"{b['non_expert_bytes'] / 1e9:.2f} GB) + KV cache {b['kv_cache_bytes'] / 1e9:.2f} GB + activations "
+            f"{b['activation_bytes'] / 1e9:.2f} GB"
+        )
         self.session["placements"] = {}
         self.session["popularity"] = {"how": "resident experts spread evenly over the layers (no profile)"}
         if self.cost is not None:
@@ -129,8 +133,9 @@ class Suite:
         s = self.settings
         name = "Mixtral-8x7B geometry" if s.geometry == "mixtral-8x7b" else "tiny Mixtral geometry"
         routing = (
-            "random routers (near-uniform routing)" if s.skew == 0 else
-            f"skewed routing: router logits + {s.skew:g} x log(1/rank) per expert, ranks a random permutation "
+            "random routers (near-uniform routing)"
+            if s.skew == 0
+            else f"skewed routing: router logits + {s.skew:g} x log(1/rank) per expert, ranks a random permutation "
             "per layer (Zipf)"
         )
         return {
@@ -145,37 +150,52 @@ class Suite:
         self.session["cost_model"] = self.cost.to_json()
         self.session["rates"] = rates(self.cost, self.budget["expert_bytes"], cfg.hidden_size, cfg.intermediate_size)
         r = self.session["rates"]
-        self.log(f"cost model: CPU {r['cpu_gb_per_s']:.1f} GB/s (cpu(1) {self.cost.cpu(1):.2f} ms), PCIe "
-                 f"{r['pcie_gb_per_s']:.1f} GB/s (copy {self.cost.copy_ms:.2f} ms), GPU {r['gpu_tflop_per_s']:.1f} "
-                 f"TFLOP/s; crossover {self.cost.crossover()} tokens")
+        self.log(
+            f"cost model: CPU {r['cpu_gb_per_s']:.1f} GB/s (cpu(1) {self.cost.cpu(1):.2f} ms), PCIe "
+            f"{r['pcie_gb_per_s']:.1f} GB/s (copy {self.cost.copy_ms:.2f} ms), GPU {r['gpu_tflop_per_s']:.1f} "
+            f"TFLOP/s; crossover {self.cost.crossover()} tokens"
+        )
 
     # -- baselines ------------------------------------------------------------------------------------
 
     def place(self, name: str) -> Placed:
         s = self.settings
-        if name == "accelerate":
+        baseline = BASELINE_TABLE[name]
+        if baseline.placement == "accelerate":
             placed = place_accelerate(self.model, self.tokenizer, self.budget, s.device)
             info = placed.info
-            self.log(f"accelerate: {info['decoder_layers_on_gpu']} decoder layers on the GPU, "
-                     f"{info['decoder_layers_offloaded']} offloaded; max_memory[0] = "
-                     f"{self.budget['weights_bytes'] / 1e9:.2f} GB; {info['gpu_allocated_gb']} GB allocated")
+            self.log(
+                f"accelerate: {info['decoder_layers_on_gpu']} decoder layers on the GPU, "
+                f"{info['decoder_layers_offloaded']} offloaded; max_memory[0] = "
+                f"{self.budget['weights_bytes'] / 1e9:.2f} GB; {info['gpu_allocated_gb']} GB allocated"
+            )
             return placed
-        if name != "cpu-experts" and s.skew > 0 and self.popularity is None:
+        if baseline.resident and s.skew > 0 and self.popularity is None:
             self.measure_popularity()
         placed = self._place_engine(name)
-        if name == "cpu-experts" and s.skew > 0 and self.popularity is None:
+        if not baseline.resident and s.skew > 0 and self.popularity is None:
             self.measure_popularity(placed)
         report = placed.info["placement"]
-        self.log(f"{name}: {report['resident_experts']} of {report['total_experts']} experts resident "
-                 f"({report['placed_by']}), {placed.info['staging_slots']} staging slots, "
-                 f"CPU threads {placed.info['cpu_threads']}")
+        self.log(
+            f"{name}: {report['resident_experts']} of {report['total_experts']} experts resident "
+            f"({report['placed_by']}), {placed.info['staging_slots']} staging slots, "
+            f"CPU threads {placed.info['cpu_threads']}"
+        )
         return placed
 
     def _place_engine(self, name: str) -> Placed:
         s = self.settings
         placed = place_engine(
-            name, self.model, self.tokenizer, device=s.device, share=s.resident, staging_slots=s.staging_slots,
-            cpu_threads=s.cpu_threads, kv_tokens=KV_TOKENS, cost=self.cost, popularity=self.popularity,
+            name,
+            self.model,
+            self.tokenizer,
+            device=s.device,
+            share=s.resident,
+            staging_slots=s.staging_slots,
+            cpu_threads=s.cpu_threads,
+            kv_tokens=KV_TOKENS,
+            cost=self.cost,
+            popularity=self.popularity,
         )
         if self.cost is None:
             with self.clock.part("calibrate (full ladder)"):
@@ -192,20 +212,29 @@ class Suite:
             placed = self._place_engine("cpu-experts")
         with self.clock.part("profile expert popularity"):
             engine = placed.engine
-            ids = torch.randint(FIRST_WORD, self.vocab, (PROFILE_PROMPTS, PROFILE_TOKENS),
-                                generator=torch.Generator().manual_seed(self.settings.seed + 7)).to(engine.device)
+            ids = torch.randint(
+                FIRST_WORD,
+                self.vocab,
+                (PROFILE_PROMPTS, PROFILE_TOKENS),
+                generator=torch.Generator().manual_seed(self.settings.seed + 7),
+            ).to(engine.device)
             engine.set_kind("prefill_heavy")
             with torch.inference_mode():
-                engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=PROFILE_NEW,
-                                      do_sample=False, pad_token_id=0)
+                engine.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=PROFILE_NEW,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             counts = engine.routed_counts()
         if own:
             placed.close()
         self.popularity = [[float(n) for n in row] for row in counts]
         self.session["popularity"] = {
             "how": f"fiddler-rule and fiddler-batch place resident experts by a popularity profile: tokens routed to "
-                   f"each expert over {PROFILE_PROMPTS} random prompts of {PROFILE_TOKENS} tokens + {PROFILE_NEW} "
-                   "generated, measured before any timed run",
+            f"each expert over {PROFILE_PROMPTS} random prompts of {PROFILE_TOKENS} tokens + {PROFILE_NEW} "
+            "generated, measured before any timed run",
             "counts": counts,
         }
 
@@ -287,12 +316,15 @@ class Suite:
             values = [r["metrics"][metric] for r in reps_raw]
             if all(v is not None for v in values):
                 median[metric] = statistics.median(values)
-        self._record(placed.name, case, status="ok", reps=reps_raw, median=median, warmup=warmup,
-                     shortened=shortened or None)
+        self._record(
+            placed.name, case, status="ok", reps=reps_raw, median=median, warmup=warmup, shortened=shortened or None
+        )
         primary = PRIMARY[case.scenario]
         values = ", ".join(f"{r['metrics'][primary]:.4g}" for r in reps_raw)
-        self.log(f"{placed.name} {case.scenario} {case.label}: {METRICS[primary][0]} "
-                 f"{median.get(primary, float('nan')):.4g} (median of {reps}: {values})")
+        self.log(
+            f"{placed.name} {case.scenario} {case.label}: {METRICS[primary][0]} "
+            f"{median.get(primary, float('nan')):.4g} (median of {reps}: {values})"
+        )
         if calls is not None:
             try:
                 self._bound(placed, case, calls, call)
@@ -315,6 +347,7 @@ class Suite:
                 def call() -> dict[str, Any]:
                     self.run_count += 1
                     return run_throughput(engine, path, self.tmp / "runs", f"{placed.name}-{self.run_count}")
+
                 return call
 
             return run(requests), run(warm_requests), throughput_metrics
@@ -349,22 +382,41 @@ class Suite:
         outside.pop("engine_stats", None)
         resident = [layer.is_resident() for layer in engine.executor.layers]
         bound = case_bound(case, calls, outside, resident, self.cost, self.budget["expert_bytes"])
-        self.results.bounds.append({"session": self.session["id"], "variant": self.settings.variant,
-                                    "scenario": case.scenario, "case": case.label, "traced_on": placed.name, **bound})
+        self.results.bounds.append(
+            {
+                "session": self.session["id"],
+                "variant": self.settings.variant,
+                "scenario": case.scenario,
+                "case": case.label,
+                "traced_on": placed.name,
+                **bound,
+            }
+        )
         self.results.save()
         primary = PRIMARY[case.scenario]
-        self.log(f"bound {case.scenario} {case.label}: {METRICS[primary][0]} {bound['metrics'][primary]:.4g} "
-                 f"({bound['off_gpu_gb']:.1f} GB of off-GPU experts, {bound['expert_bound_s']:.3f} s expert bound)")
+        self.log(
+            f"bound {case.scenario} {case.label}: {METRICS[primary][0]} {bound['metrics'][primary]:.4g} "
+            f"({bound['off_gpu_gb']:.1f} GB of off-GPU experts, {bound['expert_bound_s']:.3f} s expert bound)"
+        )
 
     def _record(self, baseline: str, case: Case, **fields: Any) -> None:
-        self.results.runs.append({
-            "session": self.session["id"], "variant": self.settings.variant, "scenario": case.scenario,
-            "case": case.label, "case_params": {"prompt": case.prompt, "new": case.new, "width": case.width,
-                                                "requests": case.requests},
-            "description": case.describe(), "baseline": baseline, "status": fields.pop("status"),
-            "reason": fields.pop("reason", None), "shortened": fields.pop("shortened", None),
-            "warmup": fields.pop("warmup", None), "reps": fields.pop("reps", []), "median": fields.pop("median", {}),
-        })
+        self.results.runs.append(
+            {
+                "session": self.session["id"],
+                "variant": self.settings.variant,
+                "scenario": case.scenario,
+                "case": case.label,
+                "case_params": {"prompt": case.prompt, "new": case.new, "width": case.width, "requests": case.requests},
+                "description": case.describe(),
+                "baseline": baseline,
+                "status": fields.pop("status"),
+                "reason": fields.pop("reason", None),
+                "shortened": fields.pop("shortened", None),
+                "warmup": fields.pop("warmup", None),
+                "reps": fields.pop("reps", []),
+                "median": fields.pop("median", {}),
+            }
+        )
         self.results.save()
 
 

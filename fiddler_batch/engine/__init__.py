@@ -1,10 +1,11 @@
-"""The engine: loads a model and runs its mixture-of-experts layers across the CPU and the GPU.
+"""The engine: places a model's weights and runs its mixture-of-experts layers across the CPU and the GPU.
 
-The runner sees only `Engine`: `engine.model.generate(...)` on inputs placed on `engine.device`,
-`engine.set_kind(kind)` before each batch, and `engine.stats()` after it.
+The runner sees only `Engine` (through the `generation.BatchEngine` protocol): `engine.model.generate(...)`
+on inputs placed on `engine.device`, `engine.set_kind(kind)` before each batch, and `engine.stats()` after
+it. Files (checkpoints, calibrations, profiles) are the caller's business: see `fiddler_batch.assets`.
 """
 
-from fiddler_batch.engine.core import Engine, EngineError
-from fiddler_batch.engine.settings import BatchKind, EngineSpec, ModelSpec, StrategyName
+from fiddler_batch.engine.core import Engine, WeightSource
+from fiddler_batch.errors import EngineError
 
-__all__ = ["BatchKind", "Engine", "EngineError", "EngineSpec", "ModelSpec", "StrategyName"]
+__all__ = ["Engine", "EngineError", "WeightSource"]

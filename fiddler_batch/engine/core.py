@@ -1,37 +1,45 @@
-"""The engine facade: load a model, place its weights, and drive its MoE layers through the executor.
+"""The engine facade: place a model's weights, then drive its MoE layers through the executor.
 
-Non-expert weights (attention, norms, embeddings, routers, shared experts, lm_head) go to the fast
-device; every expert stays in (pinned) host memory, and the most popular ones are also kept resident on
-the fast device within the memory budget. The experts of each MoE layer then run through
-`HybridExecutor`, registered with transformers' experts interface, so one implementation serves every
-family that stores its experts as 3-D tensors.
+Non-expert weights (attention, norms, embeddings, routers, shared experts, lm_head) go to the fast device;
+the most popular experts are kept resident there within the memory budget, and every other expert lives in
+(pinned) host memory. The experts of each MoE layer then run through `HybridExecutor`, registered with
+transformers' experts interface, so one implementation serves every family that stores its experts as 3-D
+tensors.
+
+The engine knows nothing of files: the caller (`fiddler_batch.assets`) finds the checkpoint, the cost
+model and the popularity profile, and hands the engine a model in host memory (`Engine.from_model`) or a
+skeleton whose weights are read straight into place (`Engine.from_weights`).
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from fiddler_batch.engine import executor as executor_mod
-from fiddler_batch.engine.costmodel import CostModel, cache_path
+from fiddler_batch.engine.budget import Budget, budget_for, needs, tensor_bytes, text_config
+from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.costmodel import calibrate as measure_cost_model
-from fiddler_batch.engine.errors import EngineError
 from fiddler_batch.engine.executor import HybridExecutor, LayerState, Planner, Stats
 from fiddler_batch.engine.layout import ExpertLayout, check_supported, read_layout
 from fiddler_batch.engine.memory import pin_in_place, unpin
-from fiddler_batch.engine.placement import Budget, Placement, plan_placement
-from fiddler_batch.engine.settings import BatchKind, EngineSpec, ModelSpec
+from fiddler_batch.engine.placement import Placement, plan_placement
+from fiddler_batch.errors import EngineError
+from fiddler_batch.spec import BatchKind, EngineSpec, StrategyName
 
 log = logging.getLogger("fiddler_batch.engine")
 
-DEFAULT_ACTIVATION_TOKENS = 8192
+
+class WeightSource(Protocol):
+    """Where `Engine.from_weights` reads a skeleton's weights from (a checkpoint, in practice)."""
+
+    def fill(self, name: str, dest: torch.Tensor, index: int | None = None) -> None:
+        """Write parameter `name` (with `index`: its slice [index] along dim 0) into `dest`."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,54 +48,12 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise EngineError(f"engine.device is {name!r} but no CUDA GPU is visible; use 'auto' or 'cpu'")
+            raise EngineError(
+                "engine.device", f"engine.device is {name!r} but no CUDA GPU is visible", "use 'auto' or 'cpu'"
+            )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def resolve_model_path(path: str) -> str:
-    """A local directory, a hub id, or 'demo:NAME' (built locally on first use)."""
-    if path.startswith("demo:"):
-        from fiddler_batch.demo import ensure_demo_checkpoint
-
-        return str(ensure_demo_checkpoint(path[len("demo:") :]))
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise EngineError(f"model.path {path!r} is a folder without config.json: not a Hugging Face checkpoint")
-        return str(local)
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise EngineError(f"model.path {path!r} does not exist; give a checkpoint folder, a hub id or 'demo:tiny-mixtral'")
-    return path
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
-    """Bytes of keys and values for `tokens` cached tokens across all layers."""
-    c = _text_config(config)
-    heads = getattr(c, "num_attention_heads", 1)
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    k_dim = v_dim = kv_heads * head_dim
-    if getattr(c, "qk_rope_head_dim", None) is not None:  # multi-head latent attention caches decompressed k, v
-        k_dim = heads * (getattr(c, "qk_nope_head_dim", 0) + c.qk_rope_head_dim)
-        v_dim = heads * getattr(c, "v_head_dim", head_dim)
-    element = torch.empty((), dtype=dtype).element_size()
-    return int(tokens) * c.num_hidden_layers * (k_dim + v_dim) * element
-
-
-def activation_bytes(config: Any, layout: ExpertLayout | None, tokens: int, dtype: torch.dtype) -> int:
-    """A generous bound on one forward pass's transient memory for `tokens` tokens, plus fixed slack."""
-    c = _text_config(config)
-    element = torch.empty((), dtype=dtype).element_size()
-    widest = max(getattr(c, "intermediate_size", 0) or 0, layout.intermediate if layout else 0)
-    top_k = getattr(c, "num_experts_per_tok", 1) or 1
-    per_token = (24 * c.hidden_size + 6 * widest) * element + 4 * top_k * c.hidden_size * element
-    return int(tokens) * per_token + 256 * 2**20
 
 
 class Engine:
@@ -112,47 +78,21 @@ class Engine:
     # -- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def load(
-        cls,
-        model_spec: ModelSpec,
-        spec: EngineSpec | None = None,
-        *,
-        kv_cache_tokens: int | None = None,
-        cost: CostModel | None = None,
-        calibrate: bool = True,
-    ) -> Engine:
-        """Load a checkpoint (weights to host memory once, memory-mapped), then place it."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        spec = spec or EngineSpec()
-        path = resolve_model_path(model_spec.path)
-        dtype = "auto" if model_spec.dtype == "auto" else getattr(torch, model_spec.dtype)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, revision=model_spec.revision)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=model_spec.revision)
-        except OSError as exc:
-            raise EngineError(f"cannot load model.path {model_spec.path!r}: {exc}") from exc
-        return cls.from_model(
-            model, spec, tokenizer, kv_cache_tokens=kv_cache_tokens, cost=cost, calibrate=calibrate
-        )
-
-    @classmethod
     def from_model(
         cls,
         model: nn.Module,
         spec: EngineSpec | None = None,
         tokenizer: Any = None,
         *,
-        kv_cache_tokens: int | None = None,
+        kv_cache_tokens: int = 0,
         cost: CostModel | None = None,
         popularity: list[list[float]] | None = None,
-        calibrate: bool = True,
     ) -> Engine:
         """Place a model whose weights are in host memory.
 
-        The cost model is `cost` when given (tests pass hand-made ones); otherwise, when some experts
-        live off the fast device, the calibration file, the machine's cache entry or a quick measurement
-        (`calibrate=False` leaves it unset, for `Engine.calibrate`).
+        Every expert stays where it is, page-locked in place when the fast device is a GPU (no second copy);
+        resident experts are also copied to the fast device. Without `cost`, the engine has no cost model
+        until `set_cost_model` (see `needs_cost_model`).
         """
         spec = spec or EngineSpec()
         device = resolve_device(spec.device)
@@ -161,31 +101,65 @@ class Engine:
         if not found:
             model.to(device)
             return cls(model, tokenizer, device, spec)
-
-        layouts = [read_layout(m) for _, m in found]
+        layouts = [read_layout(module) for _, module in found]
         host = _move_all_but_experts(model, found, layouts, device)
-        dtype = layouts[0].dtype
-        budget = _budget(spec, model, device, layouts[0], found[0][1], kv_cache_tokens or 0, dtype)
-        if popularity is None and spec.profile is not None:
-            popularity = load_profile(spec.profile, len(found), layouts[0].num_experts)
-        placement = plan_placement(
-            budget,
-            num_layers=len(found),
-            num_experts=layouts[0].num_experts,
-            staging_slots=spec.staging_slots,
-            max_share=spec.resident_experts,
-            popularity=popularity,
-        )
+        placement = _place(model, found, layouts, spec, device, kv_cache_tokens, popularity)
+        layers = []
+        for i, ((name, module), layout) in enumerate(zip(found, layouts)):
+            everything = list(range(layout.num_experts))
+            resident_row, resident = _resident_copies(host[i], placement.resident[i], layout, device)
+            layers.append(LayerState(i, name, module, layout, host[i], everything, resident_row, resident))
+        return cls._finish(model, tokenizer, device, spec, layers, placement, cost)
+
+    @classmethod
+    def from_weights(
+        cls,
+        skeleton: nn.Module,
+        weights: WeightSource,
+        spec: EngineSpec | None = None,
+        tokenizer: Any = None,
+        *,
+        kv_cache_tokens: int = 0,
+        cost: CostModel | None = None,
+        popularity: list[list[float]] | None = None,
+    ) -> Engine:
+        """Place a skeleton (parameters on the meta device, buffers real) by reading each weight straight into
+        its final place: non-expert weights and resident experts on the fast device, every other expert in a
+        host buffer that is pinned once filled. With a GPU, no weight has a host copy besides the experts that
+        live in host memory; on the CPU the model is held once.
+        """
+        spec = spec or EngineSpec()
+        device = resolve_device(spec.device)
+        skeleton.eval()
+        found = check_supported(skeleton) if spec.hybrid else []
+        expert_params = {
+            f"{name}.{attr}" for name, module in found for attr in read_layout(module).weight_names.values()
+        }
+        _materialize(skeleton, weights, device, skip=expert_params)
+        if not found:
+            return cls(skeleton, tokenizer, device, spec)
+        layouts = [read_layout(module) for _, module in found]
+        placement = _place(skeleton, found, layouts, spec, device, kv_cache_tokens, popularity)
         layers = [
-            _layer_state(i, name, module, layout, host[i], placement.resident[i], device)
+            _load_layer(i, name, module, layout, weights, placement.resident[i], device)
             for i, ((name, module), layout) in enumerate(zip(found, layouts))
         ]
+        return cls._finish(skeleton, tokenizer, device, spec, layers, placement, cost)
+
+    @classmethod
+    def _finish(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        spec: EngineSpec,
+        layers: list[LayerState],
+        placement: Placement,
+        cost: CostModel | None,
+    ) -> Engine:
         if spec.cpu_threads:
             torch.set_num_threads(spec.cpu_threads)
-        threads = torch.get_num_threads()
-        if cost is None and calibrate and placement.resident_count < placement.report["total_experts"]:
-            cost = load_or_calibrate(spec, layers[0], device, threads)
-        executor = HybridExecutor(device, layers, placement.staging_slots, cost, cpu_threads=threads)
+        executor = HybridExecutor(device, layers, placement.staging_slots, cost, cpu_threads=torch.get_num_threads())
         for layer in layers:
             layer.module._fiddler_layer = layer
             layer.module._fiddler_executor = executor
@@ -198,40 +172,62 @@ class Engine:
         log.info(_placement_line(placement, device))
         return cls(model, tokenizer, device, spec, executor, placement)
 
+    # -- the cost model -----------------------------------------------------------------------------
+
+    @property
+    def needs_cost_model(self) -> bool:
+        """Some experts live off the fast device and no cost model is installed yet."""
+        if self.executor is None or self.executor.cost is not None or self.placement is None:
+            return False
+        return self.placement.resident_count < self.placement.report["total_experts"]
+
+    def set_cost_model(self, cost: CostModel) -> None:
+        if self.executor is not None:
+            self.executor.cost = cost
+
+    def measure_cost_model(self, quick: bool = False) -> CostModel:
+        """Measure the cost model on this machine with the model's own weights (an expert of the first MoE
+        layer that has a host copy) and install it."""
+        if self.executor is None:
+            raise EngineError(
+                "model.path", "this model has no experts to calibrate: it runs whole on one device", "nothing to do"
+            )
+        layer = self.executor.layers[0]
+        e = next((e for e, row in enumerate(layer.host_row) if row >= 0), None)
+        host = layer.host_expert(e) if e is not None else None
+        cost = measure_cost_model(
+            layer.layout, layer.module, self.device, self.executor.cpu_threads, quick=quick, host=host
+        )
+        self.executor.cost = cost
+        return cost
+
+    def cost_key(self) -> dict[str, Any]:
+        """What a cached cost model must match: the expert geometry and dtype, the thread count, the device."""
+        if self.executor is None:
+            return {}
+        layout = self.executor.layers[0].layout
+        return {"geometry": layout.geometry_key(), "threads": self.executor.cpu_threads, "device": str(self.device)}
+
     # -- what the runner uses -----------------------------------------------------------------------
 
     @property
     def max_context(self) -> int | None:
-        return getattr(_text_config(self.model.config), "max_position_embeddings", None)
+        return getattr(text_config(self.model.config), "max_position_embeddings", None)
 
     def set_kind(self, kind: BatchKind) -> None:
         """Set the execution strategy for the next batch from its kind."""
         self.set_strategy(getattr(self.spec.strategy, kind))
 
-    def calibrate(self, quick: bool = False) -> tuple[CostModel, Path]:
-        """Measure the cost model on this machine with the model's own weights and save it where runs
-        look for it (engine.calibration when set, else the machine's cache entry)."""
-        if self.executor is None:
-            raise EngineError("this model has no experts to calibrate: it runs whole on one device")
-        layer = self.executor.layers[0]
-        cost = measure_cost_model(
-            layer.layout, layer.module, self.device, self.executor.cpu_threads, quick=quick, host=layer.host_expert(0)
-        )
-        path = Path(self.spec.calibration) if self.spec.calibration else cache_path(
-            layer.layout, self.device, self.executor.cpu_threads
-        )
-        cost.save(path)
-        self.executor.cost = cost
-        return cost, path
-
-    def set_strategy(self, strategy: str) -> None:
+    def set_strategy(self, strategy: StrategyName) -> None:
         if self.executor is not None:
             self.executor.strategy = strategy
 
     def set_planner(self, planner: Planner | None) -> None:
         """Force plans (tests): planner(layer, counts) -> Plan; None restores the cost-model planner."""
         if self.executor is None:
-            raise EngineError("this model has no experts for the hybrid executor to plan")
+            raise EngineError(
+                "model.path", "this model has no experts for the hybrid executor to plan", "nothing to do"
+            )
         self.executor.planner = planner
 
     def reset_stats(self) -> None:
@@ -245,6 +241,12 @@ class Engine:
         out = self.executor.stats.as_dict()
         out["strategy"] = self.executor.strategy
         return out
+
+    def set_count_mask(self, mask: torch.Tensor | None) -> None:
+        """Count in `routed_counts` only the tokens of the next forward passes that `mask` ([T] booleans) keeps
+        (None: every token)."""
+        if self.executor is not None:
+            self.executor.count_mask = mask
 
     def routed_counts(self) -> list[list[int]]:
         """Tokens routed to each (MoE layer, expert) since the engine was made: the popularity profile."""
@@ -283,7 +285,63 @@ class Engine:
         return info
 
 
-# -- helpers ------------------------------------------------------------------------------------------
+# -- placement --------------------------------------------------------------------------------------------
+
+
+def expert_parameters(found: Sequence[tuple[str, nn.Module]]) -> set[int]:
+    """ids of the experts modules' weight tensors (what placement counts as expert weights)."""
+    return {id(getattr(m, attr)) for _, m in found for attr in read_layout(m).weight_names.values()}
+
+
+def non_expert_bytes(model: nn.Module, found: Sequence[tuple[str, nn.Module]]) -> int:
+    """Bytes of every parameter and buffer that is not an expert weight (meta tensors count by shape)."""
+    experts = expert_parameters(found)
+    return tensor_bytes(p for p in model.parameters() if id(p) not in experts) + tensor_bytes(model.buffers())
+
+
+def device_budget(spec: EngineSpec, device: torch.device) -> int | None:
+    """Bytes the engine may use on `device`: engine.gpu_budget_gb, else what the card has free (plus what this
+    process already placed there) minus the margin; None for the CPU without an explicit budget (no limit)."""
+    if spec.gpu_budget_gb is not None:
+        return int(spec.gpu_budget_gb * 1e9)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_allocated(device) - int(spec.gpu_margin_gb * 1e9)
+
+
+def _place(
+    model: nn.Module,
+    found: list[tuple[str, nn.Module]],
+    layouts: list[ExpertLayout],
+    spec: EngineSpec,
+    device: torch.device,
+    kv_cache_tokens: int,
+    popularity: list[list[float]] | None,
+) -> Placement:
+    layout, module = layouts[0], found[0][1]
+    element = torch.empty((), dtype=layout.dtype).element_size()
+    need = needs(
+        model.config,
+        non_expert_bytes=non_expert_bytes(model, found),
+        expert_intermediate=layout.intermediate,
+        kv_tokens=kv_cache_tokens,
+        element_size=element,
+    )
+    total = device_budget(spec, device)
+    if total is None:  # the CPU is the fast device: the experts are already there and nothing else competes
+        budget = Budget(2**62, 0, 0, 0, layout.expert_bytes(module))
+    else:
+        budget = budget_for(need, layout.expert_bytes(module), total)
+    return plan_placement(
+        budget,
+        num_layers=len(found),
+        num_experts=layout.num_experts,
+        staging_slots=spec.staging_slots,
+        max_share=spec.resident_share,
+        popularity=popularity,
+    )
 
 
 def _placement_line(placement: Placement, device: torch.device) -> str:
@@ -297,6 +355,9 @@ def _placement_line(placement: Placement, device: torch.device) -> str:
         f"{resident} of {total} experts resident on {device} ({size}), {placement.staging_slots} staging slots "
         f"for copies; the other {total - resident} computed on the CPU or copied from {host} host memory"
     )
+
+
+# -- a model in host memory ---------------------------------------------------------------------------------
 
 
 def _move_all_but_experts(
@@ -327,100 +388,90 @@ def _move_all_but_experts(
     return host
 
 
-def _budget(
-    spec: EngineSpec,
-    model: nn.Module,
-    device: torch.device,
-    layout: ExpertLayout,
-    module: nn.Module,
-    kv_tokens: int,
-    dtype: torch.dtype,
-) -> Budget:
-    expert = layout.expert_bytes(module)
-    act_tokens = min(kv_tokens, DEFAULT_ACTIVATION_TOKENS) if kv_tokens else DEFAULT_ACTIVATION_TOKENS
-    kv = kv_cache_bytes(model.config, kv_tokens, dtype)
-    act = activation_bytes(model.config, layout, act_tokens, dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        non_expert = torch.cuda.memory_allocated(device)
-        if spec.gpu_budget_gb is not None:
-            total = int(spec.gpu_budget_gb * 1e9)
-        else:
-            free, _ = torch.cuda.mem_get_info(device)
-            total = free + non_expert - int(spec.gpu_margin_gb * 1e9)
-    else:
-        # The CPU is the fast device: the experts are already there. Only an explicit budget limits them.
-        non_expert = 0
-        total = int(spec.gpu_budget_gb * 1e9) if spec.gpu_budget_gb is not None else 2**62
-        if spec.gpu_budget_gb is None:
-            kv = act = 0
-    return Budget(total=total, non_expert=non_expert, kv_cache=kv, activations=act, expert_bytes=expert)
-
-
-def _layer_state(
-    index: int,
-    name: str,
-    module: nn.Module,
-    layout: ExpertLayout,
-    host: dict[str, torch.Tensor],
-    resident_ids: tuple[int, ...],
-    device: torch.device,
-) -> LayerState:
+def _resident_copies(
+    host: dict[str, torch.Tensor], resident_ids: tuple[int, ...], layout: ExpertLayout, device: torch.device
+) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """(expert -> row, role -> [R, ...] on the device) for the resident experts of one layer."""
     rows = [-1] * layout.num_experts
     if device.type == "cpu":
         # The CPU is the fast device: resident experts are read where they already are, no copy.
         for e in resident_ids:
             rows[e] = e
+        return rows, host
+    resident = {
+        role: torch.empty((len(resident_ids), *t.shape[1:]), dtype=t.dtype, device=device) for role, t in host.items()
+    }
+    for row, e in enumerate(resident_ids):  # expert by expert from the pinned host tensors: no host-side copy
+        rows[e] = row
+        for role, t in host.items():
+            resident[role][row].copy_(t[e])
+    return rows, resident
+
+
+# -- a skeleton filled from a weight source ------------------------------------------------------------------
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if parameter:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def _materialize(model: nn.Module, weights: WeightSource, device: torch.device, skip: set[str]) -> None:
+    """Give every parameter but `skip` its weights on `device`, move the buffers there, and tie tied weights."""
+    for name, param in list(model.named_parameters()):
+        if name in skip:
+            continue
+        tensor = torch.empty(param.shape, dtype=param.dtype, device=device)
+        weights.fill(name, tensor)
+        _set_tensor(model, name, tensor, parameter=True)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device != device:
+            _set_tensor(model, name, buffer.to(device), parameter=False)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _load_layer(
+    index: int,
+    name: str,
+    module: nn.Module,
+    layout: ExpertLayout,
+    weights: WeightSource,
+    resident_ids: tuple[int, ...],
+    device: torch.device,
+) -> LayerState:
+    """One MoE layer's experts read into place: resident ones on the device, the others in a host buffer."""
+    params = {role: getattr(module, attr) for role, attr in layout.weight_names.items()}  # meta [E, ...]
+    num = layout.num_experts
+    on_cpu = device.type == "cpu"
+    host_ids = list(range(num)) if on_cpu else [e for e in range(num) if e not in set(resident_ids)]
+    host = {role: torch.empty((len(host_ids), *p.shape[1:]), dtype=p.dtype) for role, p in params.items()}
+    host_row = [-1] * num
+    for row, e in enumerate(host_ids):
+        host_row[e] = row
+        for role, attr in layout.weight_names.items():
+            weights.fill(f"{name}.{attr}", host[role][row], index=e)
+    if on_cpu:
+        resident_row = [e if e in set(resident_ids) else -1 for e in range(num)]
         resident = host
     else:
-        # Expert by expert from the (pinned) host tensors into buffers on the device: no host-side copy.
-        resident = {role: torch.empty((len(resident_ids), *t.shape[1:]), dtype=t.dtype, device=device) for role, t in host.items()}
+        resident_row = [-1] * num
+        resident = {
+            role: torch.empty((len(resident_ids), *p.shape[1:]), dtype=p.dtype, device=device)
+            for role, p in params.items()
+        }
         for row, e in enumerate(resident_ids):
-            rows[e] = row
-            for role, t in host.items():
-                resident[role][row].copy_(t[e])
-    return LayerState(index, name, module, layout, host, rows, resident)
-
-
-def load_or_calibrate(spec: EngineSpec, layer: LayerState, device: torch.device, threads: int) -> CostModel:
-    """The cost model from engine.calibration, else this machine's cache entry, else a quick measurement
-    on the model's own weights (one expert of its first MoE layer)."""
-    if spec.calibration is not None:
-        if not Path(spec.calibration).is_file():
-            raise EngineError(
-                f"engine.calibration {str(spec.calibration)!r} does not exist; run `fiddler-batch calibrate "
-                f"JOB --output {spec.calibration}` or leave the key out to use this machine's cache"
-            )
-        return CostModel.load(spec.calibration)
-    path = cache_path(layer.layout, device, threads)
-    if path.is_file():
-        return CostModel.load(path)
-    log.warning(
-        "no calibration for this machine and expert shape (%s): measuring a quick one now; "
-        "`fiddler-batch calibrate` makes a full one",
-        path,
-    )
-    start = time.perf_counter()
-    cost = measure_cost_model(layer.layout, layer.module, device, threads, quick=True, host=layer.host_expert(0))
-    cost.save(path)
-    log.warning("quick calibration took %.1f s (saved to %s)", time.perf_counter() - start, path)
-    return cost
-
-
-def load_profile(path: Path, num_layers: int, num_experts: int) -> list[list[float]]:
-    """Routed-token counts per (MoE layer, expert) written by `fiddler-batch profile`."""
-    try:
-        data = json.loads(Path(path).read_text())
-        counts = data["counts"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise EngineError(
-            f"cannot read the popularity profile engine.profile={str(path)!r}: {exc}; "
-            "run `fiddler-batch profile JOB` to write one"
-        ) from exc
-    if len(counts) != num_layers or any(len(row) != num_experts for row in counts):
-        raise EngineError(
-            f"the popularity profile {path} is for {len(counts)} MoE layers of "
-            f"{len(counts[0]) if counts else 0} experts but this model has {num_layers} of {num_experts}; "
-            "run `fiddler-batch profile JOB` again for this model"
-        )
-    return [[float(n) for n in row] for row in counts]
+            resident_row[e] = row
+            for role, attr in layout.weight_names.items():
+                weights.fill(f"{name}.{attr}", resident[role][row], index=e)
+        host = {role: pin_in_place(t) for role, t in host.items()}
+    for role, attr in layout.weight_names.items():
+        # On the CPU the module holds its experts for real; with a GPU it keeps only their shape (meta), and
+        # the executor reads the host buffer and the resident rows.
+        value = host[role] if on_cpu else params[role]
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    return LayerState(index, name, module, layout, host, host_row, resident_row, resident)

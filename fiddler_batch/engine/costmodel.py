@@ -1,28 +1,24 @@
 """The cost model: how long one expert takes on the CPU, on the fast device, and to copy there.
 
-Measured on the machine that runs the job (`fiddler-batch calibrate`), for the model's expert geometry,
-dtype and CPU thread count, and cached, never hard-coded. Times are milliseconds; between ladder points
-they are interpolated linearly, beyond the last point extrapolated from the last two.
+Measured on the machine that runs the job (`calibrate` here; `fiddler-batch calibrate` and the caller-side
+cache in `fiddler_batch.assets`), for the model's expert geometry, dtype and CPU thread count, never
+hard-coded. Times are milliseconds; between ladder points they are interpolated linearly, beyond the last
+point extrapolated from the last two.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
-import os
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from fiddler_batch.engine.compute import expert_forward
-from fiddler_batch.engine.errors import EngineError
 from fiddler_batch.engine.layout import ExpertLayout
-from fiddler_batch.machine import cache_root, cpu_name
 
 FULL_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_LADDER = (1, 8, 32, 128, 512)
@@ -62,11 +58,11 @@ class CostModel:
                 return n
         return None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> CostModel:
+    def from_json(cls, data: dict[str, Any]) -> CostModel:
         return cls(
             ladder=tuple(data["ladder"]),
             cpu_ms=tuple(data["cpu_ms"]),
@@ -77,31 +73,6 @@ class CostModel:
             copy_contention=float(data.get("copy_contention", 1.0)),
             meta=dict(data.get("meta", {})),
         )
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> CostModel:
-        try:
-            return cls.from_json(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise EngineError(f"cannot read the calibration file {path}: {exc}; run `fiddler-batch calibrate`") from exc
-
-
-def machine_key(device: torch.device) -> str:
-    """Names the hardware, not the host: nodes of one type in a cluster share a calibration."""
-    parts = [cpu_name(), f"{os.cpu_count()}cpu"]
-    if device.type == "cuda":
-        parts.append(torch.cuda.get_device_name(device))
-    return re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(parts)).strip("-")
-
-
-def cache_path(layout: ExpertLayout, device: torch.device, threads: int) -> Path:
-    return cache_root() / "calibration" / machine_key(device) / f"{layout.geometry_key()}-t{threads}.json"
 
 
 def _median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], warmup: int = 2) -> float:
@@ -194,9 +165,12 @@ def calibrate(
             for n in ladder:
                 x = torch.randn(n, layout.hidden, dtype=layout.dtype)
                 w = torch.rand(n, dtype=layout.dtype)
-                cpu_ms.append(_median_ms(lambda: expert_forward(module, layout, host, x, w), reps, lambda: None))
+                on_cpu = lambda x=x, w=w: expert_forward(module, layout, host, x, w)  # noqa: E731
+                cpu_ms.append(_median_ms(on_cpu, reps, lambda: None))
                 xd, wd = x.to(device), w.to(device)
-                gpu_ms.append(_median_ms(lambda: expert_forward(module, layout, fast, xd, wd), reps, sync_dev))
+                gpu_ms.append(
+                    _median_ms(lambda xd=xd, wd=wd: expert_forward(module, layout, fast, xd, wd), reps, sync_dev)
+                )
 
             def copy() -> None:
                 for k, v in host.items():
@@ -220,7 +194,6 @@ def calibrate(
     finally:
         torch.set_num_threads(previous_threads)
     meta = {
-        "machine": machine_key(device),
         "geometry": layout.geometry_key(),
         "threads": threads,
         "expert_bytes": expert_bytes,

@@ -28,6 +28,8 @@ from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
+from fiddler_batch.errors import EngineError
+from fiddler_batch.spec import StrategyName
 
 IMPLEMENTATION = "fiddler"
 
@@ -43,7 +45,8 @@ class LayerState:
     name: str
     module: nn.Module
     layout: ExpertLayout
-    host: dict[str, torch.Tensor]  # role -> [E, ...] host tensor (pinned with a GPU)
+    host: dict[str, torch.Tensor]  # role -> [H, ...] host tensor (pinned with a GPU), H may be 0
+    host_row: list[int]  # expert -> row in `host`, -1 when it has no host copy (resident only)
     resident_row: list[int]  # expert -> row in `resident`, -1 when off the fast device
     resident: dict[str, torch.Tensor]  # role -> [R, ...] on the fast device
     routed: list[int] = field(default_factory=list)  # tokens routed to each expert since the last reset
@@ -52,7 +55,12 @@ class LayerState:
         return [row >= 0 for row in self.resident_row]
 
     def host_expert(self, e: int) -> dict[str, torch.Tensor]:
-        return {role: t[e] for role, t in self.host.items()}
+        row = self.host_row[e]
+        return {role: t[row] for role, t in self.host.items()}
+
+    def expert_template(self) -> dict[str, torch.Tensor]:
+        """One tensor per role with an expert's shape and dtype in its trailing dimensions."""
+        return self.host if self.host_row.count(-1) < len(self.host_row) else self.resident
 
     def resident_expert(self, e: int) -> dict[str, torch.Tensor]:
         row = self.resident_row[e]
@@ -129,7 +137,7 @@ class HybridExecutor:
         layers: list[LayerState],
         staging_slots: int,
         cost: CostModel | None,
-        strategy: str = "balanced",
+        strategy: StrategyName = "balanced",
         cpu_threads: int = 1,
     ):
         self.device = device
@@ -140,9 +148,10 @@ class HybridExecutor:
         self.planner: Planner | None = None
         self.stats = Stats()
         self.timeline: Timeline | None = None  # set to record every call's timestamps
+        self.count_mask: torch.Tensor | None = None  # [T] tokens that count in `routed` (None: all of them)
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.slots = [StagingSlot(layers[0].host, device) for _ in range(staging_slots)] if layers else []
+        self.slots = [StagingSlot(layers[0].expert_template(), device) for _ in range(staging_slots)] if layers else []
         self.next_slot = 0
         self.inbound = PinnedBuffer(pin=self.cuda)  # activations to the CPU
         self.outbound = PinnedBuffer(pin=self.cuda)  # CPU results back
@@ -158,7 +167,11 @@ class HybridExecutor:
             where = tuple(Where.RESIDENT if n else Where.IDLE for n in counts)
             return Plan(where, (), True, 0.0)
         if self.cost is None:
-            raise RuntimeError("the hybrid executor needs a cost model when experts live off the fast device")
+            raise EngineError(
+                "engine.calibration",
+                "the hybrid executor has no cost model, and experts live off the fast device",
+                "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
+            )
         return plan_layer(counts, resident, self.cost, self.strategy)
 
     # -- the experts forward ------------------------------------------------------------------------
@@ -191,7 +204,8 @@ class HybridExecutor:
         stats.tokens_routed += num_tokens * top_k
         if not layer.routed:
             layer.routed = [0] * num_experts
-        for e, n in enumerate(counts):
+        counted = counts if self.count_mask is None else self._masked_counts(top_k_index, num_experts)
+        for e, n in enumerate(counted):
             layer.routed[e] += n
         if timeline:
             timeline.records[-1]["plan"] = {w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY)}
@@ -227,6 +241,17 @@ class HybridExecutor:
         if timeline:
             timeline.mark("exit")
         return result
+
+    def _masked_counts(self, top_k_index: torch.Tensor, num_experts: int) -> list[int]:
+        """Tokens routed to each expert among the tokens of `count_mask` (padding and finished rows left out)."""
+        mask = self.count_mask
+        if mask is None or mask.shape[0] != top_k_index.shape[0]:
+            raise RuntimeError(
+                f"count_mask covers {None if mask is None else mask.shape[0]} tokens, "
+                f"the layer got {top_k_index.shape[0]}"
+            )
+        chosen = top_k_index[mask.to(top_k_index.device)].reshape(-1)  # [T' * K]
+        return torch.bincount(chosen, minlength=num_experts).tolist()
 
     def _counts(self, flat: torch.Tensor, num_experts: int) -> list[int]:
         """Tokens routed to each expert, on the host: the one point where the host waits for the GPU."""
@@ -294,14 +319,16 @@ class HybridExecutor:
             if stream is not None:
                 if slot.used:
                     stream.wait_event(slot.released)
+                source = layer.host_expert(e)
                 with torch.cuda.stream(stream):
                     for role, t in slot.weights.items():
-                        t.copy_(layer.host[role][e], non_blocking=True)
+                        t.copy_(source[role], non_blocking=True)
                 slot.landed.record(stream)
                 main.wait_event(slot.landed)
             else:
+                source = layer.host_expert(e)
                 for role, t in slot.weights.items():
-                    t.copy_(layer.host[role][e], non_blocking=self.cuda)
+                    t.copy_(source[role], non_blocking=self.cuda)
             slot.used = True
             a, b = bounds[e], bounds[e + 1]
             out[a:b] = expert_forward(layer.module, layer.layout, slot.weights, gathered[a:b], weights[a:b])
@@ -333,7 +360,9 @@ class HybridExecutor:
         results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
-            y = expert_forward(layer.module, layer.layout, layer.host_expert(e), rows[s : s + n], row_weights[s : s + n])
+            y = expert_forward(
+                layer.module, layer.layout, layer.host_expert(e), rows[s : s + n], row_weights[s : s + n]
+            )
             if results is None:
                 out[bounds[e] : bounds[e + 1]] = y
             else:

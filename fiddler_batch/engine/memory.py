@@ -30,7 +30,7 @@ def pin_in_place(tensor: torch.Tensor) -> torch.Tensor:
     peak while it is made) and avoids the size rounding of PyTorch's pinned allocator. The tensor stays
     referenced here until `unpin`.
     """
-    if tensor.device.type != "cpu" or not torch.cuda.is_available() or tensor.is_pinned():
+    if tensor.device.type != "cpu" or not torch.cuda.is_available() or tensor.is_pinned() or tensor.numel() == 0:
         return tensor
     if tensor.is_contiguous() and tensor.storage_offset() == 0:
         ptr, nbytes = tensor.data_ptr(), tensor.untyped_storage().nbytes()

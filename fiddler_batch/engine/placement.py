@@ -11,21 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fiddler_batch.engine.errors import EngineError
-
-GB = 1e9
-
-
-@dataclass(frozen=True)
-class Budget:
-    total: int  # bytes the engine may use on the fast device
-    non_expert: int  # non-expert weights, already on the device
-    kv_cache: int
-    activations: int
-    expert_bytes: int  # one expert
-
-    def for_experts(self) -> int:
-        return self.total - self.non_expert - self.kv_cache - self.activations
+from fiddler_batch.engine.budget import GB, Budget
+from fiddler_batch.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -49,9 +36,10 @@ def choose_resident(
         return tuple(tuple(range(per_layer + (1 if layer < extra else 0))) for layer in range(num_layers))
     if len(popularity) != num_layers or any(len(row) != num_experts for row in popularity):
         raise EngineError(
-            f"the popularity profile is for a different model ({len(popularity)} layers x "
-            f"{len(popularity[0]) if popularity else 0} experts, this model has {num_layers} x {num_experts}); "
-            "run `fiddler-batch profile` again for this model"
+            "engine.profile",
+            f"the popularity profile is for a different model ({len(popularity)} MoE layers x "
+            f"{len(popularity[0]) if popularity else 0} experts; this model has {num_layers} x {num_experts})",
+            "run `fiddler-batch profile JOB` again for this model, or leave engine.profile out",
         )
     ranked = []
     for layer, row in enumerate(popularity):
@@ -78,10 +66,12 @@ def plan_placement(
     slots = min(staging_slots, max(available // budget.expert_bytes, 0))
     if slots < 1 and total_experts:
         raise EngineError(
+            "engine.gpu_budget_gb",
             f"the GPU budget ({budget.total / GB:.2f} GB) leaves {available / GB:.2f} GB after the non-expert "
             f"weights ({budget.non_expert / GB:.2f} GB), the KV cache ({budget.kv_cache / GB:.2f} GB) and "
             f"activations ({budget.activations / GB:.2f} GB): not enough for one expert "
-            f"({budget.expert_bytes / GB:.3f} GB); raise engine.gpu_budget_gb or lower batching's KV budget"
+            f"({budget.expert_bytes / GB:.3f} GB)",
+            "raise engine.gpu_budget_gb (or lower engine.gpu_margin_gb), or lower batching.kv_cache_tokens",
         )
     fit = (available - slots * budget.expert_bytes) // budget.expert_bytes
     cap = total_experts if max_share is None else int(max_share * total_experts + 1e-9)

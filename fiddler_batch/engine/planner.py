@@ -3,16 +3,18 @@
 A pure function of the per-expert token counts, which experts are resident on the fast device, and the
 calibrated cost model. Three resources can work at once: the CPU cores (CPU experts), the PCIe link
 (copies) and the GPU (resident and copied experts). The planner predicts each resource's busy time and
-chooses the assignment with the shortest layer time (makespan), or follows a fixed rule.
+chooses the assignment with the shortest layer time (makespan), or follows a fixed rule. `STRATEGIES` is the
+table of strategies; `spec.StrategyName` lists their names (a test keeps the two equal).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.spec import StrategyName
 
 
 class Where(enum.IntEnum):
@@ -22,9 +24,6 @@ class Where(enum.IntEnum):
     RESIDENT = 1  # its weights live on the fast device
     CPU = 2  # computed on the CPU from pinned host memory
     COPY = 3  # copied to a staging slot on the fast device, then computed there
-
-
-STRATEGIES = ("balanced", "fiddler-rule", "cpu", "copy")
 
 
 @dataclass(frozen=True)
@@ -64,12 +63,13 @@ def _span(cpu: float, copied_counts: Sequence[int], gpu_resident: float, cost: C
     return max(cpu_side, gpu)
 
 
-def plan_layer(counts: Sequence[int], resident: Sequence[bool], cost: CostModel, strategy: str) -> Plan:
-    """Assign every expert with routed tokens to RESIDENT, CPU or COPY.
+def plan_layer(counts: Sequence[int], resident: Sequence[bool], cost: CostModel, strategy: StrategyName) -> Plan:
+    """Assign every expert with routed tokens to RESIDENT, CPU or COPY under `strategy`.
 
     counts[e]: tokens routed to expert e in this step; resident[e]: e's weights are on the fast device.
     """
-    if strategy not in STRATEGIES:
+    chosen = STRATEGIES.get(strategy)
+    if chosen is None:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     where = [Where.IDLE] * len(counts)
     offloaded: list[int] = []
@@ -82,21 +82,11 @@ def plan_layer(counts: Sequence[int], resident: Sequence[bool], cost: CostModel,
     # Copy the experts with the most tokens first: the CPU would take longest on them, and the GPU work
     # after the last copy (the tail the link cannot hide) is then the smallest.
     offloaded.sort(key=lambda e: (-counts[e], e))
-
-    overlap = strategy != "fiddler-rule"
-    if strategy == "cpu":
-        to_copy: list[int] = []
-    elif strategy == "copy":
-        to_copy = offloaded
-    elif strategy == "fiddler-rule":
-        to_copy = [e for e in offloaded if cost.cpu(counts[e]) > cost.copy_ms + cost.gpu(counts[e])]
-    else:
-        to_copy = _balanced_copies(counts, where, offloaded, cost)
-
+    to_copy = chosen.copies(counts, where, offloaded, cost)
     copied = set(to_copy)
     for e in offloaded:
         where[e] = Where.COPY if e in copied else Where.CPU
-    return Plan(tuple(where), tuple(to_copy), overlap, predict_ms(counts, where, to_copy, cost, overlap))
+    return Plan(tuple(where), tuple(to_copy), chosen.overlap, predict_ms(counts, where, to_copy, cost, chosen.overlap))
 
 
 def _balanced_copies(counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel) -> list[int]:
@@ -116,3 +106,30 @@ def _balanced_copies(counts: Sequence[int], where: list[Where], offloaded: list[
         if total < best:
             best_k, best = k, total
     return offloaded[:best_k]
+
+
+def _rule_copies(counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel) -> list[int]:
+    """The paper's Algorithm 1: copy an expert when copy + GPU beats the CPU for its token count."""
+    return [e for e in offloaded if cost.cpu(counts[e]) > cost.copy_ms + cost.gpu(counts[e])]
+
+
+CopyChoice = Callable[[Sequence[int], list[Where], list[int], CostModel], list[int]]
+"""(counts, where so far, off-GPU experts with tokens sorted most first, cost) -> the experts to copy, in order."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way of executing a layer's off-GPU experts."""
+
+    name: StrategyName
+    overlap: bool
+    """CPU, link and GPU work at the same time (False: GPU work, then CPU work, as the paper's code does)."""
+    copies: CopyChoice
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "balanced": Strategy("balanced", True, _balanced_copies),
+    "fiddler-rule": Strategy("fiddler-rule", False, _rule_copies),
+    "cpu": Strategy("cpu", True, lambda counts, where, offloaded, cost: []),
+    "copy": Strategy("copy", True, lambda counts, where, offloaded, cost: list(offloaded)),
+}

@@ -2,25 +2,24 @@
 
 Parquet is read with pyarrow, a row group batch at a time and only the columns the job uses, so files larger
 than memory work. JSONL is read line by line, so a malformed line is reported with its line number and the
-lines after it still run.
+lines after it still run. `READERS` is the registry of input formats; `spec.InputFormatName` lists its names.
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fiddler_batch.errors import InputError, Problem
-from fiddler_batch.spec import InputSpec, file_format
+from fiddler_batch.io.files import display_names, input_files
+from fiddler_batch.spec import InputFormatName, InputSpec, input_format
 
 PARQUET_BATCH_ROWS = 1024
 
@@ -36,54 +35,47 @@ class RawRecord:
     problem: Problem | None = None
 
 
-def input_files(pattern: Path) -> list[Path]:
-    """The files `pattern` names: itself, or every file its glob matches, sorted."""
-    text = str(pattern)
-    if glob.has_magic(text):
-        return sorted(Path(match) for match in glob.glob(text, recursive=True) if Path(match).is_file())
-    return [pattern] if pattern.is_file() else []
-
-
-def display_names(files: list[Path]) -> list[str]:
-    """How each file is named in ids and error messages: relative to the folder the files share."""
-    if not files:
-        return []
-    common = Path(os.path.commonpath([file.parent for file in files]))
-    return [file.relative_to(common).as_posix() for file in files]
-
-
 def read_records(spec: InputSpec) -> Iterator[RawRecord]:
     """Every record of the input files in order, the first `spec.limit` of them when set."""
     files = input_files(spec.path)
     streams = (
-        _read_jsonl(file, name) if file_format(file, spec.format) == "jsonl" else _read_parquet(file, name, spec)
-        for file, name in zip(files, display_names(files), strict=True)
+        reader_for(file, spec).read(file, name, spec) for file, name in zip(files, display_names(files), strict=True)
     )
     return itertools.islice(itertools.chain.from_iterable(streams), spec.limit)
 
 
 def count_records(spec: InputSpec) -> int:
     """How many records `read_records` will yield (Parquet: from the footers; JSONL: a quick line count)."""
+    files = input_files(spec.path)
     total = 0
-    for file in input_files(spec.path):
-        if file_format(file, spec.format) == "parquet":
-            total += _open_parquet(file, file.name).metadata.num_rows
-        else:
-            with file.open("rb") as handle:
-                total += sum(1 for line in handle if line.strip())
+    for file, name in zip(files, display_names(files), strict=True):
+        total += reader_for(file, spec).count(file, name)
         if spec.limit is not None and total >= spec.limit:
             return spec.limit
     return total
 
 
-def _read_jsonl(path: Path, name: str) -> Iterator[RawRecord]:
+def reader_for(path: Path, spec: InputSpec) -> Reader:
+    """The reader of one input file (its format is known: the job spec was validated)."""
+    return READERS[input_format(path, spec.format) or "jsonl"]
+
+
+def _open_jsonl(path: Path, name: str) -> IO[bytes]:
     try:
-        handle = path.open("rb")
+        return path.open("rb")
     except OSError as exc:
         raise InputError(
             [Problem(name, "(file)", f"cannot read it: {exc.strerror or exc}", "check the file")]
         ) from None
-    with handle:
+
+
+def _count_jsonl(path: Path, name: str) -> int:
+    with _open_jsonl(path, name) as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _read_jsonl(path: Path, name: str, spec: InputSpec) -> Iterator[RawRecord]:
+    with _open_jsonl(path, name) as handle:
         for line_number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -156,3 +148,24 @@ def _read_parquet(path: Path, name: str, spec: InputSpec) -> Iterator[RawRecord]
         for data in batch.to_pylist():
             yield RawRecord(name, None, row, data)
             row += 1
+
+
+def _count_parquet(path: Path, name: str) -> int:
+    return _open_parquet(path, name).metadata.num_rows
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How requests are read from one input format."""
+
+    name: InputFormatName
+    read: Callable[[Path, str, InputSpec], Iterator[RawRecord]]
+    """(path, the file's display name, the input settings) -> its records in order."""
+    count: Callable[[Path, str], int]
+    """(path, display name) -> how many records `read` yields, found cheaply."""
+
+
+READERS: dict[str, Reader] = {
+    "jsonl": Reader("jsonl", _read_jsonl, _count_jsonl),
+    "parquet": Reader("parquet", _read_parquet, _count_parquet),
+}

@@ -1,15 +1,19 @@
-"""The output record: one per request, in input order. Its JSON Schema is exported to `schemas/`."""
+"""The output record: one per request, in input order. Its JSON Schema is exported to `schemas/`.
+
+Its Parquet schema is derived from the model (`arrow_schema`), field by field, so a field added to the record
+or to the generation settings appears in Parquet output exactly as it does in JSONL output.
+"""
 
 from __future__ import annotations
 
 import json
+import types
+import typing
 from typing import Any, Literal
 
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from fiddler_batch.engine import BatchKind
-from fiddler_batch.spec import GenerationSpec
+from fiddler_batch.spec import BatchKind, GenerationSpec
 
 
 class Timing(BaseModel):
@@ -65,39 +69,64 @@ class OutputRecord(BaseModel):
     column holds the JSON text of the mapping."""
 
 
-def parquet_schema(include_prompt: bool, include_token_ids: bool) -> pa.Schema:
-    """The Parquet schema of output records (optional columns only when the job asks for them)."""
-    timing = pa.struct([(name, pa.float64()) for name in Timing.model_fields])
-    generation = pa.struct(
-        [
-            ("max_new_tokens", pa.int64()),
-            ("temperature", pa.float64()),
-            ("top_p", pa.float64()),
-            ("top_k", pa.int64()),
-            ("num_beams", pa.int64()),
-            ("stop", pa.list_(pa.string())),
-            ("seed", pa.int64()),
-        ]
+OPTIONAL_FIELDS = {"prompt": "include_prompt", "completion_token_ids": "include_token_ids"}
+"""Record fields written only when the job asks for them: field -> the `output` key that asks."""
+
+
+def arrow_type(annotation: Any) -> Any:
+    """The Arrow type of a record field's annotation. Mappings become JSON text (their keys vary)."""
+    import pyarrow as pa
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"no Arrow type for the union {annotation!r}")
+        return arrow_type(args[0])
+    if origin is Literal:
+        kinds = {type(arg) for arg in typing.get_args(annotation)}
+        if kinds != {str}:
+            raise TypeError(f"no Arrow type for {annotation!r}")
+        return pa.string()
+    if origin is list:
+        return pa.list_(arrow_type(typing.get_args(annotation)[0]))
+    if origin is dict or annotation is dict:
+        return pa.string()
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct([(name, arrow_type(field.annotation)) for name, field in annotation.model_fields.items()])
+    simple = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+    if annotation in simple:
+        return simple[annotation]
+    raise TypeError(f"no Arrow type for {annotation!r}")
+
+
+def record_fields(include_prompt: bool, include_token_ids: bool) -> list[str]:
+    """The fields a job's records carry, in the record's order."""
+    wanted = {"include_prompt": include_prompt, "include_token_ids": include_token_ids}
+    return [name for name in OutputRecord.model_fields if wanted.get(OPTIONAL_FIELDS.get(name, ""), True)]
+
+
+def arrow_schema(include_prompt: bool, include_token_ids: bool) -> Any:
+    """The Parquet schema of a job's output records, derived from `OutputRecord`."""
+    import pyarrow as pa
+
+    fields = OutputRecord.model_fields
+    return pa.schema(
+        [(name, arrow_type(fields[name].annotation)) for name in record_fields(include_prompt, include_token_ids)]
     )
-    fields = [("id", pa.string()), ("index", pa.int64())]
-    if include_prompt:
-        fields.append(("prompt", pa.string()))
-    fields.append(("completion", pa.string()))
-    if include_token_ids:
-        fields.append(("completion_token_ids", pa.list_(pa.int64())))
-    fields += [
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("finish_reason", pa.string()),
-        ("timing", timing),
-        ("batch_id", pa.int64()),
-        ("batch_kind", pa.string()),
-        ("batch_size", pa.int64()),
-        ("generation", generation),
-        ("engine_stats", pa.string()),
-    ]
-    return pa.schema(fields)
 
 
-def to_parquet_row(record: dict[str, Any]) -> dict[str, Any]:
-    return {**record, "engine_stats": json.dumps(record.get("engine_stats") or {}, sort_keys=True)}
+def _is_mapping(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is dict or annotation is dict
+
+
+JSON_TEXT_FIELDS = tuple(name for name, field in OutputRecord.model_fields.items() if _is_mapping(field.annotation))
+"""Top-level record fields holding mappings, written to Parquet as JSON text."""
+
+
+def to_arrow_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A record (as written to JSONL) as a Parquet row: mapping fields as JSON text."""
+    row = dict(record)
+    for name in JSON_TEXT_FIELDS:
+        row[name] = json.dumps(record.get(name) or {}, sort_keys=True)
+    return row

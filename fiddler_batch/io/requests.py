@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from fiddler_batch.errors import Problem
 from fiddler_batch.io.readers import RawRecord
-from fiddler_batch.jobfile import explain
 from fiddler_batch.spec import GenerationSpec, InputSpec
+from fiddler_batch.wording import explain
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fiddler_batch.engine import Engine, EngineSpec
+from fiddler_batch.engine import Engine
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.planner import Plan, Where
+from fiddler_batch.spec import EngineSpec
 
 from .families import build
 
@@ -51,7 +52,7 @@ def make_engine(reference: torch.nn.Module, plan: str, staging_slots: int = 2) -
     strategy, share, planner = PLANS[plan]
     model = copy.deepcopy(reference)
     engine = Engine.from_model(
-        model, EngineSpec(device="cpu", resident_experts=share, staging_slots=staging_slots), cost=COST
+        model, EngineSpec(device="cpu", resident_share=share, staging_slots=staging_slots), cost=COST
     )
     if planner is not None:
         engine.set_planner(planner)

@@ -32,7 +32,11 @@ DEEPSEEK = dict(
 )
 
 FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+    ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
@@ -52,9 +56,21 @@ FAMILIES = {
         dict(intermediate_size=128, moe_intermediate_size=48, num_experts=16, num_experts_per_tok=4, head_dim=16),
     ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(DEEPSEEK, q_lora_rank=None, topk_method="greedy")),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(DEEPSEEK, q_lora_rank=32, n_group=2, topk_group=1)),
-    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(DEEPSEEK, q_lora_rank=None, topk_method="greedy"),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(DEEPSEEK, q_lora_rank=32, n_group=2, topk_group=1),
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+    ),
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from fiddler_batch.engine import Engine, EngineError, EngineSpec, ModelSpec
-from fiddler_batch.engine.costmodel import CostModel, calibrate, random_expert
+from fiddler_batch.assets import cost_model_for, load_cost_model, load_engine, load_profile, save_cost_model
+from fiddler_batch.engine import Engine, EngineError
+from fiddler_batch.engine.costmodel import calibrate, random_expert
 from fiddler_batch.engine.layout import read_layout
+from fiddler_batch.spec import EngineSpec, ModelSpec
 
 from .conftest import COST, make_engine
 from .families import build
@@ -72,8 +74,8 @@ def test_routed_counts_make_a_profile_that_places_popular_experts(mixtral, tmp_p
 
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"counts": counts}))
-    spec = EngineSpec(device="cpu", resident_experts=0.25, profile=profile)
-    placed = Engine.from_model(copy.deepcopy(mixtral), spec, cost=COST)
+    spec = EngineSpec(device="cpu", resident_share=0.25, profile=profile)
+    placed = Engine.from_model(copy.deepcopy(mixtral), spec, cost=COST, popularity=load_profile(profile))
     assert placed.placement.report["placed_by"] == "profile"
     assert placed.placement.resident_count == 6  # a quarter of 3 x 8
     for layer, row in zip(placed.executor.layers, counts):
@@ -87,11 +89,16 @@ def test_profile_for_another_model_is_refused(mixtral, tmp_path):
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"counts": [[1, 2]]}))
     with pytest.raises(EngineError, match="fiddler-batch profile"):
-        Engine.from_model(copy.deepcopy(mixtral), EngineSpec(device="cpu", resident_experts=0.5, profile=profile), cost=COST)
+        Engine.from_model(
+            copy.deepcopy(mixtral),
+            EngineSpec(device="cpu", resident_share=0.5),
+            cost=COST,
+            popularity=load_profile(profile),
+        )
 
 
 def test_kind_sets_the_strategy(mixtral):
-    spec = EngineSpec(device="cpu", resident_experts=0.25, strategy={"prefill_heavy": "copy", "decode_heavy": "cpu"})
+    spec = EngineSpec(device="cpu", resident_share=0.25, strategy={"prefill_heavy": "copy", "decode_heavy": "cpu"})
     engine = Engine.from_model(copy.deepcopy(mixtral), spec, cost=COST)
     engine.set_kind("prefill_heavy")
     with torch.no_grad():
@@ -109,11 +116,15 @@ def test_loaded_checkpoint_matches_transformers(reference_model):
     ids = tokenizer(["a prompt of some length", "short"], return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = ref.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    engine = Engine.load(
+    engine = load_engine(
         ModelSpec(path="demo:tiny-mixtral", dtype="float32"),
-        EngineSpec(device="cpu", resident_experts=0.25, strategy={"prefill_heavy": "balanced", "decode_heavy": "balanced"}),
-        cost=COST,
+        EngineSpec(
+            device="cpu", resident_share=0.25, strategy={"prefill_heavy": "balanced", "decode_heavy": "balanced"}
+        ),
+        calibrate=False,
     )
+    assert engine.needs_cost_model
+    engine.set_cost_model(COST)
     with torch.no_grad():
         got = engine.model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(got, expected)
@@ -130,19 +141,24 @@ def test_calibration_measures_every_point_and_round_trips(mixtral, tmp_path):
     assert all(t > 0 for t in cost.cpu_ms + cost.gpu_ms) and cost.copy_ms > 0
     assert cost.meta["geometry"] == layout.geometry_key() and cost.meta["quick"]
     path = tmp_path / "cost.json"
-    cost.save(path)
-    assert CostModel.load(path) == cost
+    engine = Engine.from_model(copy.deepcopy(mixtral), EngineSpec(device="cpu", resident_share=0.25), cost=COST)
+    save_cost_model(cost, path, engine)
+    loaded = load_cost_model(path)
+    assert loaded == cost and loaded.meta["machine"]
 
 
 def test_missing_calibration_file_names_the_command(mixtral, tmp_path):
-    spec = EngineSpec(device="cpu", resident_experts=0.25, calibration=tmp_path / "none.json")
+    spec = EngineSpec(device="cpu", resident_share=0.25, calibration=tmp_path / "none.json")
+    engine = Engine.from_model(copy.deepcopy(mixtral), spec)
     with pytest.raises(EngineError, match="fiddler-batch calibrate"):
-        Engine.from_model(copy.deepcopy(mixtral), spec)
+        cost_model_for(engine, spec)
 
 
 def test_engine_without_calibration_measures_one_and_caches_it(mixtral):
-    spec = EngineSpec(device="cpu", resident_experts=0.25)
+    spec = EngineSpec(device="cpu", resident_share=0.25)
     first = Engine.from_model(copy.deepcopy(mixtral), spec)
-    assert first.executor.cost is not None and first.executor.cost.meta["quick"]
+    assert first.needs_cost_model
+    first.set_cost_model(cost_model_for(first, spec))
+    assert first.executor.cost is not None and first.executor.cost.meta["quick"] and not first.needs_cost_model
     second = Engine.from_model(copy.deepcopy(mixtral), spec)
-    assert second.executor.cost == first.executor.cost  # read back from the cache, not measured again
+    assert cost_model_for(second, spec) == first.executor.cost  # read back from the cache, not measured again

@@ -13,21 +13,21 @@ from fiddler_batch.engine.planner import STRATEGIES, Where, plan_layer, predict_
 # CPU: 4 ms up to 8 tokens, then growing; copy 5 ms; GPU 0.2 ms. Copying pays from about 16 tokens.
 COST = CostModel(ladder=(1, 8, 32, 128), cpu_ms=(4.0, 4.0, 12.0, 40.0), gpu_ms=(0.2, 0.2, 0.3, 0.5), copy_ms=5.0)
 
-R, C, P, I = Where.RESIDENT, Where.CPU, Where.COPY, Where.IDLE
+R, C, P, Z = Where.RESIDENT, Where.CPU, Where.COPY, Where.IDLE
 
 
 def test_idle_and_resident_experts_are_never_moved():
     for strategy in STRATEGIES:
         plan = plan_layer([0, 3, 0, 5], [True, True, False, False], COST, strategy)
-        assert plan.where[0] == I and plan.where[1] == R and plan.where[2] == I
+        assert plan.where[0] == Z and plan.where[1] == R and plan.where[2] == Z
         assert plan.where[3] in (C, P)
 
 
 def test_cpu_and_copy_strategies_send_every_offloaded_expert_one_way():
     counts, resident = [1, 40, 3, 0], [False, False, True, False]
-    assert plan_layer(counts, resident, COST, "cpu").where == (C, C, R, I)
+    assert plan_layer(counts, resident, COST, "cpu").where == (C, C, R, Z)
     plan = plan_layer(counts, resident, COST, "copy")
-    assert plan.where == (P, P, R, I)
+    assert plan.where == (P, P, R, Z)
     assert plan.copy_order == (1, 0)  # most tokens first
 
 
@@ -36,7 +36,9 @@ def test_fiddler_rule_compares_cpu_with_copy_plus_gpu_per_expert():
     # cpu(16) = 6.67 > 5 + 0.2 and cpu(8) = 4 < 5.2
     assert plan.where == (C, C, P, P)
     assert not plan.overlap
-    assert plan.predicted_ms == pytest.approx(COST.cpu(1) + COST.cpu(8) + 2 * COST.copy_ms + COST.gpu(16) + COST.gpu(64))
+    assert plan.predicted_ms == pytest.approx(
+        COST.cpu(1) + COST.cpu(8) + 2 * COST.copy_ms + COST.gpu(16) + COST.gpu(64)
+    )
 
 
 def test_balanced_splits_two_equal_experts_between_cpu_and_link():
