@@ -73,7 +73,14 @@ def _download(repo: str, revision: str | None) -> Path:
         ) from None
 
 
-def load_engine(model: ModelSpec, settings: EngineSpec, *, kv_cache_tokens: int = 0, calibrate: bool = True) -> Any:
+def load_engine(
+    model: ModelSpec,
+    settings: EngineSpec,
+    *,
+    kv_cache_tokens: int | str = 0,
+    activation_tokens: int | None = None,
+    calibrate: bool = True,
+) -> Any:
     """The engine for a job's model: weights placed, profile applied, cost model installed (measured quickly
     and cached when this machine has none, unless `calibrate` is False)."""
     import torch
@@ -101,14 +108,25 @@ def load_engine(model: ModelSpec, settings: EngineSpec, *, kv_cache_tokens: int 
         skeleton = checkpoint.skeleton(config, dtype)
         with checkpoint.bind(skeleton) as binding:
             engine = Engine.from_weights(
-                skeleton, binding, settings, tokenizer, kv_cache_tokens=kv_cache_tokens, popularity=popularity
+                skeleton,
+                binding,
+                settings,
+                tokenizer,
+                kv_cache_tokens=kv_cache_tokens,
+                activation_tokens=activation_tokens,
+                popularity=popularity,
             )
         how = f"streamed {checkpoint.nbytes / 1e9:.2f} GB of safetensors"
     except CheckpointUnsupported as exc:
         log.warning("loading %s through transformers (%s): host memory may peak at twice its size", model.path, exc)
         hf_model = _from_pretrained(folder, dtype)
         engine = Engine.from_model(
-            hf_model, settings, tokenizer, kv_cache_tokens=kv_cache_tokens, popularity=popularity
+            hf_model,
+            settings,
+            tokenizer,
+            kv_cache_tokens=kv_cache_tokens,
+            activation_tokens=activation_tokens,
+            popularity=popularity,
         )
         how = "loaded by transformers"
     log.info("model %s %s in %.1f s", model.path, how, time.perf_counter() - started)

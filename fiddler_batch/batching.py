@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fiddler_batch.prompts import Prepared
-from fiddler_batch.spec import BatchingSpec, BatchKind
+from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchingSpec, BatchKind
 
 
 def batch_kind(prompt_tokens: int, max_new_tokens: int, prefill_heavy_ratio: float) -> BatchKind:
@@ -77,6 +77,7 @@ def _cut(group: list[Prepared], spec: BatchingSpec) -> list[list[Prepared]]:
     chunks: list[list[Prepared]] = []
     current: list[Prepared] = []
     longest = most_new = 0
+    kv_limit = spec.kv_cache_tokens if isinstance(spec.kv_cache_tokens, int) else MIN_KV_CACHE_TOKENS
     for item in group:
         rows = len(current) + 1
         new_longest = max(longest, item.prompt_tokens)
@@ -84,7 +85,7 @@ def _cut(group: list[Prepared], spec: BatchingSpec) -> list[list[Prepared]]:
         fits = (
             rows <= spec.max_batch_size
             and _prefill_tokens(rows, new_longest, item.num_beams) <= spec.max_prefill_tokens
-            and _kv_tokens(rows, new_longest, new_most, item.num_beams) <= spec.kv_cache_tokens
+            and _kv_tokens(rows, new_longest, new_most, item.num_beams) <= kv_limit
         )
         if current and not fits:
             chunks.append(current)

@@ -94,21 +94,29 @@ class RowSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # One uniform draw per sampling row per step, finished or not, so draw k always picks token k.
         uniform = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device)  # [S]
-        logits = scores[self.index] / self.temperature[:, None]  # [S, V]
-        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [S, V], [S, V]
-        rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # [1, V]
-        beyond_k = (self.top_k[:, None] > 0) & (rank >= self.top_k[:, None])  # [S, V]
-        sorted_logits = sorted_logits.masked_fill(beyond_k, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)  # [S, V]
-        before = probs.cumsum(dim=-1) - probs  # [S, V]: mass of the more likely tokens
-        sorted_logits = sorted_logits.masked_fill(before >= self.top_p[:, None], float("-inf"))
-        cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [S, V]
-        position = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp_(max=logits.shape[-1] - 1)  # [S, 1]
-        token = order.gather(1, position)  # [S, 1]
-        picked = torch.full_like(logits, float("-inf")).scatter_(1, token, 0.0)  # [S, V]
+        token = sample_tokens(scores[self.index], self.temperature, self.top_k, self.top_p, uniform)  # [S]
+        picked = torch.full_like(scores[self.index], float("-inf")).scatter_(1, token[:, None], 0.0)  # [S, V]
         scores = scores.clone()
         scores[self.index] = picked
         return scores
+
+
+def sample_tokens(
+    scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """One token per row ([S, V] logits -> [S]): temperature, then top_k, then top_p over the tokens sorted by
+    probability; the uniform draw picks the token by inverse CDF."""
+    logits = scores / temperature[:, None]  # [S, V]
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [S, V], [S, V]
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]  # [1, V]
+    beyond_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])  # [S, V]
+    sorted_logits = sorted_logits.masked_fill(beyond_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)  # [S, V]
+    before = probs.cumsum(dim=-1) - probs  # [S, V]: mass of the more likely tokens
+    sorted_logits = sorted_logits.masked_fill(before >= top_p[:, None], float("-inf"))
+    cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [S, V]
+    position = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp_(max=logits.shape[-1] - 1)  # [S, 1]
+    return order.gather(1, position)[:, 0]  # [S]
 
 
 class RowStops(StoppingCriteria):
@@ -161,7 +169,7 @@ class RowStops(StoppingCriteria):
 
 def pad_token_id(engine: BatchEngine) -> int:
     """The token a batch is padded with (the tokenizer's, else the smallest end-of-sequence token, else 0)."""
-    eos_ids = _eos_ids(engine.model, engine.tokenizer)
+    eos_ids = eos_token_ids(engine.model, engine.tokenizer)
     pad = engine.tokenizer.pad_token_id
     return pad if pad is not None else min(eos_ids, default=0)
 
@@ -178,7 +186,7 @@ def generate_batch(
     """
     model, tokenizer, device = engine.model, engine.tokenizer, engine.device
     settings = [item.request.generation for item in batch.items]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(engine)
     input_ids, attention_mask = _left_pad([item.ids for item in batch.items], pad_id, device)  # [B, L], [B, L]
     prompt_len = input_ids.shape[1]
@@ -224,7 +232,7 @@ def generate_batch(
     completions = []
     for row, spec in enumerate(settings):
         tokens = sequences[row][: lengths[row]]
-        text, stopped = _finish_text(tokenizer, tokens, spec.stop)
+        text, stopped = finish_text(tokenizer, tokens, spec.stop)
         ended_by_eos = bool(tokens) and tokens[-1] in eos_ids
         completions.append(
             Completion(
@@ -264,7 +272,7 @@ def _real_token_reporter(stops: RowStops, report: Callable[[torch.Tensor | None]
     return before_forward
 
 
-def _finish_text(tokenizer: Any, tokens: list[int], stop: list[str]) -> tuple[str, bool]:
+def finish_text(tokenizer: Any, tokens: list[int], stop: list[str]) -> tuple[str, bool]:
     """The completion text and whether a stop string ended it (the text is cut before the first one)."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     cuts = [text.find(s) for s in stop if s in text]
@@ -273,7 +281,7 @@ def _finish_text(tokenizer: Any, tokens: list[int], stop: list[str]) -> tuple[st
     return text, False
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     configured = model.generation_config.eos_token_id
     if configured is None:
         configured = tokenizer.eos_token_id

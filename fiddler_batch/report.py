@@ -87,7 +87,10 @@ class RunSummary(BaseModel):
     requests: RequestCounts
     tokens: TokenCounts
     batches: dict[str, int]
-    """Batches run: 'total' and the count of each kind."""
+    """Batch ids given out ('total': static batches, or groups of requests that finished together under the
+    continuous scheduler) and the static batches of each kind."""
+    steps: dict[str, int] = Field(default_factory=dict)
+    """Forward steps of the continuous scheduler: 'total' and the count of each kind."""
     finish_reasons: dict[str, int]
     """Completed requests by finish reason."""
     time_s: TimeSpent
@@ -123,19 +126,23 @@ class Report:
         self.skipped = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.groups = 0
         self.batches: Counter[str] = Counter()
+        self.steps: Counter[str] = Counter()
         self.finish_reasons: Counter[str] = Counter()
         self.first_token_s: list[float] = []
         self.total_s: list[float] = []
         self.generate_s = 0.0
         self.engine_stats: dict[str, Any] = {}
 
-    def add_group(self, kind: str | None, records: list[dict[str, Any]], seconds: float, stats: dict[str, Any]) -> None:
-        """A group of finished requests (one batch, when `kind` is given) that took `seconds` in the model."""
-        if kind is not None:
-            self.batches[kind] += 1
-        self.generate_s += seconds
-        self.engine_stats = add_stats(self.engine_stats, stats)
+    def add_group(self, group: Any, records: list[dict[str, Any]]) -> None:
+        """A group of finished requests (a `scheduling.Group`: one batch, or what finished in a stretch of steps)."""
+        self.groups += 1
+        if group.kind is not None:
+            self.batches[group.kind] += 1
+        self.steps.update(group.steps)
+        self.generate_s += group.seconds
+        self.engine_stats = add_stats(self.engine_stats, {k: v for k, v in group.stats.items() if k != "rows_per_step"})
         for record in records:
             self.records += 1
             self.prompt_tokens += record["prompt_tokens"]
@@ -150,7 +157,8 @@ class Report:
             **where,
             requests=RequestCounts(completed=self.records, skipped=self.skipped, total=self.records + self.skipped),
             tokens=TokenCounts(prompt=self.prompt_tokens, completion=self.completion_tokens),
-            batches={"total": sum(self.batches.values()), **dict(sorted(self.batches.items()))},
+            batches={"total": self.groups, **dict(sorted(self.batches.items()))},
+            steps={"total": sum(self.steps.values()), **dict(sorted(self.steps.items()))},
             finish_reasons=dict(sorted(self.finish_reasons.items())),
             time_s=TimeSpent(wall=wall_s, model_load=load_s, generate=self.generate_s),
             throughput=Throughput(
@@ -175,7 +183,8 @@ def format_table(summary: RunSummary) -> str:
     throughput, latency = summary.throughput, summary.latency_s
     rows = [
         ("requests", f"{requests.completed} done, {requests.skipped} skipped"),
-        ("batches", ", ".join(f"{v} {k}" for k, v in summary.batches.items() if k != "total") or "0"),
+        ("batches", _counts(summary.batches)),
+        ("steps", _counts(summary.steps)),
         ("tokens", f"{tokens.prompt} prompt, {tokens.completion} completion"),
         ("wall time", f"{time_s.wall:.1f} s (model load {time_s.model_load:.1f} s, generate {time_s.generate:.1f} s)"),
         (
@@ -193,6 +202,11 @@ def format_table(summary: RunSummary) -> str:
         rows.append(("errors", summary.errors))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    kinds = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "total")
+    return f"{counts.get('total', 0)}" + (f" ({kinds})" if kinds else "")
 
 
 def _rate(amount: float, seconds: float) -> float | None:

@@ -27,8 +27,9 @@ from fiddler_batch.io.workfolder import WorkFolder, merged_lines
 from fiddler_batch.io.writers import WRITERS, write_jsonl
 from fiddler_batch.prompts import Prepared, prepare
 from fiddler_batch.report import Report, RunSummary
-from fiddler_batch.scheduling import SCHEDULERS, Finished
-from fiddler_batch.spec import JobSpec
+from fiddler_batch.schedulers import SCHEDULERS
+from fiddler_batch.scheduling import Finished
+from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchingSpec, JobSpec
 
 PROGRESS_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 """The progress bar: the bar shrinks first, so the token rates stay readable at 80 columns."""
@@ -58,7 +59,12 @@ def run_job(spec: JobSpec, *, progress: bool = False, engine: BatchEngine | None
         if engine is None:
             from fiddler_batch.assets import load_engine
 
-            engine = load_engine(spec.model, spec.engine, kv_cache_tokens=spec.batching.kv_cache_tokens)
+            engine = load_engine(
+                spec.model,
+                spec.engine,
+                kv_cache_tokens=spec.batching.kv_cache_tokens,
+                activation_tokens=activation_tokens(spec.batching),
+            )
         load_s = time.perf_counter() - load_started
         with progress_bar(total, progress) as bar:
             _run_windows(spec, engine, work, report, bar)
@@ -99,15 +105,29 @@ def rates_postfix(prompt_tokens: int, completion_tokens: int, seconds: float) ->
 
 
 def _run_windows(spec: JobSpec, engine: BatchEngine, work: WorkFolder, report: Report, bar: tqdm) -> None:
-    scheduler = SCHEDULERS["static"]
-    for number, group in enumerate(
-        scheduler(engine, _prepared_windows(spec, engine, work, report, bar), spec.batching)
-    ):
+    scheduler = SCHEDULERS[spec.batching.scheduler]
+    windows = _prepared_windows(spec, engine, work, report, bar)
+    for number, group in enumerate(scheduler(engine, windows, _resolved(spec.batching, engine))):
         records = [_record(finished, group.stats, spec) for finished in group.finished]
         work.write_part("results", number, records)
-        report.add_group(group.kind, records, group.seconds, group.stats)
+        report.add_group(group, records)
         bar.update(len(records))
         bar.set_postfix_str(rates_postfix(report.prompt_tokens, report.completion_tokens, report.generate_s))
+
+
+def _resolved(batching: BatchingSpec, engine: BatchEngine) -> BatchingSpec:
+    """The batching settings with an 'auto' KV cache replaced by the size the engine planned."""
+    if batching.kv_cache_tokens != "auto":
+        return batching
+    tokens = getattr(engine, "kv_cache_tokens", None) or MIN_KV_CACHE_TOKENS
+    return batching.model_copy(update={"kv_cache_tokens": tokens})
+
+
+def activation_tokens(batching: BatchingSpec) -> int | None:
+    """Tokens of one forward pass the engine plans activation memory for (None: its default)."""
+    if batching.scheduler == "static":
+        return None
+    return batching.max_prefill_tokens + min(batching.max_rows or 2048, 2048)
 
 
 def _prepared_windows(

@@ -1,11 +1,10 @@
 """Scheduling: how prepared requests become forward passes, and how finished requests come back.
 
 The runner hands a scheduler the job's requests as a stream of windows (lists of tokenized requests, in
-input order) and writes each `Group` the scheduler yields as one part file. Schedulers are registered in
-`SCHEDULERS` by the name `batching.scheduler` takes.
-
-- `static`: the first version's path. Each window is bucketed into batches of one kind (`batching`); each
-  batch runs through transformers' `generate` until its longest row ends; a group is one batch.
+input order) and writes each `Group` the scheduler yields as one part file. `fiddler_batch.schedulers` holds
+the registry by the name `batching.scheduler` takes; this module holds what schedulers share, and the static
+one: each window is bucketed into batches of one kind (`batching`), each batch runs through transformers'
+`generate` until its longest row ends, and a group is one batch.
 """
 
 from __future__ import annotations
@@ -45,6 +44,8 @@ class Group:
     """The engine's statistics over those seconds."""
     kind: BatchKind | None = None
     """The batch's kind when the group is one batch."""
+    steps: dict[str, int] = field(default_factory=dict)
+    """Forward steps by kind (continuous scheduling) since the previous group."""
 
 
 Scheduler = Callable[[BatchEngine, Iterable[list[Prepared]], BatchingSpec], Iterator[Group]]
@@ -67,6 +68,3 @@ def static_batches(engine: BatchEngine, windows: Iterable[list[Prepared]], batch
             ]
             yield Group(finished, seconds, engine.stats(), batch.kind)
             batch_id += 1
-
-
-SCHEDULERS: dict[str, Scheduler] = {"static": static_batches}

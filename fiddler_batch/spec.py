@@ -158,23 +158,53 @@ class OutputSpec(BaseModel):
     """Keep the work folder of per-batch part files after they are merged into the results file."""
 
 
+SchedulerName = Literal["continuous", "static"]
+"""How requests become forward passes (each name has its scheduler in `fiddler_batch.scheduling.SCHEDULERS`)."""
+
+MIN_KV_CACHE_TOKENS = 65536
+"""KV-cache tokens that 'auto' sizing always keeps, and what it means where memory is not planned (the CPU)."""
+
+
 class BatchingSpec(BaseModel):
-    """How requests are grouped into batches. A request too big for the budgets runs alone."""
+    """How requests are grouped into forward passes. A request too big for the budgets runs alone."""
 
     model_config = _config()
 
+    scheduler: SchedulerName = "continuous"
+    """'continuous': every step serves every request in flight (as many as the KV cache holds), finished ones
+    are replaced at once, and long prompts are fed in chunks beside the decoding requests. 'static': the first
+    version's batches, bucketed by kind and length, each run by transformers' generate until its longest
+    request ends. Beam search always runs in static batches."""
     window: int = Field(1024, ge=1)
-    """Requests read, tokenized and bucketed together. Larger windows make batches of more similar length."""
+    """Requests read and tokenized together (static: bucketed together; larger windows make batches of more
+    similar length)."""
     max_batch_size: int = Field(32, ge=1)
-    """Requests per batch at most."""
+    """Requests per static batch at most."""
+    max_rows: int | None = Field(None, ge=1)
+    """Requests in flight at once at most under the continuous scheduler. null: as many as the KV cache holds."""
     max_prefill_tokens: int = Field(16384, ge=1)
-    """Prompt tokens per batch at most, padding included: rows x longest prompt x num_beams."""
-    kv_cache_tokens: int = Field(65536, ge=1)
-    """KV-cache tokens per batch at most: rows x (longest prompt + largest max_new_tokens) x num_beams. Also
-    tells the engine how much KV cache to plan GPU memory for."""
+    """Prompt tokens per forward pass at most: per step of the continuous scheduler (longer prompts are split
+    into chunks), or per static batch counting padding (rows x longest prompt x num_beams)."""
+    kv_cache_tokens: int | Literal["auto"] = Field("auto")
+    """Tokens the KV cache holds. 'auto': on a GPU, everything the budget leaves after the non-expert weights,
+    activations, staging slots and resident experts (capped by engine.resident_share), at least 65536; on the
+    CPU, 65536. A request needs its prompt plus max_new_tokens; a static batch rows x (longest prompt + largest
+    max_new_tokens) x num_beams."""
     prefill_heavy_ratio: float = Field(4.0, gt=0)
     """A request is prefill-heavy when prompt tokens >= prefill_heavy_ratio x max_new_tokens, else
-    decode-heavy. Batches hold one kind only; the engine picks its strategy from the kind."""
+    decode-heavy; a continuous step is prefill-heavy when its prompt tokens are at least this ratio times its
+    decoding tokens. The engine picks the strategy of each batch or step from its kind."""
+
+    @field_validator("kv_cache_tokens", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise PydanticCustomError(
+            "kv_cache_tokens",
+            "kv_cache_tokens must be a whole number >= 1 or 'auto' (got {value})",
+            {"value": value, "fix": "give a number of tokens, or 'auto' to size it from the GPU's memory"},
+        )
 
 
 class ErrorsSpec(BaseModel):

@@ -176,9 +176,8 @@ def test_a_request_keeps_its_completion_whatever_batching_puts_around_it(engine:
 
 
 def run_in(engine: Any, folder: Path, records: list[dict[str, Any]], max_batch_size: int) -> Path:
-    spec = load_job(
-        write_job(folder, records, batching={"max_batch_size": max_batch_size}, generation={"max_new_tokens": 10})
-    )
+    batching = {"max_batch_size": max_batch_size, "scheduler": "static"}
+    spec = load_job(write_job(folder, records, batching=batching, generation={"max_new_tokens": 10}))
     run_job(spec, engine=engine)
     return spec.output.path
 

@@ -42,7 +42,7 @@ RECORDS = [{"id": f"q{i}", "prompt": ("long context " * 40 if i % 3 == 0 else "s
 
 
 def test_the_engine_hears_kind_reset_and_stats_around_every_batch(engine: Any, tmp_path: Path) -> None:
-    spec = load_job(write_job(tmp_path, RECORDS, batching={"max_batch_size": 2}))
+    spec = load_job(write_job(tmp_path, RECORDS, batching={"max_batch_size": 2, "scheduler": "static"}))
     recording = Recording(engine)
     summary = run_job(spec, engine=recording)
     records = read_jsonl(spec.output.path)
@@ -64,7 +64,7 @@ def test_the_engine_hears_kind_reset_and_stats_around_every_batch(engine: Any, t
 
 
 def test_a_killed_run_leaves_complete_parts_listed_in_the_manifest(engine: Any, tmp_path: Path) -> None:
-    spec = load_job(write_job(tmp_path, RECORDS, batching={"max_batch_size": 2}))
+    spec = load_job(write_job(tmp_path, RECORDS, batching={"max_batch_size": 2, "scheduler": "static"}))
     with pytest.raises(KeyboardInterrupt):
         run_job(spec, engine=Recording(engine, kill_at_batch=2))
     assert not spec.output.path.exists() and not (spec.work_dir / "done-r00000").exists()

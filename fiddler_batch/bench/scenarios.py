@@ -48,9 +48,9 @@ WARMUP_NEW = 4
 each request of d's warm-up job."""
 WARMUP_REQUESTS = 16
 """Requests of d's warm-up job (the first ones of the mix)."""
-BATCHING = BatchingSpec(max_batch_size=64)
-"""Scenario d's batching: up to 64 requests per batch (offline throughput runs large batches; the runner's
-default is 32), the runner's defaults otherwise."""
+BATCHING = BatchingSpec(max_batch_size=64, kv_cache_tokens=65536)
+"""Scenario d's batching: the runner's default (continuous) scheduler with the KV cache every baseline's budget
+plans for; static batches of up to 64 requests where a baseline needs them (beam search)."""
 
 
 class StepClock(LogitsProcessor):

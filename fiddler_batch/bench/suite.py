@@ -43,11 +43,11 @@ from fiddler_batch.bench.scenarios import (
     write_requests,
 )
 from fiddler_batch.bench.settings import BASELINE_TABLE, BASELINES, OURS, Case, Settings
-from fiddler_batch.spec import BatchingSpec
+from fiddler_batch.spec import MIN_KV_CACHE_TOKENS
 
 GEOMETRIES = {"mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
-KV_TOKENS = BatchingSpec().kv_cache_tokens
-"""KV-cache tokens the engines plan GPU memory for: the job runner's default batch budget."""
+KV_TOKENS = MIN_KV_CACHE_TOKENS
+"""KV-cache tokens the engines plan GPU memory for in scenarios a-d (the budget every baseline shares)."""
 PROFILE_PROMPTS, PROFILE_TOKENS, PROFILE_NEW = 8, 64, 8
 
 Log = Callable[[str], None]

@@ -99,10 +99,19 @@ class Needs:
         return self.non_expert + self.kv_cache + self.activations
 
 
-def needs(config: Any, *, non_expert_bytes: int, expert_intermediate: int, kv_tokens: int, element_size: int) -> Needs:
-    """Non-expert weights, a KV cache of `kv_tokens` tokens and the activations of a forward pass over at most
-    `DEFAULT_ACTIVATION_TOKENS` of them."""
-    act_tokens = min(kv_tokens, DEFAULT_ACTIVATION_TOKENS) if kv_tokens else DEFAULT_ACTIVATION_TOKENS
+def needs(
+    config: Any,
+    *,
+    non_expert_bytes: int,
+    expert_intermediate: int,
+    kv_tokens: int,
+    element_size: int,
+    activation_tokens: int | None = None,
+) -> Needs:
+    """Non-expert weights, a KV cache of `kv_tokens` tokens and the activations of a forward pass over
+    `activation_tokens` tokens (default: at most `DEFAULT_ACTIVATION_TOKENS` of the cached ones)."""
+    default = min(kv_tokens, DEFAULT_ACTIVATION_TOKENS) if kv_tokens else DEFAULT_ACTIVATION_TOKENS
+    act_tokens = activation_tokens or default
     return Needs(
         non_expert=non_expert_bytes,
         kv_cache=kv_cache_bytes(config, kv_tokens, element_size),

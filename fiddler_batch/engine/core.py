@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fiddler_batch.engine import executor as executor_mod
-from fiddler_batch.engine.budget import Budget, budget_for, needs, tensor_bytes, text_config
+from fiddler_batch.engine.budget import Budget, budget_for, kv_cache_bytes, needs, tensor_bytes, text_config
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.costmodel import calibrate as measure_cost_model
 from fiddler_batch.engine.executor import HybridExecutor, LayerState, Planner, Stats
@@ -30,16 +30,22 @@ from fiddler_batch.engine.layout import ExpertLayout, check_supported, read_layo
 from fiddler_batch.engine.memory import pin_in_place, unpin
 from fiddler_batch.engine.placement import Placement, plan_placement
 from fiddler_batch.errors import EngineError
-from fiddler_batch.spec import BatchKind, EngineSpec, StrategyName
+from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchKind, EngineSpec, StrategyName
 
 log = logging.getLogger("fiddler_batch.engine")
 
 
 class WeightSource(Protocol):
-    """Where `Engine.from_weights` reads a skeleton's weights from (a checkpoint, in practice)."""
+    """Where `Engine.from_weights` reads a skeleton's weights from (`checkpoint.Binding`, in practice)."""
+
+    def names(self) -> list[str]:
+        """Every parameter (and persistent buffer) it can fill; tied aliases are left to `tie_weights`."""
 
     def fill(self, name: str, dest: torch.Tensor, index: int | None = None) -> None:
         """Write parameter `name` (with `index`: its slice [index] along dim 0) into `dest`."""
+
+    def tie_weights(self, model: nn.Module) -> None:
+        """Tie the model's tied weights once the filled ones are in place."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,6 +80,8 @@ class Engine:
         self.spec = spec
         self.executor = executor
         self.placement = placement
+        self.kv_cache_tokens: int | None = None
+        """Tokens of KV cache the placement left room for (None: not planned, e.g. on the CPU)."""
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -84,7 +92,8 @@ class Engine:
         spec: EngineSpec | None = None,
         tokenizer: Any = None,
         *,
-        kv_cache_tokens: int = 0,
+        kv_cache_tokens: int | str = 0,
+        activation_tokens: int | None = None,
         cost: CostModel | None = None,
         popularity: list[list[float]] | None = None,
     ) -> Engine:
@@ -100,10 +109,10 @@ class Engine:
         found = check_supported(model) if spec.hybrid else []
         if not found:
             model.to(device)
-            return cls(model, tokenizer, device, spec)
+            return cls._plain(model, tokenizer, device, spec, kv_cache_tokens)
         layouts = [read_layout(module) for _, module in found]
         host = _move_all_but_experts(model, found, layouts, device)
-        placement = _place(model, found, layouts, spec, device, kv_cache_tokens, popularity)
+        placement = _place(model, found, layouts, spec, device, kv_cache_tokens, activation_tokens, popularity)
         layers = []
         for i, ((name, module), layout) in enumerate(zip(found, layouts)):
             everything = list(range(layout.num_experts))
@@ -119,7 +128,8 @@ class Engine:
         spec: EngineSpec | None = None,
         tokenizer: Any = None,
         *,
-        kv_cache_tokens: int = 0,
+        kv_cache_tokens: int | str = 0,
+        activation_tokens: int | None = None,
         cost: CostModel | None = None,
         popularity: list[list[float]] | None = None,
     ) -> Engine:
@@ -137,14 +147,29 @@ class Engine:
         }
         _materialize(skeleton, weights, device, skip=expert_params)
         if not found:
-            return cls(skeleton, tokenizer, device, spec)
+            return cls._plain(skeleton, tokenizer, device, spec, kv_cache_tokens)
         layouts = [read_layout(module) for _, module in found]
-        placement = _place(skeleton, found, layouts, spec, device, kv_cache_tokens, popularity)
+        placement = _place(skeleton, found, layouts, spec, device, kv_cache_tokens, activation_tokens, popularity)
         layers = [
             _load_layer(i, name, module, layout, weights, placement.resident[i], device)
             for i, ((name, module), layout) in enumerate(zip(found, layouts))
         ]
         return cls._finish(skeleton, tokenizer, device, spec, layers, placement, cost)
+
+    @classmethod
+    def _plain(cls, model: nn.Module, tokenizer: Any, device: torch.device, spec: EngineSpec, kv: int | str) -> Engine:
+        """A model placed whole on the device; an 'auto' KV cache takes what the device has left."""
+        engine = cls(model, tokenizer, device, spec)
+        if kv == "auto":
+            total = device_budget(spec, device)
+            if total is not None:
+                element = next(model.parameters()).element_size()
+                per_token = kv_cache_bytes(model.config, 1, element)
+                spare = total - torch.cuda.memory_allocated(device) if device.type == "cuda" else total
+                engine.kv_cache_tokens = max(MIN_KV_CACHE_TOKENS, int(0.8 * spare) // per_token)
+        elif kv:
+            engine.kv_cache_tokens = int(kv)
+        return engine
 
     @classmethod
     def _finish(
@@ -170,7 +195,9 @@ class Engine:
         gc.collect()
         gc.freeze()
         log.info(_placement_line(placement, device))
-        return cls(model, tokenizer, device, spec, executor, placement)
+        engine = cls(model, tokenizer, device, spec, executor, placement)
+        engine.kv_cache_tokens = placement.report.get("kv_cache_tokens")
+        return engine
 
     # -- the cost model -----------------------------------------------------------------------------
 
@@ -317,24 +344,29 @@ def _place(
     layouts: list[ExpertLayout],
     spec: EngineSpec,
     device: torch.device,
-    kv_cache_tokens: int,
+    kv_cache_tokens: int | str,
+    activation_tokens: int | None,
     popularity: list[list[float]] | None,
 ) -> Placement:
+    """Resident experts and staging slots under the device budget; with an 'auto' KV cache, the cache takes
+    what the experts leave (at least MIN_KV_CACHE_TOKENS)."""
     layout, module = layouts[0], found[0][1]
     element = torch.empty((), dtype=layout.dtype).element_size()
+    auto = kv_cache_tokens == "auto"
     need = needs(
         model.config,
         non_expert_bytes=non_expert_bytes(model, found),
         expert_intermediate=layout.intermediate,
-        kv_tokens=kv_cache_tokens,
+        kv_tokens=MIN_KV_CACHE_TOKENS if auto else int(kv_cache_tokens or 0),
         element_size=element,
+        activation_tokens=activation_tokens,
     )
     total = device_budget(spec, device)
     if total is None:  # the CPU is the fast device: the experts are already there and nothing else competes
         budget = Budget(2**62, 0, 0, 0, layout.expert_bytes(module))
     else:
         budget = budget_for(need, layout.expert_bytes(module), total)
-    return plan_placement(
+    placement = plan_placement(
         budget,
         num_layers=len(found),
         num_experts=layout.num_experts,
@@ -342,6 +374,17 @@ def _place(
         max_share=spec.resident_share,
         popularity=popularity,
     )
+    if total is None:
+        tokens = MIN_KV_CACHE_TOKENS if auto else int(kv_cache_tokens or 0) or None
+    elif auto:
+        spare = budget.for_experts() - (placement.staging_slots + placement.resident_count) * budget.expert_bytes
+        tokens = MIN_KV_CACHE_TOKENS + max(spare, 0) // kv_cache_bytes(model.config, 1, element)
+    else:
+        tokens = int(kv_cache_tokens or 0) or None
+    placement.report["kv_cache_tokens"] = tokens
+    if tokens and total is not None:
+        placement.report["kv_cache_gb"] = round(kv_cache_bytes(model.config, tokens, element) / 1e9, 3)
+    return placement
 
 
 def _placement_line(placement: Placement, device: torch.device) -> str:
@@ -421,18 +464,21 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, parameter: boo
 
 
 def _materialize(model: nn.Module, weights: WeightSource, device: torch.device, skip: set[str]) -> None:
-    """Give every parameter but `skip` its weights on `device`, move the buffers there, and tie tied weights."""
-    for name, param in list(model.named_parameters()):
+    """Give every weight the source holds but `skip` its values on `device` (parameters, and the persistent
+    buffers a checkpoint holds), move the other buffers there, and tie tied weights."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for name in weights.names():
         if name in skip:
             continue
-        tensor = torch.empty(param.shape, dtype=param.dtype, device=device)
+        like = params[name] if name in params else buffers[name]
+        tensor = torch.empty(like.shape, dtype=like.dtype, device=device)
         weights.fill(name, tensor)
-        _set_tensor(model, name, tensor, parameter=True)
+        _set_tensor(model, name, tensor, parameter=name in params)
     for name, buffer in list(model.named_buffers()):
         if buffer.device != device:
             _set_tensor(model, name, buffer.to(device), parameter=False)
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
+    weights.tie_weights(model)
 
 
 def _load_layer(
