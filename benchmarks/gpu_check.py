@@ -75,6 +75,36 @@ def check_bf16() -> bool:
     return rel <= 2 * noise and top1 >= noise_top1 - 0.05
 
 
+def check_continuous(model: torch.nn.Module, reference: list[list[int]], prompts: list[list[int]]) -> bool:
+    """Greedy tokens of the continuous scheduler on the GPU (packed steps, chunked prompts, a small KV cache so
+    requests wait and refill) against `generate` on each prompt alone."""
+    from fiddler_batch.continuous import continuous_batches
+    from fiddler_batch.io.requests import Request
+    from fiddler_batch.prompts import Prepared
+    from fiddler_batch.spec import BatchingSpec, GenerationSpec
+
+    engine = Engine.from_model(model, EngineSpec(resident_share=0.25))
+    engine.set_cost_model(cost_model_for(engine, engine.spec))
+    engine.tokenizer = type(
+        "Digits", (), {"pad_token_id": None, "eos_token_id": None, "decode": lambda s, i, **k: ""}
+    )()
+    items = []
+    for index, ids in enumerate(prompts):
+        generation = GenerationSpec(max_new_tokens=len(reference[index]))
+        request = Request(index, f"r{index}", "in", index + 1, None, "p", None, "prompt", generation)
+        items.append(Prepared(request, "p", ids))
+    batching = BatchingSpec(max_prefill_tokens=64, kv_cache_tokens=400, max_rows=4)
+    got = {
+        f.item.request.index: f.completion.token_ids
+        for g in continuous_batches(engine, [items], batching)
+        for f in g.finished
+    }
+    engine.close(release_host=False)
+    equal = sum(got[i] == reference[i] for i in range(len(prompts)))
+    print(f"continuous scheduler on {engine.device}: {equal} of {len(prompts)} completions equal generate alone")
+    return equal == len(prompts)
+
+
 def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build_model(layers=4, seed=3, geometry=GEOMETRY, dtype=torch.float32)
@@ -100,8 +130,18 @@ def main() -> int:
                 f"{slots:>5} {strategy:<13} {rel:>9.2e} {str(same[0]):<6} {str(same[1]):<6}"
                 f"{s['experts_cpu']:>4} {s['experts_copied']:>6} {s['experts_resident']:>8}"
             )
-        engine.close(release_host=slots == 4)  # the first placement's pinned experts serve the second
+        engine.close(release_host=False)  # the pinned experts serve the next placement
         model.to("cpu")
+    lengths = [5, 40, 17, 90, 3, 64, 28, 11]
+    prompts = [torch.randint(0, 4096, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+    model.to("cuda")
+    reference = []
+    with torch.no_grad():
+        for ids, new in zip(prompts, [9, 14, 6, 12, 20, 7, 16, 10], strict=True):
+            out = model.generate(torch.tensor([ids]).cuda(), max_new_tokens=new, do_sample=False, pad_token_id=0)
+            reference.append(out[0, len(ids) :].tolist())
+    model.to("cpu")
+    failures += not check_continuous(model, reference, prompts)
     del model
     torch.cuda.empty_cache()
     failures += not check_bf16()

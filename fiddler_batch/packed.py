@@ -213,16 +213,37 @@ def packed_attention(
         result, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **common)
         out[chunk.start : chunk.start + chunk.length] = result[0]  # [c, Hq, Dv]
     for bucket in layout.buckets:
-        q = query[0][:, bucket.queries].transpose(0, 1)[:, :, None]  # [Rb, Hq, 1, D]
-        k = keys[:, bucket.index].transpose(0, 1)  # [Rb, Hkv, Lb, D]
-        v = values[:, bucket.index].transpose(0, 1)  # [Rb, Hkv, Lb, Dv]
-        current = bucket.lengths[:, None] - 1  # [Rb, 1]: the query's own position
-        allowed = bucket.positions <= current  # [Rb, Lb]
-        if window is not None:
-            allowed &= bucket.positions > current - window
-        result, _ = sdpa_attention_forward(module, q, k, v, allowed[:, None, None, :], **common)  # [Rb, 1, Hq, Dv]
-        out[bucket.queries] = result[:, 0]
+        out[bucket.queries] = _decode_attention(query, keys, values, bucket, window, scaling)
     return out[None], None
+
+
+def _decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bucket: DecodeBucket,
+    window: int | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One query per request over its own cached keys: [Rb, Hq, Dv].
+
+    The query heads that share a key/value head are attended together as that head's queries (query head h
+    reads key head h // groups, as transformers' repeat_kv has it), so keys are gathered once per request
+    and never repeated."""
+    kv_heads, head_dim = keys.shape[0], query.shape[-1]
+    rows = bucket.queries.shape[0]
+    groups = query.shape[1] // kv_heads
+    q = query[0][:, bucket.queries].transpose(0, 1).reshape(rows, kv_heads, groups, head_dim)  # [Rb, Hkv, g, D]
+    k = keys[:, bucket.index].transpose(0, 1)  # [Rb, Hkv, Lb, D]
+    v = values[:, bucket.index].transpose(0, 1)  # [Rb, Hkv, Lb, Dv]
+    current = bucket.lengths[:, None] - 1  # [Rb, 1]: the query's own position
+    allowed = bucket.positions <= current  # [Rb, Lb]
+    if window is not None:
+        allowed &= bucket.positions > current - window
+    result = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed[:, None, None, :], scale=scaling
+    )  # [Rb, Hkv, g, Dv]
+    return result.reshape(rows, kv_heads * groups, v.shape[-1])
 
 
 def register() -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fiddler_batch.bench.bounds import split_ms
@@ -158,3 +159,22 @@ def test_split_bound() -> None:
     # An expert cheap on the CPU goes there first; the rest go over the link.
     assert split_ms([1.0, 100.0, 100.0], 5.0) == pytest.approx(1.0 + ((2 * 5.0 - 1.0) / (100.0 + 5.0)) * 100.0)
     assert split_ms([], 5.0) == 0.0
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_benchmark_checkpoints_load_like_the_model_they_describe(tmp_path: Path, sparse: bool) -> None:
+    from fiddler_batch.assets import load_engine
+    from fiddler_batch.bench.checkpoints import write_checkpoint
+    from fiddler_batch.bench.model import TINY
+    from fiddler_batch.spec import EngineSpec, ModelSpec
+
+    written = write_checkpoint(tmp_path, layers=2, seed=3, sparse_experts=sparse, geometry=TINY)
+    on_disk = sum(p.stat().st_blocks * 512 for p in tmp_path.glob("*.safetensors"))
+    assert written["bytes_on_disk"] < written["bytes"] if sparse else written["bytes_on_disk"] == written["bytes"]
+    assert on_disk < written["bytes"] if sparse else on_disk >= written["bytes"]
+    engine = load_engine(ModelSpec(path=str(tmp_path)), EngineSpec(device="cpu"), calibrate=False)
+    experts = engine.model.model.layers[0].mlp.experts.gate_up_proj
+    assert experts.dtype == torch.bfloat16 and (experts.abs().sum().item() == 0) == sparse
+    assert engine.model.model.layers[1].input_layernorm.weight.eq(1).all()
+    ids = engine.tokenizer("w5 w6 w7", return_tensors="pt")["input_ids"]
+    assert engine.model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)

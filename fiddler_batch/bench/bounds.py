@@ -151,3 +151,43 @@ def case_bound(
         "off_gpu_expert_calls": off_gpu,
         "off_gpu_gb": off_gpu * expert_bytes / 1e9,
     }
+
+
+THROUGHPUT_FORMULA = (
+    "throughput bound = completion tokens / (steps x (off-GPU expert bytes / (B_cpu + B_pcie) + time outside the "
+    "experts per step)), steps = max(longest completion, completion tokens / rows in flight), rows in flight = "
+    "min(requests, KV-cache tokens of the placement / mean (prompt + max_new_tokens)); B_cpu and B_pcie at their "
+    "one-token rates (an optimistic CPU), time outside the experts measured on the run (generate time minus the "
+    "time inside the experts, per step)"
+)
+
+
+def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest the hardware allows a throughput run (scenario e): every step streams each off-GPU expert
+    once, over the CPU and the link at once, and serves as many rows as the KV cache holds."""
+    cost = CostModel.from_json(run["cost_model"])
+    placement = run["placement"]
+    expert = cost.meta["expert_bytes"]
+    off_gpu = (placement["total_experts"] - placement["resident_experts"]) * expert
+    cpu_bytes_per_ms, link_bytes_per_ms = expert / cost.cpu(1), expert / cost.copy_ms
+    stream_s = off_gpu / (cpu_bytes_per_ms + link_bytes_per_ms) / 1e3
+    requests = run["requests"]
+    mean_tokens = (run["prompt_tokens"] + sum(r["max_new_tokens"] for r in records)) / requests
+    rows = max(1, min(requests, int(placement["kv_cache_tokens"] // mean_tokens)))
+    longest = max(r["max_new_tokens"] for r in records)
+    steps = max(longest, -(-run["completion_tokens"] // rows))
+    measured_steps = max(run["steps"].get("total", 0), 1)
+    outside_s = max(run["generate_s"] - run["engine_stats"].get("forward_s", 0.0), 0.0) / measured_steps
+    seconds = steps * (stream_s + outside_s)
+    return {
+        "formula": THROUGHPUT_FORMULA,
+        "rows_in_flight": rows,
+        "steps": steps,
+        "stream_s_per_step": stream_s,
+        "outside_s_per_step": outside_s,
+        "off_gpu_gb": off_gpu / 1e9,
+        "seconds": seconds,
+        "completion_tok_s": run["completion_tokens"] / seconds,
+        "prompt_tok_s": run["prompt_tokens"] / seconds,
+        "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / seconds),
+    }

@@ -1,0 +1,179 @@
+"""Scenario e: offline throughput at scale, through the job runner, on a checkpoint saved to disk.
+
+    python -m fiddler_batch.bench.throughput --layers 8 --mix 1 --requests 2048 --baseline-requests 64 --out DIR
+
+Writes the checkpoint (`bench.checkpoints`) unless `--checkpoint` names one, writes the mix's requests as a
+JSONL job input, then runs, each as a fresh `run_job` that loads the checkpoint itself:
+
+- `static-defaults`: the first version's static batching with its defaults (`batching.scheduler: static`,
+  32 requests per batch, a 65,536-token KV budget), on the first `--baseline-requests` requests of the mix
+  (the same distribution; a static batch's throughput does not depend on how many batches follow it);
+- `fiddler-batch`: the runner's defaults (continuous batching, KV cache sized from the GPU budget), on all
+  `--requests` requests.
+
+Both at `--resident` of the experts resident. Each run's completion and prompt tok/s, requests/s, GPU memory
+and engine counters are appended to `DIR/throughput.json`, with the throughput bound of `bounds.throughput_bound`
+for the run of ours.
+
+Mixes (benchmarks/PROTOCOL.md): 1: plain prompts of 16-512 tokens, 32/64/128 new tokens; 2: chat prompts of
+200-1,000 tokens, 256-512 new tokens. The benchmark model has no end-of-sequence token, so every request
+generates exactly its max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fiddler_batch.assets import load_engine
+from fiddler_batch.bench.bounds import throughput_bound
+from fiddler_batch.bench.checkpoints import write_checkpoint
+from fiddler_batch.bench.model import FIRST_WORD, MIXTRAL_8X7B, TINY
+from fiddler_batch.io.atomic import atomic_write_text
+from fiddler_batch.runner import activation_tokens, run_job
+from fiddler_batch.spec import (
+    BatchingSpec,
+    EngineSpec,
+    GenerationSpec,
+    InputSpec,
+    JobSpec,
+    ModelSpec,
+    OutputSpec,
+)
+
+STATIC_DEFAULTS = {"scheduler": "static", "max_batch_size": 32, "kv_cache_tokens": 65536}
+
+
+def mix_records(mix: int, count: int, seed: int, vocab: int = 32000) -> list[dict[str, Any]]:
+    """The first `count` requests of mix 1 or 2 (any prefix keeps the mix)."""
+    rng = random.Random(seed * 7919 + mix)
+    records = []
+    for i in range(count):
+        if mix == 1:
+            words, new = rng.randint(15, 511), rng.choice((32, 64, 128))
+        else:
+            words, new = rng.randint(197, 997), rng.randint(256, 512)
+        text = " ".join(f"w{rng.randrange(FIRST_WORD, vocab)}" for _ in range(words))
+        record: dict[str, Any] = {"id": f"m{mix}-{i}", "max_new_tokens": new}
+        if mix == 1:
+            record["prompt"] = text  # + BOS: 16-512 tokens
+        else:
+            record["messages"] = [{"role": "user", "content": text}]  # + template: 200-1000 tokens
+        records.append(record)
+    return records
+
+
+def run_one(
+    name: str, checkpoint: Path, requests: Path, out: Path, batching: dict[str, Any], resident: float
+) -> dict[str, Any]:
+    """One fresh run of the job runner (model load included), and what it measured."""
+    spec = JobSpec(
+        model=ModelSpec(path=str(checkpoint)),
+        input=InputSpec(path=requests),
+        output=OutputSpec(path=out / f"{name}.jsonl"),
+        generation=GenerationSpec(),
+        batching=BatchingSpec(**batching),
+        engine=EngineSpec(resident_share=resident),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    engine = load_engine(
+        spec.model,
+        spec.engine,
+        kv_cache_tokens=spec.batching.kv_cache_tokens,
+        activation_tokens=activation_tokens(spec.batching),
+    )
+    load_s = time.perf_counter() - started
+    summary = run_job(spec, engine=engine)
+    wall = time.perf_counter() - started
+    result = {
+        "name": name,
+        "batching": batching,
+        "requests": summary.requests.completed,
+        "prompt_tokens": summary.tokens.prompt,
+        "completion_tokens": summary.tokens.completion,
+        "load_s": load_s,
+        "generate_s": summary.time_s.generate,
+        "wall_s": wall,
+        "completion_tok_s": summary.tokens.completion / summary.time_s.generate,
+        "prompt_tok_s": summary.tokens.prompt / summary.time_s.generate,
+        "requests_per_s": summary.requests.completed / summary.time_s.generate,
+        "steps": summary.steps,
+        "batches": summary.batches,
+        "gpu_max_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if torch.cuda.is_available()
+        else None,
+        "placement": engine.placement.report if engine.placement else None,
+        "engine_stats": summary.engine_stats,
+        "latency_s": summary.latency_s.model_dump(),
+    }
+    if engine.executor is not None and engine.executor.cost is not None:
+        result["cost_model"] = engine.executor.cost.to_json()
+    spec.output.path.unlink(missing_ok=True)
+    engine.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--resident", type=float, default=0.25)
+    parser.add_argument("--mix", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--requests", type=int, default=2048)
+    parser.add_argument("--baseline-requests", type=int, default=64)
+    parser.add_argument("--checkpoint", type=Path, help="An existing checkpoint folder (else written into --out).")
+    parser.add_argument("--sparse-experts", action="store_true", help="Write the experts as holes (zeros).")
+    parser.add_argument("--skip", default="", help="Comma-separated runs to skip: static-defaults, fiddler-batch.")
+    parser.add_argument("--geometry", choices=("mixtral-8x7b", "tiny"), default="mixtral-8x7b")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint or out / f"checkpoint-{args.layers}L"
+    if not (checkpoint / "config.json").is_file():
+        started = time.perf_counter()
+        geometry = MIXTRAL_8X7B if args.geometry == "mixtral-8x7b" else TINY
+        written = write_checkpoint(checkpoint, args.layers, sparse_experts=args.sparse_experts, geometry=geometry)
+        print(f"wrote {checkpoint}: {written} in {time.perf_counter() - started:.0f} s", flush=True)
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    records = mix_records(args.mix, max(args.requests, args.baseline_requests), seed=0, vocab=vocab)
+    runs = {"static-defaults": (STATIC_DEFAULTS, args.baseline_requests), "fiddler-batch": ({}, args.requests)}
+    results_path = out / "throughput.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
+    for name, (batching, count) in runs.items():
+        if name in args.skip.split(","):
+            continue
+        requests = out / f"mix{args.mix}-{count}.jsonl"
+        requests.write_text("".join(json.dumps(r) + "\n" for r in records[:count]))
+        print(f"{name}: {count} requests of mix {args.mix}, {args.layers} layers ...", flush=True)
+        result = run_one(name, checkpoint, requests, out, batching, args.resident)
+        result.update(
+            layers=args.layers, mix=args.mix, resident=args.resident, card=_card(), date=time.strftime("%F %T")
+        )
+        if name == "fiddler-batch" and "cost_model" in result:
+            result["bound"] = throughput_bound(result, records[:count])
+        results["runs"].append(result)
+        atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
+        bound = result.get("bound", {}).get("completion_tok_s")
+        print(
+            f"{name}: {result['completion_tok_s']:.1f} completion tok/s, {result['prompt_tok_s']:.1f} prompt tok/s, "
+            f"{result['requests_per_s']:.2f} req/s, steps {result['steps']}, GPU {result['gpu_max_allocated_gb']} GB, "
+            f"load {result['load_s']:.1f} s" + (f"; bound {bound:.1f} tok/s" if bound else ""),
+            flush=True,
+        )
+
+
+def _card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    main()
