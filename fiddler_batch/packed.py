@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ATTENTION = "fiddler_packed"
 DECODE_BUCKET_ROWS = 256
@@ -165,6 +166,9 @@ def _buckets(decodes: Sequence[tuple[int, int, int]], device: torch.device) -> l
 
 
 UNSUPPORTED_KWARGS = ("s_aux", "softcap", "position_bias", "sinks")
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Every SDPA backend but cuDNN's, which builds a plan for each new shape (about 7 ms of host time per call
+on an H200), and packed steps give it a new shape on almost every call."""
 
 
 def packed_attention(
@@ -178,7 +182,6 @@ def packed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [1, Hq, T, D], key [1, Hkv, T, D], value [1, Hkv, T, Dv] -> ([1, T, Hq, Dv], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layout = StepLayout.active
     if layout is None:
@@ -196,6 +199,24 @@ def packed_attention(
     values.index_copy_(1, layout.slots, value[0])
 
     out = query.new_empty(query.shape[2], query.shape[1], value.shape[-1])  # [T, Hq, Dv]
+    with sdpa_kernel(SDPA_BACKENDS):
+        _attend(module, query, keys, values, out, layout, window, scaling)
+    return out[None], None
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    out: torch.Tensor,
+    layout: StepLayout,
+    window: int | None,
+    scaling: float | None,
+) -> None:
+    """Each prefill chunk over its own history, then each bucket of decoding requests; results into `out`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     common = {"dropout": 0.0, "scaling": scaling}
     for chunk in layout.chunks:
         q = query[:, :, chunk.start : chunk.start + chunk.length]  # [1, Hq, c, D]
@@ -214,7 +235,6 @@ def packed_attention(
         out[chunk.start : chunk.start + chunk.length] = result[0]  # [c, Hq, Dv]
     for bucket in layout.buckets:
         out[bucket.queries] = _decode_attention(query, keys, values, bucket, window, scaling)
-    return out[None], None
 
 
 def _decode_attention(

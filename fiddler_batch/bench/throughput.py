@@ -69,10 +69,25 @@ def mix_records(mix: int, count: int, seed: int, vocab: int = 32000) -> list[dic
     return records
 
 
+def _profiled(action: Any, path: Path) -> Any:
+    """Run `action` under torch's profiler; the tables of its busiest operations go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        result = action()
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if torch.cuda.is_available():
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=30))
+    path.write_text("\n\n".join(tables))
+    return result
+
+
 def run_one(
-    name: str, checkpoint: Path, requests: Path, out: Path, batching: dict[str, Any], resident: float
+    name: str, engine: Any, checkpoint: Path, requests: Path, out: Path, batching: dict[str, Any], resident: float
 ) -> dict[str, Any]:
-    """One fresh run of the job runner (model load included), and what it measured."""
+    """One run of the job runner on the loaded engine, and what it measured."""
     spec = JobSpec(
         model=ModelSpec(path=str(checkpoint)),
         input=InputSpec(path=requests),
@@ -82,27 +97,16 @@ def run_one(
         engine=EngineSpec(resident_share=resident),
     )
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    engine = load_engine(
-        spec.model,
-        spec.engine,
-        kv_cache_tokens=spec.batching.kv_cache_tokens,
-        activation_tokens=activation_tokens(spec.batching),
-    )
-    load_s = time.perf_counter() - started
     summary = run_job(spec, engine=engine)
-    wall = time.perf_counter() - started
     result = {
         "name": name,
         "batching": batching,
         "requests": summary.requests.completed,
         "prompt_tokens": summary.tokens.prompt,
         "completion_tokens": summary.tokens.completion,
-        "load_s": load_s,
         "generate_s": summary.time_s.generate,
-        "wall_s": wall,
+        "wall_s": summary.time_s.wall,
         "completion_tok_s": summary.tokens.completion / summary.time_s.generate,
         "prompt_tok_s": summary.tokens.prompt / summary.time_s.generate,
         "requests_per_s": summary.requests.completed / summary.time_s.generate,
@@ -118,7 +122,6 @@ def run_one(
     if engine.executor is not None and engine.executor.cost is not None:
         result["cost_model"] = engine.executor.cost.to_json()
     spec.output.path.unlink(missing_ok=True)
-    engine.close()
     return result
 
 
@@ -126,13 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--resident", type=float, default=0.25)
-    parser.add_argument("--mix", type=int, choices=(1, 2), default=1)
-    parser.add_argument("--requests", type=int, default=2048)
-    parser.add_argument("--baseline-requests", type=int, default=64)
+    parser.add_argument("--mixes", default="1", help="Mixes to run, e.g. 1,2 (one model load for all).")
+    parser.add_argument("--requests", default="2048", help="Requests of ours per mix, e.g. 2048,512.")
+    parser.add_argument("--baseline-requests", default="64", help="Requests of the static baseline per mix.")
     parser.add_argument("--checkpoint", type=Path, help="An existing checkpoint folder (else written into --out).")
     parser.add_argument("--sparse-experts", action="store_true", help="Write the experts as holes (zeros).")
     parser.add_argument("--skip", default="", help="Comma-separated runs to skip: static-defaults, fiddler-batch.")
     parser.add_argument("--geometry", choices=("mixtral-8x7b", "tiny"), default="mixtral-8x7b")
+    parser.add_argument("--cap-new", type=int, help="Cap every request's max_new_tokens (a shorter job for both).")
+    parser.add_argument("--profile", type=Path, help="Profile the runs of ours with torch's profiler into this file.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     out = args.out
@@ -144,31 +149,62 @@ def main(argv: list[str] | None = None) -> None:
         written = write_checkpoint(checkpoint, args.layers, sparse_experts=args.sparse_experts, geometry=geometry)
         print(f"wrote {checkpoint}: {written} in {time.perf_counter() - started:.0f} s", flush=True)
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
-    records = mix_records(args.mix, max(args.requests, args.baseline_requests), seed=0, vocab=vocab)
-    runs = {"static-defaults": (STATIC_DEFAULTS, args.baseline_requests), "fiddler-batch": ({}, args.requests)}
+    mixes = [int(m) for m in args.mixes.split(",")]
+    ours = _per_mix(args.requests, len(mixes))
+    theirs = _per_mix(args.baseline_requests, len(mixes))
+    started = time.perf_counter()
+    engine = load_engine(
+        ModelSpec(path=str(checkpoint)),
+        EngineSpec(resident_share=args.resident),
+        kv_cache_tokens="auto",
+        activation_tokens=activation_tokens(BatchingSpec()),
+    )
+    load_s = time.perf_counter() - started
+    print(f"loaded {checkpoint} in {load_s:.1f} s: {engine.placement.report if engine.placement else {}}", flush=True)
     results_path = out / "throughput.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
-    for name, (batching, count) in runs.items():
-        if name in args.skip.split(","):
-            continue
-        requests = out / f"mix{args.mix}-{count}.jsonl"
-        requests.write_text("".join(json.dumps(r) + "\n" for r in records[:count]))
-        print(f"{name}: {count} requests of mix {args.mix}, {args.layers} layers ...", flush=True)
-        result = run_one(name, checkpoint, requests, out, batching, args.resident)
-        result.update(
-            layers=args.layers, mix=args.mix, resident=args.resident, card=_card(), date=time.strftime("%F %T")
-        )
-        if name == "fiddler-batch" and "cost_model" in result:
-            result["bound"] = throughput_bound(result, records[:count])
-        results["runs"].append(result)
-        atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
-        bound = result.get("bound", {}).get("completion_tok_s")
-        print(
-            f"{name}: {result['completion_tok_s']:.1f} completion tok/s, {result['prompt_tok_s']:.1f} prompt tok/s, "
-            f"{result['requests_per_s']:.2f} req/s, steps {result['steps']}, GPU {result['gpu_max_allocated_gb']} GB, "
-            f"load {result['load_s']:.1f} s" + (f"; bound {bound:.1f} tok/s" if bound else ""),
-            flush=True,
-        )
+    for mix, count_ours, count_theirs in zip(mixes, ours, theirs, strict=True):
+        records = mix_records(mix, max(count_ours, count_theirs), seed=0, vocab=vocab)
+        if args.cap_new:
+            records = [{**r, "max_new_tokens": min(r["max_new_tokens"], args.cap_new)} for r in records]
+        runs = {"static-defaults": (STATIC_DEFAULTS, count_theirs), "fiddler-batch": ({}, count_ours)}
+        for name, (batching, count) in runs.items():
+            if name in args.skip.split(",") or count == 0:
+                continue
+            requests = out / f"mix{mix}-{count}.jsonl"
+            requests.write_text("".join(json.dumps(r) + "\n" for r in records[:count]))
+            print(f"{name}: {count} requests of mix {mix}, {args.layers} layers ...", flush=True)
+            arguments = (name, engine, checkpoint, requests, out, batching, args.resident)
+            if args.profile and name == "fiddler-batch":
+                profile = args.profile.with_name(f"{args.profile.stem}-mix{mix}{args.profile.suffix}")
+                result = _profiled(lambda arguments=arguments: run_one(*arguments), profile)
+            else:
+                result = run_one(*arguments)
+            result.update(
+                layers=args.layers, mix=mix, resident=args.resident, card=_card(), date=time.strftime("%F %T"),
+                load_s=load_s, cap_new=args.cap_new, sparse_experts=args.sparse_experts,
+            )  # fmt: skip
+            if name == "fiddler-batch" and "cost_model" in result:
+                result["bound"] = throughput_bound(result, records[:count])
+            results["runs"].append(result)
+            atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
+            bound = result.get("bound", {}).get("completion_tok_s")
+            print(
+                f"{name}: {result['completion_tok_s']:.1f} completion tok/s, {result['prompt_tok_s']:.1f} prompt "
+                f"tok/s, {result['requests_per_s']:.2f} req/s, steps {result['steps']}, GPU "
+                f"{result['gpu_max_allocated_gb']} GB" + (f"; bound {bound:.1f} tok/s" if bound else ""),
+                flush=True,
+            )
+    engine.close()
+
+
+def _gpu_gb() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
+
+
+def _per_mix(text: str, mixes: int) -> list[int]:
+    counts = [int(n) for n in text.split(",")]
+    return counts * mixes if len(counts) == 1 else counts
 
 
 def _card() -> str:

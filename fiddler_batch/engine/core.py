@@ -82,6 +82,7 @@ class Engine:
         self.placement = placement
         self.kv_cache_tokens: int | None = None
         """Tokens of KV cache the placement left room for (None: not planned, e.g. on the CPU)."""
+        self._previous_experts: str | None = None
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -189,6 +190,7 @@ class Engine:
             layer.module._fiddler_layer = layer
             layer.module._fiddler_executor = executor
         executor_mod.register()
+        previous = getattr(model.config, "_experts_implementation", None)
         model.set_experts_implementation(executor_mod.IMPLEMENTATION)
         # Everything made so far lives as long as the engine: keep it out of the garbage collector's
         # full passes, which otherwise stall generation for tens of milliseconds at a time.
@@ -197,6 +199,7 @@ class Engine:
         log.info(_placement_line(placement, device))
         engine = cls(model, tokenizer, device, spec, executor, placement)
         engine.kv_cache_tokens = placement.report.get("kv_cache_tokens")
+        engine._previous_experts = previous
         return engine
 
     # -- the cost model -----------------------------------------------------------------------------
@@ -292,6 +295,8 @@ class Engine:
                         unpin(tensor)
                 del layer.module._fiddler_layer, layer.module._fiddler_executor
             self.executor = None
+            if self._previous_experts and self.model is not None:  # the model runs its own experts again
+                self.model.set_experts_implementation(self._previous_experts)
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
