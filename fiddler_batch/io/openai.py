@@ -15,7 +15,7 @@ rerun writes the same file.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from fiddler_batch.spec import InputSpec
 
@@ -45,8 +45,13 @@ IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options
 NEUTRAL = {"stream": False, "echo": False, "skip_special_tokens": True, "include_stop_str_in_output": False}
 """Body keys accepted at these values only (what fiddler-batch does anyway)."""
 
-Failure = tuple[str, str, str]
-"""(key, message, fix) of a line that cannot run."""
+
+class Failure(NamedTuple):
+    """Why a line cannot run: the body key at fault, what is wrong, how to fix it."""
+
+    key: str
+    message: str
+    fix: str
 
 
 def request_columns(line: dict[str, Any], spec: InputSpec) -> tuple[dict[str, Any], str] | Failure:
@@ -54,12 +59,12 @@ def request_columns(line: dict[str, Any], spec: InputSpec) -> tuple[dict[str, An
     why the line cannot run."""
     url = line.get("url")
     if url not in ENDPOINTS:
-        return "url", f"unsupported endpoint {url!r}", f"use {CHAT} (messages) or {COMPLETIONS} (prompt)"
+        return Failure("url", f"unsupported endpoint {url!r}", f"use {CHAT} (messages) or {COMPLETIONS} (prompt)")
     if line.get("method", "POST") != "POST":
-        return "method", f"method {line.get('method')!r}", 'batch requests use "method": "POST"'
+        return Failure("method", f"method {line.get('method')!r}", 'batch requests use "method": "POST"')
     body = line.get("body")
     if not isinstance(body, dict):
-        return "body", "no body object", 'give the request as "body": {"messages": [...], ...}'
+        return Failure("body", "no body object", 'give the request as "body": {"messages": [...], ...}')
     data: dict[str, Any] = {}
     custom_id = line.get("custom_id")
     if custom_id is not None:
@@ -68,7 +73,7 @@ def request_columns(line: dict[str, Any], spec: InputSpec) -> tuple[dict[str, An
     if text is not None:
         return text
     settings = _settings(body, url)
-    if isinstance(settings, tuple):
+    if isinstance(settings, Failure):
         return settings
     return {**data, **settings}, url
 
@@ -76,14 +81,16 @@ def request_columns(line: dict[str, Any], spec: InputSpec) -> tuple[dict[str, An
 def _text_input(body: dict[str, Any], url: str, spec: InputSpec, data: dict[str, Any]) -> Failure | None:
     if url == CHAT:
         if "messages" not in body:
-            return "body.messages", "a chat request without messages", 'add "messages": [{"role": "user", ...}]'
+            return Failure(
+                "body.messages", "a chat request without messages", 'add "messages": [{"role": "user", ...}]'
+            )
         data[spec.messages_column] = body["messages"]
         return None
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list):
-        return "body.prompt", "a list of prompts in one request", "give one prompt per batch line"
+        return Failure("body.prompt", "a list of prompts in one request", "give one prompt per batch line")
     data[spec.prompt_column] = prompt
     return None
 
@@ -96,13 +103,15 @@ def _settings(body: dict[str, Any], url: str) -> dict[str, Any] | Failure:
             continue
         if key in NEUTRAL:
             if value != NEUTRAL[key]:
-                return f"body.{key}", f"{key}: {value!r} is not supported in a batch", f"remove {key} from the body"
+                return Failure(
+                    f"body.{key}", f"{key}: {value!r} is not supported in a batch", f"remove {key} from the body"
+                )
             continue
         if key in SAME_NAME:
             out[key] = value
         elif key in ("max_tokens", "max_completion_tokens"):
             if "max_new_tokens" in out and out["max_new_tokens"] != value:
-                return "body.max_tokens", "max_tokens and max_completion_tokens differ", "give one of them"
+                return Failure("body.max_tokens", "max_tokens and max_completion_tokens differ", "give one of them")
             out["max_new_tokens"] = value
         elif key == "top_k":
             out["top_k"] = 0 if value == -1 else value  # vLLM's "off"
@@ -113,7 +122,7 @@ def _settings(body: dict[str, Any], url: str) -> dict[str, Any] | Failure:
         elif key in ("logprobs", "top_logprobs"):
             out[key] = value
         else:
-            return f"body.{key}", f"unsupported setting {key!r}", f"remove {key} from the body"
+            return Failure(f"body.{key}", f"unsupported setting {key!r}", f"remove {key} from the body")
     return out
 
 

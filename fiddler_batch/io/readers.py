@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from fiddler_batch.errors import InputError, Problem
 from fiddler_batch.io.files import display_names, input_files, open_binary
-from fiddler_batch.io.openai import request_columns
+from fiddler_batch.io.openai import Failure, request_columns
 from fiddler_batch.spec import InputFormatName, InputSpec, Location, compression_of, input_format, is_remote
 
 Columns = list[str] | Literal["all"]
@@ -101,9 +101,8 @@ def _read_openai(path: Location, name: str, spec: InputSpec, columns: Columns = 
             yield raw
             continue
         translated = request_columns(raw.data, spec)
-        if isinstance(translated, tuple):
-            key, message, fix = translated
-            problem = Problem(name, key, message, fix, line=raw.line)
+        if isinstance(translated, Failure):
+            problem = Problem(name, translated.key, translated.message, translated.fix, line=raw.line)
             yield RawRecord(name, raw.line, None, None, problem, source=raw.data)
         else:
             data, endpoint = translated
