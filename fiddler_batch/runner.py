@@ -79,7 +79,7 @@ def run_job(spec: JobSpec, *, progress: bool = False, engine: BatchEngine | None
     return summary
 
 
-def progress_bar(total: int, enabled: bool, file: Any = None, ncols: int | None = None) -> tqdm:
+def progress_bar(total: int | None, enabled: bool, file: Any = None, ncols: int | None = None) -> tqdm:
     """The run's progress bar (requests, with the input and output token rates as its postfix)."""
     return tqdm(
         total=total,
@@ -111,7 +111,8 @@ def _run_windows(spec: JobSpec, engine: BatchEngine, work: WorkFolder, report: R
         report.add_group(group.kind, records, group.seconds, group.stats)
         bar.update(len(records))
         bar.set_postfix_str(rates_postfix(report.prompt_tokens, report.completion_tokens, report.generate_s))
-    assert not collector.waiting(), f"requests left with missing choices: {collector.waiting()}"
+    if collector.waiting():  # every choice of a request runs in the same window, so none can be left
+        raise RuntimeError(f"requests at input indices {collector.waiting()} are missing choices")
 
 
 def _prepared_windows(

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from fiddler_batch.jobfile import load_job
 from fiddler_batch.runner import run_job
+from fiddler_batch.spec import GenerationSpec
 
 from jobhelpers import REPO, read_jsonl
 
@@ -31,6 +32,8 @@ def test_the_openai_batch_example(engine: Any, tmp_path: Path) -> None:
 
 def test_the_generation_settings_example(engine: Any, tmp_path: Path) -> None:
     records = {r["id"]: r for r in read_jsonl(run_example("generation", engine, tmp_path))}
+    assert all(list(r["generation"]) == list(GenerationSpec.model_fields) for r in records.values())
+    assert records["penalties"]["generation"]["repetition_penalty"] == 1.3
     assert len(records["samples"]["choices"]) == 4
     assert len(records["logprobs"]["logprobs"][0]["top_logprobs"]) == 5
     assert records["at-least"]["completion_tokens"] >= 12
@@ -41,6 +44,7 @@ def test_the_generation_settings_example(engine: Any, tmp_path: Path) -> None:
 
 def test_the_carried_columns_example(engine: Any, tmp_path: Path) -> None:
     rows = pq.read_table(run_example("labels", engine, tmp_path, ".parquet")).to_pylist()
+    assert list(rows[0]["generation"]) == list(GenerationSpec.model_fields)  # new settings included
     assert [json.loads(row["columns"])["label"] for row in rows] == ["yes", "no"] * 3
     assert json.loads(rows[0]["columns"])["source"] == {"split": "test", "row": 0}
 
