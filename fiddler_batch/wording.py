@@ -101,7 +101,12 @@ def type_words(annotation: Any) -> str:
         optional = len(args) < len(typing.get_args(annotation))
         return " or ".join(type_words(arg) for arg in args) + (" or null" if optional else "")
     if origin is list:
-        return "a list of " + type_words(typing.get_args(annotation)[0]).removeprefix("a ") + "s"
+        item = typing.get_args(annotation)[0]
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return f"a list of objects ({', '.join(item.model_fields)})"
+        return "a list of " + type_words(item).removeprefix("a ") + "s"
+    if origin is dict or annotation is dict:
+        return "a mapping"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "a mapping of keys"
     return {int: "a whole number", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(
