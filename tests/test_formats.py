@@ -185,12 +185,21 @@ def test_remote_inputs_go_through_fsspec(engine: Any, tmp_path: Path) -> None:
     assert run_job(loaded, engine=engine).requests.completed == 2
 
 
-def test_a_protocol_whose_package_is_missing_is_named_with_the_fix(tmp_path: Path) -> None:
+def test_a_protocol_whose_package_is_missing_is_named_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def without_gcsfs(protocol: str) -> Any:
+        raise ImportError("Please install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", without_gcsfs)
     job = write_job(tmp_path, [{"prompt": "x"}], input={"path": "gs://bucket/prompts.jsonl"})
     with pytest.raises(JobSpecError) as caught:
         load_job(job)
     text = str(caught.value)
     assert "input.path: reading gs:// paths needs the gcsfs package" in text and "fix: pip install gcsfs" in text
+    monkeypatch.setitem(sys.modules, "fsspec", None)
+    with pytest.raises(JobSpecError, match="reading gs:// paths needs the fsspec package"):
+        load_job(job)
 
 
 def test_input_columns_are_carried_into_records_in_jsonl_and_parquet(engine: Any, tmp_path: Path) -> None:
