@@ -31,14 +31,16 @@ log = logging.getLogger("fiddler_batch.engine")
 
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 """What a hub download fetches: config, weights (safetensors only) and tokenizer files."""
+HUB_FILES_WITHOUT_WEIGHTS = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+"""What a dry run fetches: the config, the safetensors index and the tokenizer, no weights."""
 
 
 # -- the model ------------------------------------------------------------------------------------------
 
 
-def resolve_model(spec: ModelSpec) -> Path:
+def resolve_model(spec: ModelSpec, weights: bool = True) -> Path:
     """The local checkpoint folder of `model.path`: the demo built, the local folder checked, or the hub id
-    downloaded."""
+    downloaded (without `weights`: its config and tokenizer files only)."""
     path = spec.path
     if path.startswith("demo:"):
         from fiddler_batch.demo import ensure_demo_checkpoint
@@ -57,14 +59,14 @@ def resolve_model(spec: ModelSpec) -> Path:
         raise EngineError(
             "model.path", f"{path!r} does not exist", "give a checkpoint folder, a hub id or demo:tiny-mixtral"
         )
-    return _download(path, spec.revision)
+    return _download(path, spec.revision, HUB_FILES if weights else HUB_FILES_WITHOUT_WEIGHTS)
 
 
-def _download(repo: str, revision: str | None) -> Path:
+def _download(repo: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types (offline, unknown repo, gated, ...)
         raise EngineError(
             "model.path",
@@ -171,7 +173,13 @@ def machine_key(device: Any) -> str:
 def cost_cache_path(engine: Any) -> Path:
     """This machine's cache entry for the engine's expert geometry, dtype and thread count."""
     key = engine.cost_key()
-    return cache_root() / "calibration" / machine_key(engine.device) / f"{key['geometry']}-t{key['threads']}.json"
+    return calibration_path(engine.device, key["geometry"], key["threads"])
+
+
+def calibration_path(device: Any, geometry: str, threads: int) -> Path:
+    """The cache entry of a calibration for this machine (with `device` as the fast device), an expert geometry
+    (`ExpertLayout.geometry_key`) and a CPU thread count: what a run looks up, found without an engine."""
+    return cache_root() / "calibration" / machine_key(device) / f"{geometry}-t{threads}.json"
 
 
 def cost_model_for(engine: Any, settings: EngineSpec) -> Any:

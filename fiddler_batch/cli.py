@@ -63,22 +63,54 @@ def main() -> None:
     package_log.propagate = False
 
 
-@main.command()
-@click.argument("job", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Results file (sets output.path).")
-@click.option("--limit", type=int, help="Run only the first N records (sets input.limit).")
-@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option(
-    "--progress/--no-progress", default=None, help="Show a progress bar. Default: only when stderr is a terminal."
-)
-def run(job: Path, output: Path | None, limit: int | None, overrides: tuple[str, ...], progress: bool | None) -> None:
-    """Run the job spec JOB (a YAML file)."""
+def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `validate` share, so that one command line works with either."""
+    options = [
+        click.option("-o", "--output", type=click.Path(path_type=Path), help="Results file (sets output.path)."),
+        click.option("--limit", type=int, help="Run only the first N records (sets input.limit)."),
+        click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
+        click.option(
+            "--progress/--no-progress",
+            default=None,
+            help="Show a progress bar. Default: only when stderr is a terminal. (validate: no effect)",
+        ),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            help="Read, tokenize and plan without loading the weights: requests, prompt tokens, batches by kind "
+            "and a time estimate from this machine's calibration.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _settings(output: Path | None, limit: int | None) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if output is not None:
         settings["output.path"] = output
     if limit is not None:
         settings["input.limit"] = limit
-    spec = _load(job, overrides, settings)
+    return settings
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@job_options
+def run(
+    job: Path,
+    output: Path | None,
+    limit: int | None,
+    overrides: tuple[str, ...],
+    progress: bool | None,
+    dry_run: bool,
+) -> None:
+    """Run the job spec JOB (a YAML file)."""
+    spec = _load(job, overrides, _settings(output, limit))
+    if dry_run:
+        _dry_run(job, spec)
+        return
 
     from fiddler_batch.report import format_table
     from fiddler_batch.runner import run_job
@@ -92,23 +124,50 @@ def run(job: Path, output: Path | None, limit: int | None, overrides: tuple[str,
         sys.exit(1)
 
 
+def _dry_run(job: Path, spec: JobSpec) -> None:
+    """Print what a run would do; exit 1 when no request could run."""
+    from fiddler_batch.dryrun import dry_run
+
+    _quiet_transformers()
+    click.echo(f"fiddler-batch: dry run of {job} (no weights loaded)", err=True)
+    result = _failures(lambda: dry_run(spec))
+    for record in result.bad:
+        click.echo(str(record.problem), err=True)
+    click.echo("\n".join(result.lines()))
+    if result.rows == 0 and result.bad:
+        click.echo("no request could run", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
-@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@job_options
 @click.option(
     "--records",
     is_flag=True,
-    help="Also read every input record and report the bad ones (prompt lengths need the model: "
-    "they are checked by `run`).",
+    help="Also read every input record and report the bad ones (prompt lengths need the tokenizer: "
+    "--dry-run checks them).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved spec as JSON instead of YAML.")
-def validate(job: Path, overrides: tuple[str, ...], records: bool, as_json: bool) -> None:
-    """Check the job spec JOB; print it resolved (defaults filled in, paths absolute) or every error."""
-    spec = _load(job, overrides)
+def validate(
+    job: Path,
+    output: Path | None,
+    limit: int | None,
+    overrides: tuple[str, ...],
+    progress: bool | None,
+    dry_run: bool,
+    records: bool,
+    as_json: bool,
+) -> None:
+    """Check the job spec JOB; print it resolved (defaults filled in, paths absolute) or every error. Takes
+    run's options too (--dry-run also tokenizes and plans)."""
+    spec = _load(job, overrides, _settings(output, limit))
     resolved = spec.model_dump(mode="json")
     click.echo(json.dumps(resolved, indent=2) if as_json else yaml.safe_dump(resolved, sort_keys=False).rstrip())
     if records:
         _check_records(spec)
+    if dry_run:
+        _dry_run(job, spec)
 
 
 def _check_records(spec: JobSpec) -> None:
@@ -117,10 +176,11 @@ def _check_records(spec: JobSpec) -> None:
     from fiddler_batch.io.requests import BadRecord, to_request
 
     total, bad = 0, []
+    columns = spec.output.include_columns
     try:
-        for index, raw in enumerate(read_records(spec.input)):
+        for index, raw in enumerate(read_records(spec.input, columns)):
             total += 1
-            parsed = to_request(raw, index, spec.input, spec.generation)
+            parsed = to_request(raw, index, spec.input, spec.generation, columns)
             if isinstance(parsed, BadRecord):
                 bad.append(parsed)
     except InputError as exc:

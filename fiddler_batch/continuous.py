@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from fiddler_batch.batching import batch_kind
-from fiddler_batch.generation import BatchEngine, Completion, eos_token_ids, finish_text, sample_tokens
+from fiddler_batch.generation import BatchEngine, Completion, TokenLogprobs, eos_token_ids, finish_text, stop_ids
 from fiddler_batch.packed import ATTENTION, Chunk, KVPool, PackedUnsupported, StepLayout, register
 from fiddler_batch.prompts import Prepared
+from fiddler_batch.sampling import choose_tokens, pad_rows, row_generator
 from fiddler_batch.scheduling import Finished, Group, static_batches
 from fiddler_batch.spec import BatchingSpec, BatchKind
 
@@ -54,6 +55,8 @@ class Row:
     stop_window: int
     cached: int = 0  # prompt tokens (then generated tokens) whose keys and values are in the pool
     tokens: list[int] = field(default_factory=list)
+    stops: set[int] = field(default_factory=set)  # token ids that end it (EOS unless ignored, stop_token_ids)
+    logprobs: list[TokenLogprobs] | None = None
     first_token_at: float | None = None
     last_token_at: float = 0.0
     rows_at_first_token: int = 0
@@ -181,10 +184,14 @@ class ContinuousBatches:
                 return
             self.waiting.popleft()
             settings = item.request.generation
-            generator = torch.Generator().manual_seed(settings.seed) if settings.samples else None
+            generator = row_generator(settings.seed, item.choice) if settings.samples else None
             window = max((len(s.encode()) for s in settings.stop), default=0) + 8
             now = time.perf_counter()
-            self.running.append(Row(item, start, capacity, now, time.time(), generator, window))
+            row = Row(
+                item, start, capacity, now, time.time(), generator, window, stops=stop_ids(settings, self.eos_ids)
+            )
+            row.logprobs = [] if settings.logprobs else None
+            self.running.append(row)
 
     # -- one step ---------------------------------------------------------------------------------------------
 
@@ -245,25 +252,32 @@ class ContinuousBatches:
         return output.logits[0].float()  # [W, V]
 
     def _choose(self, plan: StepPlan, logits: torch.Tensor) -> None:
+        """Each row's next token through `sampling.choose_tokens`: its own penalties, stop masks and generator."""
         rows = [row for row, _ in plan.wants_token]
-        tokens = logits.argmax(dim=-1)  # [W]
-        sampling = [i for i, row in enumerate(rows) if row.generator is not None]
-        if sampling:
-            settings = [rows[i].item.request.generation for i in sampling]
-            device = logits.device
-            uniform = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampling]).to(device)  # [S]
-            drawn = sample_tokens(
-                logits[sampling],
-                torch.tensor([s.temperature for s in settings], device=device),
-                torch.tensor([s.top_k for s in settings], device=device),
-                torch.tensor([s.top_p for s in settings], device=device),
-                uniform,
-            )  # [S]
-            tokens[sampling] = drawn
+        settings = [row.item.request.generation for row in rows]
+        history = any(spec.penalizes or spec.min_tokens for spec in settings)
+        empty = torch.empty(len(rows), 0, dtype=torch.long)
+        prompts = pad_rows([row.item.ids for row in rows]) if history else empty  # [W, P]
+        generated = pad_rows([row.tokens for row in rows]) if history else empty  # [W, G]
+        want = any(spec.logprobs for spec in settings)
+        top = max((spec.top_logprobs for spec in settings), default=0)
+        chosen = choose_tokens(
+            logits, settings, prompts, generated, [row.generator for row in rows], self.eos_ids,
+            want_logprobs=want, top_logprobs=top,
+        )  # fmt: skip
+        tokens = chosen.tokens.tolist()
+        if want:
+            lps = chosen.logprobs.tolist()
+            top_ids = chosen.top_ids.tolist() if chosen.top_ids is not None else None
+            top_values = chosen.top_logprobs.tolist() if chosen.top_logprobs is not None else None
         now = time.perf_counter()
         in_flight = len(self.running)
-        for row, token in zip(rows, tokens.tolist()):
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.tokens.append(token)
+            if row.logprobs is not None:
+                k = settings[i].top_logprobs
+                alternatives = list(zip(top_ids[i][:k], top_values[i][:k], strict=True)) if k and top_ids else []
+                row.logprobs.append(TokenLogprobs(token, lps[i], alternatives))
             if row.first_token_at is None:
                 row.first_token_at, row.rows_at_first_token = now, in_flight
             row.last_token_at = now
@@ -271,7 +285,7 @@ class ContinuousBatches:
 
     def _check_stop(self, row: Row, token: int) -> None:
         settings = row.item.request.generation
-        if token in self.eos_ids:
+        if token in row.stops:
             row.finish = "stop"
         elif settings.stop and _hit_stop(self.engine.tokenizer, row.tokens, settings.stop, row.stop_window):
             row.finish = "stop"
@@ -291,13 +305,14 @@ class ContinuousBatches:
     def _finished(self, row: Row) -> Finished:
         settings = row.item.request.generation
         text, stopped = finish_text(self.engine.tokenizer, row.tokens, settings.stop)
-        reason = "stop" if stopped or row.tokens[-1] in self.eos_ids else "length"
+        reason = "stop" if stopped or row.tokens[-1] in row.stops else "length"
         completion = Completion(
             token_ids=row.tokens,
             text=text,
             finish_reason=reason,
             time_to_first_token_s=(row.first_token_at or row.last_token_at) - row.admitted,
             total_s=row.last_token_at - row.admitted,
+            logprobs=row.logprobs,
         )
         kind = batch_kind(row.item.prompt_tokens, row.item.max_new_tokens, self.batching.prefill_heavy_ratio)
         return Finished(row.item, completion, self.group_id, kind, row.rows_at_first_token, row.admitted_unix)

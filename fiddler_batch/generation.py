@@ -1,10 +1,14 @@
 """Running one batch through `model.generate`: greedy, sampling and beam search, stop strings, per-row timing.
 
-The batch is left-padded. `generate` always runs in greedy or beam-search mode; sampling rows are sampled by
-`RowSampler`, a logits processor that draws each row's token from that row's own random stream (seeded by the
-request) and leaves only that token for greedy to take, so a request's completion does not depend on its
-neighbours. `RowStops` ends each row at its own `max_new_tokens` or stop string and records when every
-step finished, which gives each row its time to first token and total time.
+The batch is left-padded. `generate` always runs in greedy or beam-search mode. Without beams, `RowChooser`, a
+logits processor, chooses every row's token with `fiddler_batch.sampling` from the model's raw logits (the row's
+penalties, masks, and for sampling rows one draw from the row's own random stream, seeded by the request and the
+choice) and leaves only that token for greedy to take, so a request's completion does not depend on its
+neighbours; it also keeps the chosen tokens' log-probabilities. End-of-sequence is handled by `RowStops`, not by
+`generate`, so that each row can have its own stop tokens and ignore EOS: it ends each row at its own
+`max_new_tokens`, EOS, stop token or stop string and records when every step finished, which gives each row its
+time to first token and total time. With beams, transformers' beam search runs as before; `BeamPenalties` adds
+the rows' repetition penalty and min_tokens when they ask for them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from fiddler_batch.batching import Batch
+from fiddler_batch.sampling import NO_TOKEN, choose_tokens, mask_early_stops, penalize, row_generator
 from fiddler_batch.spec import BatchKind, GenerationSpec
 
 FinishReason = Literal["stop", "length"]
@@ -55,6 +60,8 @@ class Completion:
     finish_reason: FinishReason
     time_to_first_token_s: float
     total_s: float
+    logprobs: list[TokenLogprobs] | None = None
+    """One entry per token id, when the request asks for log-probabilities."""
 
     @property
     def decode_s(self) -> float:
@@ -69,36 +76,113 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the raw logits, and the most likely alternatives there."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """(token id, log-probability) of the most likely tokens at that position, most likely first."""
+
+
+@dataclass(frozen=True)
 class BatchResult:
     batch_start: float
     """Unix time at which the batch entered the model."""
     completions: list[Completion]
 
 
-class RowSampler(LogitsProcessor):
-    """Samples the rows with temperature > 0, each from its own generator; greedy rows pass untouched.
+class RowChooser(LogitsProcessor):
+    """Chooses every row's token with `sampling.choose_tokens` and leaves only that token for greedy to take.
 
-    Per sampling row and step: temperature, then top_k, then top_p over the tokens sorted by probability; one
-    uniform draw picks the token by inverse CDF, and every other token is masked so that greedy takes it.
+    The raw logits come from a forward hook on the model (`capture`), so that nothing transformers might add
+    from the checkpoint's generation config changes them: the job's settings are the only ones applied. Keeps
+    each step's log-probabilities on the device until `logprobs` gathers them once at the end.
     """
 
-    def __init__(self, settings: list[GenerationSpec], device: torch.device):
-        rows = [row for row, spec in enumerate(settings) if spec.samples]
-        chosen = [settings[row] for row in rows]
-        self.temperature = torch.tensor([s.temperature for s in chosen], device=device)  # [S]
-        self.top_k = torch.tensor([s.top_k for s in chosen], device=device)  # [S]
-        self.top_p = torch.tensor([s.top_p for s in chosen], device=device)  # [S]
-        self.generators = [torch.Generator().manual_seed(s.seed) for s in chosen]
-        self.index = torch.tensor(rows, device=device)  # [S]
+    def __init__(
+        self,
+        settings: list[GenerationSpec],
+        generators: list[torch.Generator | None],
+        prompt_mask: torch.Tensor,
+        eos_ids: set[int],
+    ):
+        self.settings = settings
+        self.generators = generators
+        self.prompt_mask = prompt_mask  # [R, P]: the prompt positions that are not left padding
+        self.eos_ids = eos_ids
+        self.want_logprobs = any(spec.logprobs for spec in settings)
+        self.top = max((spec.top_logprobs for spec in settings), default=0)
+        self.raw: torch.Tensor | None = None
+        self.steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def capture(self, module: Any, args: Any, output: Any) -> None:
+        """Forward hook: keep the last position's raw logits of the pass that just ran."""
+        logits = getattr(output, "logits", None)
+        self.raw = logits[:, -1] if logits is not None else None  # [R, V]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # One uniform draw per sampling row per step, finished or not, so draw k always picks token k.
-        uniform = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device)  # [S]
-        token = sample_tokens(scores[self.index], self.temperature, self.top_k, self.top_p, uniform)  # [S]
-        picked = torch.full_like(scores[self.index], float("-inf")).scatter_(1, token[:, None], 0.0)  # [S, V]
-        scores = scores.clone()
-        scores[self.index] = picked
-        return scores
+        prompt_len = self.prompt_mask.shape[1]
+        prompt = input_ids[:, :prompt_len].masked_fill(~self.prompt_mask, NO_TOKEN)  # [R, P]
+        chosen = choose_tokens(
+            self.raw if self.raw is not None else scores,
+            self.settings,
+            prompt,
+            input_ids[:, prompt_len:],  # [R, G]
+            self.generators,
+            self.eos_ids,
+            want_logprobs=self.want_logprobs,
+            top_logprobs=self.top,
+        )
+        self.raw = None
+        if chosen.logprobs is not None:
+            self.steps.append((chosen.tokens, chosen.logprobs, chosen.top_ids, chosen.top_logprobs))
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen.tokens[:, None].to(scores.device), 0.0)
+
+    def logprobs(self, row: int, length: int) -> list[TokenLogprobs] | None:
+        """The first `length` steps' log-probabilities of `row` (None unless that row asks for them)."""
+        spec = self.settings[row]
+        if not spec.logprobs or not self.steps:
+            return None
+        if not hasattr(self, "_host"):
+            tokens, chosen, top_ids, top_values = zip(*self.steps, strict=True)
+            stack = torch.stack
+            self._host = (
+                stack(tokens, dim=1).tolist(),  # [R, T]
+                stack(chosen, dim=1).tolist(),  # [R, T]
+                stack(top_ids, dim=1).tolist() if top_ids[0] is not None else None,  # [R, T, K]
+                stack(top_values, dim=1).tolist() if top_values[0] is not None else None,  # [R, T, K]
+            )
+        tokens, chosen, top_ids, top_values = self._host
+        k = spec.top_logprobs
+        return [
+            TokenLogprobs(
+                tokens[row][t],
+                chosen[row][t],
+                list(zip(top_ids[row][t][:k], top_values[row][t][:k], strict=True)) if k and top_ids else [],
+            )
+            for t in range(length)
+        ]
+
+
+class BeamPenalties(LogitsProcessor):
+    """Each request's repetition penalty and min_tokens under beam search (on the beams' log-probabilities,
+    as transformers' own processors work there)."""
+
+    def __init__(self, settings: list[GenerationSpec], prompt_mask: torch.Tensor, eos_ids: set[int]):
+        self.settings = settings
+        self.prompt_mask = prompt_mask  # [B, P]
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        group = input_ids.shape[0] // len(self.settings)
+        settings = [spec for spec in self.settings for _ in range(group)]  # one per beam
+        prompt_len = self.prompt_mask.shape[1]
+        mask = self.prompt_mask.repeat_interleave(group, dim=0)  # [B * beams, P]
+        prompt = input_ids[:, :prompt_len].masked_fill(~mask, NO_TOKEN)
+        generated = input_ids[:, prompt_len:]
+        scores = penalize(scores, settings, prompt, generated)
+        return mask_early_stops(scores, settings, generated, self.eos_ids)
 
 
 def sample_tokens(
@@ -123,7 +207,7 @@ class RowStops(StoppingCriteria):
     """Per-row stops (own max_new_tokens, stop strings, EOS) and the time at which every step finished.
 
     Called by `generate` after each step with every row's tokens so far (for beam search: every candidate,
-    `group` candidates per request, in request order).
+    `group` candidates per request, in request order; beam search ends beams at EOS itself).
     """
 
     def __init__(self, prompt_len: int, settings: list[GenerationSpec], eos_ids: set[int], tokenizer: Any):
@@ -134,6 +218,7 @@ class RowStops(StoppingCriteria):
         self.step_times: list[float] = []  # perf_counter when step k (1-based) finished: step_times[k - 1]
         self.done_at: list[int | None] = [None] * len(settings)  # step at which a (non-beam) row ended
         self.windows = [max((len(s.encode()) for s in spec.stop), default=0) + 8 for spec in settings]
+        self.stop_ids = [stop_ids(spec, eos_ids) for spec in settings]
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         step = input_ids.shape[1] - self.prompt_len
@@ -150,8 +235,8 @@ class RowStops(StoppingCriteria):
             spec = self.settings[request]
             ended = (
                 step >= spec.max_new_tokens
-                or (group == 1 and token in self.eos_ids)
-                or self._hit_stop(input_ids[row], spec.stop, self.windows[request])
+                or (group == 1 and token in self.stop_ids[request])
+                or (step >= spec.min_tokens and self._hit_stop(input_ids[row], spec.stop, self.windows[request]))
             )
             if ended and group == 1:
                 self.done_at[request] = step
@@ -165,6 +250,11 @@ class RowStops(StoppingCriteria):
             ids[max(self.prompt_len, ids.shape[0] - window) :].tolist(), skip_special_tokens=True
         )
         return any(s in tail for s in stop)
+
+
+def stop_ids(spec: GenerationSpec, eos_ids: set[int]) -> set[int]:
+    """The tokens that end a request: EOS unless it ignores EOS, and its stop_token_ids."""
+    return set(spec.stop_token_ids) | (set() if spec.ignore_eos else eos_ids)
 
 
 def pad_token_id(engine: BatchEngine) -> int:
@@ -190,24 +280,36 @@ def generate_batch(
     pad_id = pad_token_id(engine)
     input_ids, attention_mask = _left_pad([item.ids for item in batch.items], pad_id, device)  # [B, L], [B, L]
     prompt_len = input_ids.shape[1]
+    beams = batch.num_beams > 1
 
     stops = RowStops(prompt_len, settings, eos_ids, tokenizer)
     processors = LogitsProcessorList()
-    if any(spec.samples for spec in settings):
-        processors.append(RowSampler(settings, device))
+    chooser = None
+    if beams:
+        if any(spec.penalizes or spec.min_tokens for spec in settings):
+            processors.append(BeamPenalties(settings, attention_mask.bool(), eos_ids))
+    else:
+        generators = [
+            row_generator(item.request.generation.seed, item.choice) if item.request.generation.samples else None
+            for item in batch.items
+        ]
+        chooser = RowChooser(settings, generators, attention_mask.bool(), eos_ids)
+        processors.append(chooser)
     config = GenerationConfig(
         max_new_tokens=batch.most_new_tokens,
         do_sample=False,
         num_beams=batch.num_beams,
         pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids) or None,
+        # Without beams RowStops ends each row at its own stop tokens; an empty list keeps the checkpoint's EOS
+        # from ending rows that ignore it.
+        eos_token_id=(sorted(eos_ids) or None) if beams else [],
         return_dict_in_generate=True,
     )
-    hook = (
-        model.register_forward_pre_hook(_real_token_reporter(stops, real_tokens), with_kwargs=True)
-        if real_tokens
-        else None
-    )
+    hooks = []
+    if real_tokens:
+        hooks.append(model.register_forward_pre_hook(_real_token_reporter(stops, real_tokens), with_kwargs=True))
+    if chooser is not None:
+        hooks.append(model.register_forward_hook(chooser.capture))
     batch_start = time.time()
     started = time.perf_counter()
     try:
@@ -220,12 +322,13 @@ def generate_batch(
                 stopping_criteria=StoppingCriteriaList([stops]),
             )
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
+        if real_tokens:
             real_tokens(None)
     ended = time.perf_counter()
     sequences = output.sequences[:, prompt_len:].tolist()  # [B, T]
-    if batch.num_beams > 1:
+    if beams:
         lengths = (output.beam_indices != -1).sum(dim=1).tolist()  # [B]
     else:
         lengths = [done or len(sequences[0]) for done in stops.done_at]
@@ -233,15 +336,16 @@ def generate_batch(
     for row, spec in enumerate(settings):
         tokens = sequences[row][: lengths[row]]
         text, stopped = finish_text(tokenizer, tokens, spec.stop)
-        ended_by_eos = bool(tokens) and tokens[-1] in eos_ids
+        ended_by_token = bool(tokens) and tokens[-1] in (eos_ids if beams else stops.stop_ids[row])
         completions.append(
             Completion(
                 token_ids=tokens,
                 text=text,
-                finish_reason="stop" if stopped or ended_by_eos else "length",
+                finish_reason="stop" if stopped or ended_by_token else "length",
                 time_to_first_token_s=stops.step_times[0] - started,
                 # A beam-search result is settled only when the search ends, whatever its length.
-                total_s=(ended if batch.num_beams > 1 else stops.step_times[len(tokens) - 1]) - started,
+                total_s=(ended if beams else stops.step_times[len(tokens) - 1]) - started,
+                logprobs=chooser.logprobs(row, len(tokens)) if chooser is not None else None,
             )
         )
     return BatchResult(batch_start, completions)

@@ -18,9 +18,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from fiddler_batch.demo import DEMOS
-from fiddler_batch.errors import JobSpecError, Problem
-from fiddler_batch.io.files import input_files
-from fiddler_batch.spec import JobSpec, input_format
+from fiddler_batch.errors import InputError, JobSpecError, Problem
+from fiddler_batch.io.files import input_files, remote_problem
+from fiddler_batch.spec import JobSpec, Location, compression_of, input_format, is_remote
 from fiddler_batch.wording import Key, dotted, explain, unwrap_optional
 
 COMMAND_LINE = "command line"
@@ -63,26 +63,7 @@ def load_job(
 
 def _check_paths(spec: JobSpec, locate: _Locator) -> list[Problem]:
     """Problems with the file system: inputs that match nothing, models that are not there."""
-    problems = []
-    files = input_files(spec.input.path)
-    if not files:
-        problems.append(
-            locate.problem(
-                ("input", "path"),
-                f"no file matches {str(spec.input.path)!r}",
-                "check the path; relative paths in a job file are relative to the job file's folder",
-            )
-        )
-    for file in files:
-        if input_format(file, spec.input.format) is None:
-            problems.append(
-                locate.problem(
-                    ("input", "path"),
-                    f"cannot tell the format of {str(file)!r} from its extension",
-                    "use .jsonl or .parquet files, or set input.format",
-                )
-            )
-            break
+    problems = _input_problems(spec, locate)
     model = spec.model.path
     if model.startswith("demo:"):
         if model[len("demo:") :] not in DEMOS:
@@ -117,6 +98,46 @@ def _check_paths(spec: JobSpec, locate: _Locator) -> list[Problem]:
             )
         )
     return problems
+
+
+def _input_problems(spec: JobSpec, locate: _Locator) -> list[Problem]:
+    """Problems with the input files: none there, a remote protocol that cannot be read here, unknown formats."""
+    where = ("input", "path")
+    if is_remote(spec.input.path):
+        missing = remote_problem(str(spec.input.path))
+        if missing:
+            return [locate.problem(where, *missing)]
+    try:
+        files = input_files(spec.input.path, spec.input.glob_order)
+    except InputError as exc:
+        return [locate.problem(where, problem.message, problem.fix) for problem in exc.problems]
+    if not files:
+        return [
+            locate.problem(
+                where,
+                f"no file matches {str(spec.input.path)!r}",
+                "check the path; relative paths in a job file are relative to the job file's folder",
+            )
+        ]
+    for file in files:
+        kind = input_format(file, spec.input.format)
+        if kind is None:
+            return [
+                locate.problem(
+                    where,
+                    f"cannot tell the format of {str(file)!r} from its extension",
+                    "use .jsonl, .jsonl.gz, .jsonl.zst or .parquet files, or set input.format",
+                )
+            ]
+        if kind == "parquet" and compression_of(file, spec.input.compression) is not None:
+            return [
+                locate.problem(
+                    where,
+                    f"{str(file)!r} is a compressed Parquet file",
+                    "Parquet compresses inside the file: give the .parquet file itself, or set input.compression: none",
+                )
+            ]
+    return []
 
 
 class _Locator:
@@ -240,6 +261,8 @@ def _resolve_one(raw: dict[str, Any], key: Key, base: Path) -> None:
     if not isinstance(node, dict) or not isinstance(node.get(key[-1]), str):
         return
     value = node[key[-1]]
+    if is_remote(value):
+        return  # a URL: read through fsspec as written
     if key == ("model", "path"):
         if value.startswith("demo:"):
             return
@@ -256,7 +279,7 @@ def _path_keys() -> list[Key]:
     def walk(model: type[BaseModel], prefix: Key) -> None:
         for name, field in model.model_fields.items():
             inner = unwrap_optional(field.annotation)
-            if inner is Path:
+            if inner is Path or inner == Location:
                 keys.append((*prefix, name))
             elif isinstance(inner, type) and issubclass(inner, BaseModel):
                 walk(inner, (*prefix, name))

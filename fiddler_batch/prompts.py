@@ -16,6 +16,9 @@ class Prepared:
     text: str
     """The prompt text (for chat requests: the rendered conversation, generation prompt included)."""
     ids: list[int]
+    choice: int = 0
+    """Which of the request's `n` completions this row generates (each samples from its own stream: see
+    `fiddler_batch.sampling.choice_seed`)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -31,7 +34,10 @@ class Prepared:
 
 
 def prepare(requests: list[Request], tokenizer: Any, max_context: int | None) -> tuple[list[Prepared], list[BadRecord]]:
-    """Tokenize `requests` (one tokenizer call for plain prompts, one for chats); bad ones come back apart."""
+    """Tokenize `requests` (one tokenizer call for plain prompts, one for chats); bad ones come back apart.
+
+    A request with n > 1 becomes n rows, one per choice, next to each other: each generates independently.
+    """
     bad: list[BadRecord] = []
     plain = [request for request in requests if request.messages is None]
     chats: list[tuple[Request, str]] = []
@@ -51,7 +57,7 @@ def prepare(requests: list[Request], tokenizer: Any, max_context: int | None) ->
         if problem:
             bad.append(problem)
         else:
-            prepared.append(Prepared(request, text, prompt_ids))
+            prepared += [Prepared(request, text, prompt_ids, choice) for choice in range(request.generation.n)]
     return prepared, bad
 
 

@@ -1,6 +1,8 @@
 """The run's summary: counts, tokens, wall time, throughput and engine statistics, as JSON and as a table.
 
 `RunSummary` is the summary file's model (`STEM.summary.json`); its JSON Schema is exported to `schemas/`.
+Every rate has one denominator, named by the block it is in (wall time or generate time); every time and rate
+is given to `DECIMALS` decimal places, in the file and in the table alike.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from collections import Counter
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+DECIMALS = 3
+"""Decimal places of every time (seconds) and rate in the summary and its table."""
 
 
 def _config() -> ConfigDict:
@@ -25,15 +30,17 @@ class RequestCounts(BaseModel):
     """Bad records, listed in the errors file."""
     total: int
     """Records read: completed + skipped."""
+    completions: int
+    """Completions generated: one per completed request, n for a request with n > 1."""
 
 
 class TokenCounts(BaseModel):
     model_config = _config()
 
     prompt: int
-    """Prompt tokens of the completed requests."""
+    """Prompt tokens of the completed requests (once per request, whatever its n)."""
     completion: int
-    """Tokens generated for the completed requests."""
+    """Tokens generated for the completed requests, every choice counted."""
 
 
 class TimeSpent(BaseModel):
@@ -47,26 +54,48 @@ class TimeSpent(BaseModel):
     """Seconds inside the model, summed over batches."""
 
 
+class Rates(BaseModel):
+    """Amounts per second of one denominator (null when that time is 0)."""
+
+    model_config = _config()
+
+    requests: float | None
+    """Completed requests per second."""
+    prompt_tokens: float | None
+    """Prompt tokens per second."""
+    completion_tokens: float | None
+    """Completion tokens per second."""
+    total_tokens: float | None
+    """Prompt plus completion tokens per second."""
+
+
 class Throughput(BaseModel):
     model_config = _config()
 
-    requests_per_s: float | None
-    """Completed requests per second of wall time."""
-    prompt_tokens_per_s: float | None
-    """Prompt tokens per second of generate time."""
-    completion_tokens_per_s: float | None
-    """Completion tokens per second of generate time."""
-    completion_tokens_per_s_wall: float | None
-    """Completion tokens per second of wall time."""
+    per_wall_s: Rates
+    """Per second of wall time (time_s.wall: the whole run, model load and merge included)."""
+    per_generate_s: Rates
+    """Per second of generate time (time_s.generate: time inside the model)."""
+
+
+class Distribution(BaseModel):
+    """Mean and percentiles of one latency over every completion (null when there is none)."""
+
+    model_config = _config()
+
+    mean: float | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
 
 
 class Latency(BaseModel):
     model_config = _config()
 
-    time_to_first_token_p50: float | None
-    time_to_first_token_p90: float | None
-    total_p50: float | None
-    total_p90: float | None
+    time_to_first_token: Distribution
+    """Seconds from a completion's batch start to its first token."""
+    total: Distribution
+    """Seconds from a completion's batch start to its last token."""
 
 
 class RunSummary(BaseModel):
@@ -96,7 +125,7 @@ class RunSummary(BaseModel):
     time_s: TimeSpent
     throughput: Throughput
     latency_s: Latency
-    """Percentiles over completed requests, in seconds."""
+    """Mean and percentiles over every completion (each choice of an n > 1 request counts), in seconds."""
     engine_stats: dict[str, Any] = Field(default_factory=dict)
     """The engine's statistics summed over batches."""
 
@@ -123,6 +152,7 @@ class Report:
 
     def __init__(self) -> None:
         self.records = 0
+        self.completions = 0
         self.skipped = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -146,56 +176,72 @@ class Report:
         for record in records:
             self.records += 1
             self.prompt_tokens += record["prompt_tokens"]
-            self.completion_tokens += record["completion_tokens"]
-            self.finish_reasons[record["finish_reason"]] += 1
-            self.first_token_s.append(record["timing"]["time_to_first_token_s"])
-            self.total_s.append(record["timing"]["total_s"])
+            for completion in record.get("choices") or [record]:
+                self.completions += 1
+                self.completion_tokens += completion["completion_tokens"]
+                self.finish_reasons[completion["finish_reason"]] += 1
+                self.first_token_s.append(completion["timing"]["time_to_first_token_s"])
+                self.total_s.append(completion["timing"]["total_s"])
 
     def summary(self, wall_s: float, load_s: float, **where: str) -> RunSummary:
         """The summary; `where` gives output, errors, device, model and finished_at."""
         return RunSummary(
             **where,
-            requests=RequestCounts(completed=self.records, skipped=self.skipped, total=self.records + self.skipped),
+            requests=RequestCounts(
+                completed=self.records,
+                skipped=self.skipped,
+                total=self.records + self.skipped,
+                completions=self.completions,
+            ),
             tokens=TokenCounts(prompt=self.prompt_tokens, completion=self.completion_tokens),
             batches={"total": self.groups, **dict(sorted(self.batches.items()))},
             steps={"total": sum(self.steps.values()), **dict(sorted(self.steps.items()))},
             finish_reasons=dict(sorted(self.finish_reasons.items())),
-            time_s=TimeSpent(wall=wall_s, model_load=load_s, generate=self.generate_s),
-            throughput=Throughput(
-                requests_per_s=_rate(self.records, wall_s),
-                prompt_tokens_per_s=_rate(self.prompt_tokens, self.generate_s),
-                completion_tokens_per_s=_rate(self.completion_tokens, self.generate_s),
-                completion_tokens_per_s_wall=_rate(self.completion_tokens, wall_s),
-            ),
-            latency_s=Latency(
-                time_to_first_token_p50=_quantile(self.first_token_s, 0.5),
-                time_to_first_token_p90=_quantile(self.first_token_s, 0.9),
-                total_p50=_quantile(self.total_s, 0.5),
-                total_p90=_quantile(self.total_s, 0.9),
-            ),
+            time_s=TimeSpent(wall=_round(wall_s), model_load=_round(load_s), generate=_round(self.generate_s)),
+            throughput=Throughput(per_wall_s=self._rates(wall_s), per_generate_s=self._rates(self.generate_s)),
+            latency_s=Latency(time_to_first_token=distribution(self.first_token_s), total=distribution(self.total_s)),
             engine_stats=self.engine_stats,
         )
 
+    def _rates(self, seconds: float) -> Rates:
+        return Rates(
+            requests=_rate(self.records, seconds),
+            prompt_tokens=_rate(self.prompt_tokens, seconds),
+            completion_tokens=_rate(self.completion_tokens, seconds),
+            total_tokens=_rate(self.prompt_tokens + self.completion_tokens, seconds),
+        )
+
+
+def distribution(values: list[float]) -> Distribution:
+    """Mean, p50, p90 and p99 of `values` (inclusive percentiles: the largest value is p100)."""
+    return Distribution(
+        mean=_round(statistics.fmean(values)) if values else None,
+        p50=_quantile(values, 0.5),
+        p90=_quantile(values, 0.9),
+        p99=_quantile(values, 0.99),
+    )
+
 
 def format_table(summary: RunSummary) -> str:
-    """A short table of the summary for the terminal."""
+    """A short table of the summary for the terminal (same decimals as the file)."""
     requests, tokens, time_s = summary.requests, summary.tokens, summary.time_s
     throughput, latency = summary.throughput, summary.latency_s
+    done = f"{requests.completed} done, {requests.skipped} skipped"
+    if requests.completions != requests.completed:
+        done += f" ({requests.completions} completions)"
     rows = [
-        ("requests", f"{requests.completed} done, {requests.skipped} skipped"),
+        ("requests", done),
         ("batches", _counts(summary.batches)),
         ("steps", _counts(summary.steps)),
-        ("tokens", f"{tokens.prompt} prompt, {tokens.completion} completion"),
-        ("wall time", f"{time_s.wall:.1f} s (model load {time_s.model_load:.1f} s, generate {time_s.generate:.1f} s)"),
+        ("tokens", f"{tokens.prompt:,} prompt, {tokens.completion:,} completion"),
         (
-            "throughput",
-            f"{_num(throughput.prompt_tokens_per_s)} prompt tok/s, "
-            f"{_num(throughput.completion_tokens_per_s)} completion tok/s",
+            "wall time",
+            f"{_num(time_s.wall)} s (model load {_num(time_s.model_load)} s, generate {_num(time_s.generate)} s)",
         ),
-        (
-            "latency p50",
-            f"first token {_num(latency.time_to_first_token_p50, 's')}, total {_num(latency.total_p50, 's')}",
-        ),
+        ("throughput", _rates_line(throughput.per_wall_s, "wall time")),
+        ("", _rates_line(throughput.per_generate_s, "generate time")),
+        ("first token", _distribution_line(latency.time_to_first_token)),
+        ("total", _distribution_line(latency.total)),
         ("output", summary.output),
     ]
     if requests.skipped:
@@ -209,20 +255,35 @@ def _counts(counts: dict[str, int]) -> str:
     return f"{counts.get('total', 0)}" + (f" ({kinds})" if kinds else "")
 
 
+def _rates_line(rates: Rates, denominator: str) -> str:
+    return (
+        f"{_num(rates.requests)} req/s, {_num(rates.prompt_tokens)} prompt tok/s, "
+        f"{_num(rates.completion_tokens)} completion tok/s (per second of {denominator})"
+    )
+
+
+def _distribution_line(values: Distribution) -> str:
+    return (
+        ", ".join(f"{name} {_num(getattr(values, name))} s" for name in ("mean", "p50", "p90", "p99"))
+        + " (seconds from batch start)"
+    )
+
+
+def _round(value: float) -> float:
+    return round(value, DECIMALS)
+
+
 def _rate(amount: float, seconds: float) -> float | None:
-    return amount / seconds if seconds > 0 else None
+    return _round(amount / seconds) if seconds > 0 else None
 
 
 def _quantile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+        return _round(values[0])
+    return _round(statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1])
 
 
-def _num(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    text = f"{value:.3f}" if value < 10 else f"{value:,.0f}"
-    return f"{text} {unit}".strip()
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.{DECIMALS}f}"

@@ -17,18 +17,17 @@ from typing import Any
 from tqdm import tqdm
 
 import fiddler_batch
+from fiddler_batch.assemble import ChoiceCollector, TokenText, build_record
 from fiddler_batch.errors import BadRecordError
 from fiddler_batch.generation import BatchEngine
 from fiddler_batch.io.atomic import atomic_write_text
 from fiddler_batch.io.readers import RawRecord, count_records, read_records
-from fiddler_batch.io.records import OutputRecord, Timing, record_fields
 from fiddler_batch.io.requests import BadRecord, to_requests
 from fiddler_batch.io.workfolder import WorkFolder, merged_lines
 from fiddler_batch.io.writers import WRITERS, write_jsonl
 from fiddler_batch.prompts import Prepared, prepare
 from fiddler_batch.report import Report, RunSummary
 from fiddler_batch.schedulers import SCHEDULERS
-from fiddler_batch.scheduling import Finished
 from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchingSpec, JobSpec
 
 PROGRESS_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
@@ -85,7 +84,7 @@ def run_job(spec: JobSpec, *, progress: bool = False, engine: BatchEngine | None
     return summary
 
 
-def progress_bar(total: int, enabled: bool, file: Any = None, ncols: int | None = None) -> tqdm:
+def progress_bar(total: int | None, enabled: bool, file: Any = None, ncols: int | None = None) -> tqdm:
     """The run's progress bar (requests, with the input and output token rates as its postfix)."""
     return tqdm(
         total=total,
@@ -106,13 +105,18 @@ def rates_postfix(prompt_tokens: int, completion_tokens: int, seconds: float) ->
 
 def _run_windows(spec: JobSpec, engine: BatchEngine, work: WorkFolder, report: Report, bar: tqdm) -> None:
     scheduler = SCHEDULERS[spec.batching.scheduler]
+    collector, text = ChoiceCollector(), TokenText(engine.tokenizer)
     windows = _prepared_windows(spec, engine, work, report, bar)
     for number, group in enumerate(scheduler(engine, windows, _resolved(spec.batching, engine))):
-        records = [_record(finished, group.stats, spec) for finished in group.finished]
-        work.write_part("results", number, records)
+        complete = [done for finished in group.finished if (done := collector.add(finished, group.stats))]
+        records = [build_record(choices, spec, text) for choices in complete]
+        if records:
+            work.write_part("results", number, records)
         report.add_group(group, records)
         bar.update(len(records))
         bar.set_postfix_str(rates_postfix(report.prompt_tokens, report.completion_tokens, report.generate_s))
+    if collector.waiting():  # every choice of a request runs in the same window, so none can be left
+        raise RuntimeError(f"requests at input indices {collector.waiting()} are missing choices")
 
 
 def _resolved(batching: BatchingSpec, engine: BatchEngine) -> BatchingSpec:
@@ -134,8 +138,9 @@ def _prepared_windows(
     spec: JobSpec, engine: BatchEngine, work: WorkFolder, report: Report, bar: tqdm
 ) -> Iterator[list[Prepared]]:
     """The job's requests, tokenized, a window at a time; bad records are written to error parts on the way."""
-    for window_id, window in enumerate(_windows(read_records(spec.input), spec.batching.window)):
-        requests, bad = to_requests(window, spec.input, spec.generation)
+    columns = spec.output.include_columns
+    for window_id, window in enumerate(_windows(read_records(spec.input, columns), spec.batching.window)):
+        requests, bad = to_requests(window, spec.input, spec.generation, columns)
         prepared, too_long = prepare(requests, engine.tokenizer, engine.max_context)
         _skip(sorted(bad + too_long, key=lambda b: b.index), window_id, spec, work, report)
         bar.update(len(bad) + len(too_long))
@@ -158,38 +163,9 @@ def _skip(records: list[BadRecord], window_id: int, spec: JobSpec, work: WorkFol
     report.skipped += len(records)
 
 
-def _record(finished: Finished, stats: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
-    item, completion = finished.item, finished.completion
-    record = OutputRecord(
-        id=item.request.id,
-        index=item.request.index,
-        prompt=item.text,
-        completion=completion.text,
-        completion_token_ids=completion.token_ids,
-        prompt_tokens=item.prompt_tokens,
-        completion_tokens=len(completion.token_ids),
-        finish_reason=completion.finish_reason,
-        timing=Timing(
-            batch_start=finished.batch_start,
-            time_to_first_token_s=completion.time_to_first_token_s,
-            decode_s=completion.decode_s,
-            total_s=completion.total_s,
-            decode_tokens_per_s=completion.decode_tokens_per_s,
-        ),
-        batch_id=finished.batch_id,
-        batch_kind=finished.batch_kind,
-        batch_size=finished.batch_size,
-        generation=item.request.generation,
-        engine_stats=stats,
-    )
-    return record.model_dump(
-        mode="json", include=set(record_fields(spec.output.include_prompt, spec.output.include_token_ids))
-    )
-
-
 def _merge(spec: JobSpec, work: WorkFolder) -> None:
     """Merge the part files into the output and the error parts into the errors file, in input order."""
-    WRITERS[spec.output_format].write(spec.output.path, merged_lines(work.parts("results")), spec.output)
+    WRITERS[spec.output_format].write(spec.output.path, merged_lines(work.parts("results")), spec)
     write_jsonl(spec.errors_path, merged_lines(work.parts("errors")))
     if not spec.output.keep_parts:
         work.remove()

@@ -12,17 +12,19 @@ which also loads the YAML, resolves relative paths and applies command-line over
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-InputFormatName = Literal["jsonl", "parquet"]
+InputFormatName = Literal["jsonl", "parquet", "openai"]
 """Formats requests can be read from (each has a reader in `fiddler_batch.io.readers.READERS`)."""
-OutputFormatName = Literal["jsonl", "parquet"]
+OutputFormatName = Literal["jsonl", "parquet", "openai"]
 """Formats results can be written in (each has a writer in `fiddler_batch.io.writers.WRITERS`)."""
 InputFormat = Literal["auto", InputFormatName]
 OutputFormat = Literal["auto", OutputFormatName]
+CompressionName = Literal["gzip", "zstd"]
+"""Whole-file compressions of JSONL input (Parquet compresses inside the file)."""
 
 INPUT_SUFFIXES: dict[str, InputFormatName] = {
     ".jsonl": "jsonl",
@@ -31,13 +33,45 @@ INPUT_SUFFIXES: dict[str, InputFormatName] = {
     ".pq": "parquet",
 }
 OUTPUT_SUFFIXES: dict[str, OutputFormatName] = {".jsonl": "jsonl", ".parquet": "parquet"}
+COMPRESSION_SUFFIXES: dict[str, CompressionName] = {".gz": "gzip", ".zst": "zstd"}
+
+RemoteURL = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://")]
+"""An fsspec URL (`s3://bucket/data/*.jsonl`, `hf://datasets/...`, `https://...`): kept as text, never resolved
+against a folder."""
+Location = RemoteURL | Path
 
 
-def input_format(path: Path, declared: str) -> InputFormatName | None:
-    """The declared input format, else the one the file's extension names (None if unknown)."""
+def is_remote(location: Location | str) -> bool:
+    """`location` is a URL read through fsspec rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def file_name(location: Location | str) -> str:
+    """The last component of a path or URL (a URL's query and fragment left out)."""
+    text = str(location).split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    return text.rsplit("/", 1)[-1]
+
+
+def compression_of(location: Location | str, declared: str = "auto") -> CompressionName | None:
+    """The declared compression, else the one the name's last extension names (None: not compressed)."""
+    if declared != "auto":
+        return None if declared == "none" else declared  # type: ignore[return-value]
+    return COMPRESSION_SUFFIXES.get(_suffix(file_name(location)))
+
+
+def _suffix(name: str) -> str:
+    return ("." + name.rsplit(".", 1)[-1].lower()) if "." in name else ""
+
+
+def input_format(path: Location | str, declared: str) -> InputFormatName | None:
+    """The declared input format, else the one the file's extension names, under a compression extension
+    (`data.jsonl.gz` is JSONL); None if unknown."""
     if declared != "auto":
         return declared  # type: ignore[return-value]
-    return INPUT_SUFFIXES.get(path.suffix.lower())
+    name = file_name(path)
+    if _suffix(name) in COMPRESSION_SUFFIXES:
+        name = name[: -len(_suffix(name))]
+    return INPUT_SUFFIXES.get(_suffix(name))
 
 
 def output_format(path: Path, declared: str) -> OutputFormatName | None:
@@ -64,10 +98,39 @@ class GenerationSpec(BaseModel):
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p. 1 keeps all."""
     top_k: int = Field(0, ge=0)
     """Sample among the top_k most likely tokens only. 0 keeps all."""
+    min_p: float = Field(0.0, ge=0, le=1)
+    """Sample only among tokens at least min_p times as likely as the most likely one. 0 keeps all."""
     num_beams: int = Field(1, ge=1)
-    """Beam search width. 1 means no beam search. Beam search is deterministic: it needs temperature 0."""
+    """Beam search width. 1 means no beam search. Beam search is deterministic: it takes no sampling settings
+    (temperature, top_p, top_k, min_p, presence and frequency penalties), no n > 1, no logprobs, no
+    stop_token_ids and no ignore_eos."""
+    n: int = Field(1, ge=1, le=128)
+    """Completions per prompt. Each has its own random stream (from the request's seed and the choice's index),
+    so it does not depend on the batch; n > 1 needs temperature > 0."""
     stop: list[str] = Field(default_factory=list)
     """Stop strings: generation ends when the completion contains one; the completion is cut before it."""
+    stop_token_ids: list[int] = Field(default_factory=list)
+    """Token ids that end a completion as EOS does (the token is kept in the token ids, left out of the text)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS until max_new_tokens (stop strings and stop_token_ids still end a completion)."""
+    min_tokens: int = Field(0, ge=0)
+    """Tokens to generate at least: EOS and stop_token_ids are masked, and stop strings not looked for, until
+    then."""
+    repetition_penalty: float = Field(1.0, gt=0)
+    """Penalty for every token already in the prompt or the completion (as transformers'
+    RepetitionPenaltyLogitsProcessor: its logit is divided by the penalty when positive, multiplied when
+    negative). 1 is off; above 1 discourages repeats."""
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    """Subtracted from the logit of every token that appears in the completion so far (as OpenAI and vLLM). 0 is
+    off."""
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    """Subtracted from the logit of every token once per time it appears in the completion so far (as OpenAI and
+    vLLM). 0 is off."""
+    logprobs: bool = False
+    """Add the log-probability of each generated token (log-softmax of the model's raw logits, before
+    temperature and penalties) to the record."""
+    top_logprobs: int = Field(0, ge=0, le=20)
+    """With logprobs: also the top_logprobs most likely alternatives at each position, with theirs."""
     seed: int = Field(0, ge=0)
     """Sampling seed. Each request samples from its own random stream, seeded from this seed and the request's
     id (or from the record's own `seed` column), so its completion does not depend on the batch it lands in."""
@@ -86,44 +149,158 @@ class GenerationSpec(BaseModel):
             )
         return value
 
-    @model_validator(mode="after")
-    def _beams_are_greedy(self) -> GenerationSpec:
-        if self.num_beams > 1 and self.temperature > 0:
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _one_stop_token(cls, value: object) -> object:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids_are_ids(cls, value: list[int]) -> list[int]:
+        if any(token < 0 for token in value):
             raise PydanticCustomError(
-                "beams_with_sampling",
-                "beam search (num_beams > 1) cannot sample (temperature > 0)",
-                {"fix": "set temperature: 0 for beam search, or num_beams: 1 for sampling", "key": "num_beams"},
+                "negative_token_id", "token ids are never negative", {"fix": "list token ids (0 or more)"}
             )
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> GenerationSpec:
+        for check in (_beam_problem, _choices_problem, _length_problem, _logprobs_problem):
+            problem = check(self)
+            if problem is not None:
+                raise problem
         return self
 
     @property
     def samples(self) -> bool:
         return self.temperature > 0
 
+    @property
+    def penalizes(self) -> bool:
+        """Some penalty changes the logits."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _beam_problem(spec: GenerationSpec) -> PydanticCustomError | None:
+    """Settings that make no sense with beam search, or that beam search cannot honour per request."""
+    if spec.num_beams == 1:
+        return None
+    if spec.temperature > 0:
+        return PydanticCustomError(
+            "beams_with_sampling",
+            "beam search (num_beams > 1) cannot sample (temperature > 0)",
+            {"fix": "set temperature: 0 for beam search, or num_beams: 1 for sampling", "key": "num_beams"},
+        )
+    sampling = [
+        name
+        for name, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0))
+        if getattr(spec, name) != off  # these shape sampling only: beam search would silently ignore them
+    ]
+    if sampling:
+        return PydanticCustomError(
+            "beams_with_sampling_settings",
+            "beam search (num_beams > 1) does not sample, so {names} would have no effect",
+            {"names": " and ".join(sampling), "fix": "remove them, or set num_beams: 1 to sample", "key": "num_beams"},
+        )
+    if spec.n > 1:
+        return PydanticCustomError(
+            "beams_with_n",
+            "beam search (num_beams > 1) returns one completion per request, not n",
+            {"fix": "set n: 1 for beam search, or num_beams: 1 and temperature > 0 for n samples", "key": "n"},
+        )
+    unsupported = [
+        name for name in ("presence_penalty", "frequency_penalty", "logprobs") if getattr(spec, name)
+    ]  # sampling penalties, and log-probabilities of one sequence among the beams'
+    if unsupported:
+        return PydanticCustomError(
+            "beams_with_unsupported",
+            "beam search (num_beams > 1) does not support {names}",
+            {
+                "names": " and ".join(unsupported),
+                "fix": "remove them (repetition_penalty and min_tokens do work with beams), or set num_beams: 1",
+                "key": "num_beams",
+            },
+        )
+    per_batch = [name for name in ("stop_token_ids", "ignore_eos") if getattr(spec, name)]
+    if per_batch:
+        return PydanticCustomError(
+            "beams_with_stop_tokens",
+            "beam search (num_beams > 1) ends its beams at EOS for the whole batch: {names} cannot apply per request",
+            {
+                "names": " and ".join(per_batch),
+                "fix": "use stop strings with beam search, or num_beams: 1",
+                "key": "num_beams",
+            },
+        )
+    return None
+
+
+def _choices_problem(spec: GenerationSpec) -> PydanticCustomError | None:
+    if spec.n > 1 and spec.temperature == 0:
+        return PydanticCustomError(
+            "greedy_choices",
+            "n > 1 with temperature 0 gives n identical completions",
+            {"fix": "set temperature > 0 to sample n different completions, or n: 1", "key": "n"},
+        )
+    return None
+
+
+def _length_problem(spec: GenerationSpec) -> PydanticCustomError | None:
+    if spec.min_tokens > spec.max_new_tokens:
+        return PydanticCustomError(
+            "min_above_max",
+            "min_tokens ({min_tokens}) is above max_new_tokens ({max_new_tokens})",
+            {
+                "min_tokens": spec.min_tokens,
+                "max_new_tokens": spec.max_new_tokens,
+                "fix": "lower min_tokens or raise max_new_tokens",
+                "key": "min_tokens",
+            },
+        )
+    return None
+
+
+def _logprobs_problem(spec: GenerationSpec) -> PydanticCustomError | None:
+    if spec.top_logprobs > 0 and not spec.logprobs:
+        return PydanticCustomError(
+            "top_logprobs_without_logprobs",
+            "top_logprobs asks for alternatives to log-probabilities that are not asked for",
+            {"fix": "set logprobs: true as well, or top_logprobs: 0", "key": "top_logprobs"},
+        )
+    return None
+
 
 GENERATION_KEYS = tuple(GenerationSpec.model_fields)
 
 
 class InputSpec(BaseModel):
-    """Where the requests come from: JSONL or Parquet files, one request per line or row."""
+    """Where the requests come from: JSONL, Parquet or OpenAI batch files, one request per line or row."""
 
     model_config = _config()
 
-    path: Path
-    """An input file, or a glob of files (`data/*.parquet`), read in sorted order. Relative paths are relative to
-    the job file's folder."""
+    path: Location = Field(union_mode="left_to_right")
+    """An input file, or a glob of files (`data/*.parquet`), local or remote: an fsspec URL (`s3://`, `gs://`,
+    `hf://`, `https://`, ...) needs fsspec and the protocol's package. Relative paths are relative to the job
+    file's folder."""
     format: InputFormat = "auto"
-    """'jsonl' or 'parquet'; 'auto' picks by extension (.jsonl/.ndjson, .parquet/.pq)."""
+    """'jsonl', 'parquet' or 'openai' (OpenAI batch lines: custom_id, url, body); 'auto' picks by extension
+    (.jsonl/.ndjson, .parquet/.pq), under a .gz or .zst extension."""
+    compression: Literal["auto", "none", "gzip", "zstd"] = "auto"
+    """Whole-file compression of JSONL and OpenAI input; 'auto' picks by extension (.gz gzip, .zst zstd, which
+    needs the zstandard package)."""
+    glob_order: Literal["sorted", "natural"] = "sorted"
+    """Order of the files a glob matches: 'sorted' (by name, character by character) or 'natural' (numbers in
+    names compared as numbers: part-2 before part-10)."""
     id_column: str = "id"
     """Column holding each request's id. Records without one get `FILE:LINE` (JSONL) or `FILE:ROW` (Parquet)."""
     prompt_column: str = "prompt"
     """Column holding a plain-text prompt (tokenized as is, with the tokenizer's special tokens)."""
     messages_column: str = "messages"
     """Column holding a chat conversation: a list of {role, content}, rendered with the tokenizer's chat
-    template. Each record has either a prompt or messages."""
+    template (content: a string, or a list of text parts). Each record has either a prompt or messages."""
     override_columns: list[str] = Field(default_factory=lambda: list(GENERATION_KEYS))
     """Columns that override generation settings per record when present and not null (names as in
-    `generation`). [] ignores them all."""
+    `generation`; in OpenAI batch input, the body's settings). [] ignores them all."""
     limit: int | None = Field(None, ge=1)
     """Run only the first `limit` records (in input order). null runs them all."""
 
@@ -139,6 +316,10 @@ class InputSpec(BaseModel):
             )
         return value
 
+    def may_override(self, *names: str) -> bool:
+        """Records may set one of `names` themselves."""
+        return any(name in self.override_columns for name in names)
+
 
 class OutputSpec(BaseModel):
     """Where the results go: one record per request, in input order."""
@@ -146,14 +327,20 @@ class OutputSpec(BaseModel):
     model_config = _config()
 
     path: Path
-    """The results file (JSONL or Parquet). Beside it the run writes `STEM.summary.json`, `STEM.errors.jsonl`
-    and, while running, the work folder `STEM.parts/`. Relative paths are relative to the job file's folder."""
+    """The results file (JSONL, Parquet or OpenAI batch output). Beside it the run writes `STEM.summary.json`,
+    `STEM.errors.jsonl` and, while running, the work folder `STEM.parts/`. Relative paths are relative to the
+    job file's folder."""
     format: OutputFormat = "auto"
-    """'jsonl' or 'parquet'; 'auto' picks by extension (.jsonl, .parquet)."""
+    """'jsonl', 'parquet' or 'openai' (one OpenAI batch response line per request, keyed by custom_id); 'auto'
+    picks by extension (.jsonl, .parquet)."""
     include_prompt: bool = False
     """Copy each request's prompt into its record (for chat records: the rendered conversation)."""
     include_token_ids: bool = False
     """Add the completion's token ids to each record."""
+    include_columns: list[str] | Literal["all"] = Field(default_factory=list)
+    """Input columns copied into each record's `columns` (labels, metadata), so no join is needed afterwards:
+    a list of names (a name a record lacks gives null), 'all' for every column of the input record, or [] for
+    none."""
     keep_parts: bool = False
     """Keep the work folder of per-batch part files after they are merged into the results file."""
 

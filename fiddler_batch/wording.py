@@ -91,13 +91,22 @@ def expected_value(field: FieldInfo) -> str:
 
 def type_words(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        constraints = [getattr(item, "pattern", None) for item in annotation.__metadata__]
+        return "a URL" if any(c and "://" in c for c in constraints) else type_words(typing.get_args(annotation)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(arg) for arg in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
         args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return " or ".join(type_words(arg) for arg in args) + " or null"
+        optional = len(args) < len(typing.get_args(annotation))
+        return " or ".join(type_words(arg) for arg in args) + (" or null" if optional else "")
     if origin is list:
-        return "a list of " + type_words(typing.get_args(annotation)[0]).removeprefix("a ") + "s"
+        item = typing.get_args(annotation)[0]
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return f"a list of objects ({', '.join(item.model_fields)})"
+        return "a list of " + type_words(item).removeprefix("a ") + "s"
+    if origin is dict or annotation is dict:
+        return "a mapping"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "a mapping of keys"
     return {int: "a whole number", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(

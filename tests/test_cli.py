@@ -123,7 +123,7 @@ def test_summary_adds_up(e2e: Any) -> None:
     _, folder = e2e
     summary = json.loads((folder / "out" / "results.summary.json").read_text())
     records = read_jsonl(folder / "out" / "results.jsonl")
-    assert summary["requests"] == {"completed": 7, "skipped": 2, "total": 9}
+    assert summary["requests"] == {"completed": 7, "skipped": 2, "total": 9, "completions": 7}
     assert summary["tokens"] == {
         "prompt": sum(r["prompt_tokens"] for r in records),
         "completion": sum(r["completion_tokens"] for r in records),
@@ -131,7 +131,16 @@ def test_summary_adds_up(e2e: Any) -> None:
     assert summary["batches"]["total"] == len({r["batch_id"] for r in records})
     assert sum(summary["finish_reasons"].values()) == 7
     assert summary["time_s"]["wall"] >= summary["time_s"]["generate"] > 0
-    assert summary["throughput"]["completion_tokens_per_s"] > 0
+    assert summary["throughput"]["per_generate_s"]["completion_tokens"] > 0
+    assert (
+        summary["throughput"]["per_wall_s"]["completion_tokens"]
+        < summary["throughput"]["per_generate_s"]["completion_tokens"]
+    )
+    for name in ("time_to_first_token", "total"):
+        latency = summary["latency_s"][name]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] and latency["mean"] > 0
+    numbers = [summary["time_s"]["wall"], *summary["throughput"]["per_wall_s"].values(), *latency.values()]
+    assert all(round(x, 3) == x for x in numbers)  # one precision everywhere
     assert summary["device"] == "cpu"
 
 

@@ -175,3 +175,19 @@ def test_the_kv_pool_reuses_and_coalesces_freed_ranges() -> None:
     pool.release(0, 55)
     pool.release(c, 30)
     assert pool.free == [(0, 100)]
+
+
+def test_penalties_stop_tokens_and_logprobs_give_what_static_batches_give(engine: Any) -> None:
+    settings = {"repetition_penalty": 1.3, "presence_penalty": 0.4, "min_tokens": 3, "logprobs": True}
+    prepared = items(200, temperature=0.8, top_logprobs=2, stop_token_ids=[65, 66], **settings)
+    batching = BatchingSpec(max_batch_size=3, **SMALL_STEPS)
+    static = {f.item.request.id: f.completion for g in static_batches(engine, [prepared], batching) for f in g.finished}
+    groups = list(continuous_batches(engine, [prepared], BatchingSpec(**SMALL_STEPS)))
+    continuous = {f.item.request.id: f.completion for g in groups for f in g.finished}
+    assert {k: c.token_ids for k, c in continuous.items()} == {k: c.token_ids for k, c in static.items()}
+    assert {k: c.finish_reason for k, c in continuous.items()} == {k: c.finish_reason for k, c in static.items()}
+    for key, completion in continuous.items():
+        assert len(completion.logprobs) == len(completion.token_ids)
+        for ours, theirs in zip(completion.logprobs, static[key].logprobs, strict=True):
+            assert ours.token_id == theirs.token_id and len(ours.top) == 2
+            assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)

@@ -194,3 +194,22 @@ def test_shipped_job_is_valid_and_spells_out_every_key() -> None:
 def test_write_job_helper_makes_a_valid_job(tmp_path: Path) -> None:
     spec = load_job(write_job(tmp_path, [{"prompt": "hi"}], generation={"max_new_tokens": 3}))
     assert spec.generation.max_new_tokens == 3 and spec.engine.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("generation", "message"),
+    [
+        ("  num_beams: 3\n  top_p: 0.9\n", "does not sample, so top_p would have no effect"),
+        ("  num_beams: 3\n  n: 2\n", "returns one completion per request, not n"),
+        ("  num_beams: 3\n  logprobs: true\n", "does not support logprobs"),
+        ("  num_beams: 3\n  ignore_eos: true\n", "ignore_eos cannot apply per request"),
+        ("  n: 4\n", "n > 1 with temperature 0 gives n identical completions"),
+        ("  top_logprobs: 3\n", "top_logprobs asks for alternatives"),
+        ("  min_tokens: 10\n  max_new_tokens: 5\n", "min_tokens (10) is above max_new_tokens (5)"),
+    ],
+)
+def test_settings_that_make_no_sense_together_are_refused_with_a_fix(
+    tmp_path: Path, generation: str, message: str
+) -> None:
+    [problem] = problems(job_text(tmp_path, MINIMAL + "generation:\n" + generation))
+    assert message in problem and "fix: " in problem

@@ -17,7 +17,15 @@ from fiddler_batch.io.atomic import FILE_MODE, _file_mode, atomic_write_text
 from fiddler_batch.io.records import OutputRecord, arrow_schema
 from fiddler_batch.io.workfolder import WorkFolder, merged_lines
 from fiddler_batch.io.writers import WRITERS, write_jsonl, write_parquet
-from fiddler_batch.spec import GenerationSpec, OutputFormatName, OutputSpec
+from fiddler_batch.spec import (
+    GENERATION_KEYS,
+    GenerationSpec,
+    InputSpec,
+    JobSpec,
+    ModelSpec,
+    OutputFormatName,
+    OutputSpec,
+)
 
 from jobhelpers import read_jsonl
 
@@ -141,21 +149,33 @@ def a_record(**generation: object) -> dict[str, object]:
     }
 
 
+def a_job(tmp_path: Path, restricted: bool = False, **output: object) -> JobSpec:
+    """A job writing `tmp_path/o.parquet`; `restricted` lets records override no setting."""
+    return JobSpec(
+        model=ModelSpec(path="demo:tiny-mixtral"),
+        input=InputSpec(path=tmp_path / "in.jsonl", override_columns=[] if restricted else GENERATION_KEYS),
+        output=OutputSpec(path=tmp_path / "o.parquet", **output),
+    )
+
+
 @pytest.mark.parametrize("include", [(False, False), (True, True)])
 def test_parquet_output_holds_every_field_that_jsonl_output_holds(tmp_path: Path, include: tuple[bool, bool]) -> None:
-    spec = OutputSpec(path=tmp_path / "o.parquet", include_prompt=include[0], include_token_ids=include[1])
+    job = a_job(tmp_path, include_prompt=include[0], include_token_ids=include[1])
     record = OutputRecord.model_validate(a_record()).model_dump(
-        mode="json", exclude={name for name, wanted in zip(("prompt", "completion_token_ids"), include) if not wanted}
+        mode="json",
+        exclude={name for name, wanted in zip(("prompt", "completion_token_ids"), include) if not wanted}
+        | {"logprobs", "choices", "columns", "endpoint"},
     )
-    count = write_parquet(spec.path, [json.dumps(record) + "\n"] * 3, spec)
-    rows = pq.read_table(spec.path).to_pylist()
+    count = write_parquet(job.output.path, [json.dumps(record) + "\n"] * 3, job)
+    rows = pq.read_table(job.output.path).to_pylist()
     assert count == 3 and len(rows) == 3
+    assert rows[0].pop("logprobs") is None and rows[0].pop("choices") is None  # the job may ask for them
     assert {**rows[0], "engine_stats": json.loads(rows[0]["engine_stats"])} == record
 
 
-def test_the_parquet_schema_follows_the_record_model_field_by_field() -> None:
-    schema = arrow_schema(True, True)
-    assert schema.names == list(OutputRecord.model_fields)
+def test_the_parquet_schema_follows_the_record_model_field_by_field(tmp_path: Path) -> None:
+    schema = arrow_schema(a_job(tmp_path, include_prompt=True, include_token_ids=True, include_columns="all"))
+    assert schema.names == [name for name in OutputRecord.model_fields if name != "endpoint"]
     assert schema.field("generation").type.num_fields == len(GenerationSpec.model_fields)
     assert [f.name for f in schema.field("timing").type] == [
         "batch_start",
@@ -164,10 +184,10 @@ def test_the_parquet_schema_follows_the_record_model_field_by_field() -> None:
         "total_s",
         "decode_tokens_per_s",
     ]
-    assert (
-        "prompt" not in arrow_schema(False, True).names
-        and "completion_token_ids" not in arrow_schema(True, False).names
-    )
+    assert "prompt" not in arrow_schema(a_job(tmp_path, include_token_ids=True)).names
+    assert "completion_token_ids" not in arrow_schema(a_job(tmp_path, include_prompt=True)).names
+    lean = arrow_schema(a_job(tmp_path, restricted=True)).names  # n = 1 and no logprobs, for every record
+    assert not {"logprobs", "choices", "columns", "endpoint"} & set(lean)
 
 
 def test_every_output_format_has_a_writer() -> None:

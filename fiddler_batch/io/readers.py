@@ -1,8 +1,10 @@
-"""Streaming readers: JSONL and Parquet files, one raw record per line or row, in input order.
+"""Streaming readers: JSONL, Parquet and OpenAI batch files, one raw record per line or row, in input order.
 
 Parquet is read with pyarrow, a row group batch at a time and only the columns the job uses, so files larger
-than memory work. JSONL is read line by line, so a malformed line is reported with its line number and the
-lines after it still run. `READERS` is the registry of input formats; `spec.InputFormatName` lists its names.
+than memory work. JSONL is read line by line (gzip or zstd files decompressed on the way), so a malformed line
+is reported with its line number and the lines after it still run. OpenAI batch files are JSONL whose lines are
+turned into the job's columns by `fiddler_batch.io.openai`. Files may be local or remote (`io.files`).
+`READERS` is the registry of input formats; `spec.InputFormatName` lists its names.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ import itertools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fiddler_batch.errors import InputError, Problem
-from fiddler_batch.io.files import display_names, input_files
-from fiddler_batch.spec import InputFormatName, InputSpec, input_format
+from fiddler_batch.io.files import display_names, input_files, open_binary
+from fiddler_batch.io.openai import Failure, request_columns
+from fiddler_batch.spec import InputFormatName, InputSpec, Location, compression_of, input_format, is_remote
+
+Columns = list[str] | Literal["all"]
+"""Input columns a job copies into its records (`output.include_columns`)."""
 
 PARQUET_BATCH_ROWS = 1024
 
@@ -33,53 +38,75 @@ class RawRecord:
     row: int | None
     data: dict[str, Any] | None
     problem: Problem | None = None
+    source: dict[str, Any] | None = None
+    """The record as written, when `data` is a translation of it (OpenAI batch lines): what 'all' copies."""
+    endpoint: str | None = None
+    """The OpenAI endpoint the record asks for (OpenAI batch input only)."""
 
 
-def read_records(spec: InputSpec) -> Iterator[RawRecord]:
-    """Every record of the input files in order, the first `spec.limit` of them when set."""
-    files = input_files(spec.path)
+def read_records(spec: InputSpec, columns: Columns = ()) -> Iterator[RawRecord]:
+    """Every record of the input files in order, the first `spec.limit` of them when set; `columns` are read
+    too (Parquet reads only the columns the job uses)."""
+    files = input_files(spec.path, spec.glob_order)
     streams = (
-        reader_for(file, spec).read(file, name, spec) for file, name in zip(files, display_names(files), strict=True)
+        reader_for(file, spec).read(file, name, spec, columns)
+        for file, name in zip(files, display_names(files), strict=True)
     )
     return itertools.islice(itertools.chain.from_iterable(streams), spec.limit)
 
 
-def count_records(spec: InputSpec) -> int:
-    """How many records `read_records` will yield (Parquet: from the footers; JSONL: a quick line count)."""
-    files = input_files(spec.path)
+def count_records(spec: InputSpec) -> int | None:
+    """How many records `read_records` will yield (Parquet: from the footers; JSONL: a quick line count), or
+    None for remote JSONL, which would have to be downloaded twice to count."""
+    files = input_files(spec.path, spec.glob_order)
     total = 0
     for file, name in zip(files, display_names(files), strict=True):
-        total += reader_for(file, spec).count(file, name)
+        count = reader_for(file, spec).count(file, name, spec)
+        if count is None:
+            return spec.limit
+        total += count
         if spec.limit is not None and total >= spec.limit:
             return spec.limit
     return total
 
 
-def reader_for(path: Path, spec: InputSpec) -> Reader:
+def reader_for(path: Location, spec: InputSpec) -> Reader:
     """The reader of one input file (its format is known: the job spec was validated)."""
     return READERS[input_format(path, spec.format) or "jsonl"]
 
 
-def _open_jsonl(path: Path, name: str) -> IO[bytes]:
-    try:
-        return path.open("rb")
-    except OSError as exc:
-        raise InputError(
-            [Problem(name, "(file)", f"cannot read it: {exc.strerror or exc}", "check the file")]
-        ) from None
+def _open_jsonl(path: Location, name: str, spec: InputSpec) -> IO[bytes]:
+    return open_binary(path, name, compression_of(path, spec.compression))
 
 
-def _count_jsonl(path: Path, name: str) -> int:
-    with _open_jsonl(path, name) as handle:
+def _count_jsonl(path: Location, name: str, spec: InputSpec) -> int | None:
+    if is_remote(path):
+        return None
+    with _open_jsonl(path, name, spec) as handle:
         return sum(1 for line in handle if line.strip())
 
 
-def _read_jsonl(path: Path, name: str, spec: InputSpec) -> Iterator[RawRecord]:
-    with _open_jsonl(path, name) as handle:
+def _read_jsonl(path: Location, name: str, spec: InputSpec, columns: Columns = ()) -> Iterator[RawRecord]:
+    with _open_jsonl(path, name, spec) as handle:
         for line_number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             yield _parse_json_line(raw.strip(), name, line_number)
+
+
+def _read_openai(path: Location, name: str, spec: InputSpec, columns: Columns = ()) -> Iterator[RawRecord]:
+    """OpenAI batch lines, each turned into the job's columns (id, prompt or messages, settings)."""
+    for raw in _read_jsonl(path, name, spec):
+        if raw.data is None:
+            yield raw
+            continue
+        translated = request_columns(raw.data, spec)
+        if isinstance(translated, Failure):
+            problem = Problem(name, translated.key, translated.message, translated.fix, line=raw.line)
+            yield RawRecord(name, raw.line, None, None, problem, source=raw.data)
+        else:
+            data, endpoint = translated
+            yield RawRecord(name, raw.line, None, data, source=raw.data, endpoint=endpoint)
 
 
 def _parse_json_line(raw: bytes, name: str, line: int) -> RawRecord:
@@ -111,9 +138,10 @@ def _parse_json_line(raw: bytes, name: str, line: int) -> RawRecord:
     return RawRecord(name, line, None, data)
 
 
-def _open_parquet(path: Path, name: str) -> pq.ParquetFile:
+def _open_parquet(path: Location, name: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        source: Any = open_binary(path, name) if is_remote(path) else path
+        return pq.ParquetFile(source)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(
             [
@@ -127,30 +155,44 @@ def _open_parquet(path: Path, name: str) -> pq.ParquetFile:
         ) from None
 
 
-def _read_parquet(path: Path, name: str, spec: InputSpec) -> Iterator[RawRecord]:
+def _read_parquet(path: Location, name: str, spec: InputSpec, columns: Columns = ()) -> Iterator[RawRecord]:
     parquet = _open_parquet(path, name)
-    columns = parquet.schema_arrow.names
-    if spec.prompt_column not in columns and spec.messages_column not in columns:
+    names = parquet.schema_arrow.names
+    if spec.prompt_column not in names and spec.messages_column not in names:
         raise InputError(
             [
                 Problem(
                     name,
                     spec.prompt_column,
-                    f"no {spec.prompt_column!r} or {spec.messages_column!r} column (columns: {', '.join(columns)})",
+                    f"no {spec.prompt_column!r} or {spec.messages_column!r} column (columns: {', '.join(names)})",
                     "set input.prompt_column (plain text) or input.messages_column (chat) to the column that holds the "
                     "prompts",
                 )
             ]
         )
+    if columns != "all":
+        missing = [column for column in columns if column not in names]
+        if missing:
+            raise InputError(
+                [
+                    Problem(
+                        name,
+                        "output.include_columns",
+                        f"no column {', '.join(map(repr, missing))} to copy (columns: {', '.join(names)})",
+                        "name columns the file has in output.include_columns",
+                    )
+                ]
+            )
     wanted = {spec.id_column, spec.prompt_column, spec.messages_column, *spec.override_columns}
+    keep = names if columns == "all" else [c for c in names if c in wanted or c in columns]
     row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[c for c in columns if c in wanted]):
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=keep):
         for data in batch.to_pylist():
             yield RawRecord(name, None, row, data)
             row += 1
 
 
-def _count_parquet(path: Path, name: str) -> int:
+def _count_parquet(path: Location, name: str, spec: InputSpec) -> int:
     return _open_parquet(path, name).metadata.num_rows
 
 
@@ -159,13 +201,15 @@ class Reader:
     """How requests are read from one input format."""
 
     name: InputFormatName
-    read: Callable[[Path, str, InputSpec], Iterator[RawRecord]]
-    """(path, the file's display name, the input settings) -> its records in order."""
-    count: Callable[[Path, str], int]
-    """(path, display name) -> how many records `read` yields, found cheaply."""
+    read: Callable[[Location, str, InputSpec, Columns], Iterator[RawRecord]]
+    """(path, the file's display name, the input settings, extra columns to read) -> its records in order."""
+    count: Callable[[Location, str, InputSpec], int | None]
+    """(path, display name, the input settings) -> how many records `read` yields, found cheaply (None: not
+    cheaply)."""
 
 
 READERS: dict[str, Reader] = {
     "jsonl": Reader("jsonl", _read_jsonl, _count_jsonl),
     "parquet": Reader("parquet", _read_parquet, _count_parquet),
+    "openai": Reader("openai", _read_openai, _count_jsonl),
 }

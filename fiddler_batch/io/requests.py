@@ -1,7 +1,11 @@
-"""Turning raw input records into requests: id, prompt or chat messages, and per-record generation settings."""
+"""Turning raw input records into requests: id, prompt or chat messages, per-record generation settings, and the
+input columns the job copies into its records."""
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -10,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fiddler_batch.errors import Problem
-from fiddler_batch.io.readers import RawRecord
+from fiddler_batch.io.readers import Columns, RawRecord
 from fiddler_batch.spec import GenerationSpec, InputSpec
 from fiddler_batch.wording import explain
 
@@ -31,6 +35,10 @@ class Request:
     """The input field the prompt or messages came from (named in error messages)."""
     generation: GenerationSpec
     """The job's settings with this record's overrides applied, and the request's own seed."""
+    columns: dict[str, Any] | None = None
+    """The input columns copied into the request's record (output.include_columns), as JSON values."""
+    endpoint: str | None = None
+    """The OpenAI endpoint the request came from (OpenAI batch input)."""
 
     def problem(self, key: str, message: str, fix: str) -> Problem:
         return Problem(self.file, key, message, fix, line=self.line, row=self.row)
@@ -65,20 +73,23 @@ def request_seed(job_seed: int, request_id: str) -> int:
 
 
 def to_requests(
-    numbered: Iterable[tuple[int, RawRecord]], spec: InputSpec, defaults: GenerationSpec
+    numbered: Iterable[tuple[int, RawRecord]], spec: InputSpec, defaults: GenerationSpec, columns: Columns = ()
 ) -> tuple[list[Request], list[BadRecord]]:
     """`to_request` over (input index, record) pairs: the good requests and the bad records, apart."""
     requests, bad = [], []
     for index, raw in numbered:
-        parsed = to_request(raw, index, spec, defaults)
+        parsed = to_request(raw, index, spec, defaults, columns)
         (bad if isinstance(parsed, BadRecord) else requests).append(parsed)
     return requests, bad
 
 
-def to_request(raw: RawRecord, index: int, spec: InputSpec, defaults: GenerationSpec) -> Request | BadRecord:
-    """The request a raw record describes, or the reason it is bad."""
+def to_request(
+    raw: RawRecord, index: int, spec: InputSpec, defaults: GenerationSpec, columns: Columns = ()
+) -> Request | BadRecord:
+    """The request a raw record describes, or the reason it is bad; `columns` are copied into it."""
     if raw.problem is not None:
-        return BadRecord(index, None, raw.problem)
+        custom_id = (raw.source or {}).get("custom_id")
+        return BadRecord(index, str(custom_id) if custom_id is not None else None, raw.problem)
     data = raw.data or {}
 
     def bad(key: str, message: str, fix: str, request_id: str | None = None) -> BadRecord:
@@ -120,12 +131,13 @@ def to_request(raw: RawRecord, index: int, spec: InputSpec, defaults: Generation
         if not prompt.strip():
             return bad(spec.prompt_column, "empty prompt", "give a non-empty prompt, or remove the record", request_id)
     else:
+        messages = _text_parts_joined(messages)
         message_problem = _check_messages(messages)
         if message_problem:
             return bad(
                 spec.messages_column,
                 message_problem,
-                'give a list like [{"role": "user", "content": "..."}]',
+                'give a list like [{"role": "user", "content": "..."}] (content: a string or a list of text parts)',
                 request_id,
             )
 
@@ -141,7 +153,54 @@ def to_request(raw: RawRecord, index: int, spec: InputSpec, defaults: Generation
         message, fix = explain(error, key, model=GenerationSpec, name=column)
         return bad(column, message, fix, request_id)
     field = spec.prompt_column if prompt is not None else spec.messages_column
-    return Request(index, request_id, raw.file, raw.line, raw.row, prompt, messages, field, generation)
+    carried = carried_columns(raw.source if raw.source is not None else data, columns) if columns else None
+    return Request(
+        index, request_id, raw.file, raw.line, raw.row, prompt, messages, field, generation, carried, raw.endpoint
+    )
+
+
+def carried_columns(data: dict[str, Any], columns: Columns) -> dict[str, Any]:
+    """The columns `columns` names ('all': every one) of an input record, as JSON values (a missing one: null)."""
+    names = list(data) if columns == "all" else columns
+    return {name: json_value(data.get(name)) for name in names}
+
+
+def json_value(value: Any) -> Any:
+    """`value` as JSON can hold it: dates and times as ISO 8601 text, decimals as numbers, bytes as UTF-8 text
+    (base64 when they are not text)."""
+    if isinstance(value, dict):
+        return {str(key): json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(item) for item in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def _text_parts_joined(messages: Any) -> Any:
+    """Messages whose content is a list of text parts ({"type": "text", "text": ...}, as OpenAI's chat API
+    allows) with the parts joined by newlines; anything else is left for `_check_messages` to judge."""
+    if not isinstance(messages, list):
+        return messages
+    joined = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content
+        ):
+            message = {**message, "content": "\n".join(part["text"] for part in content)}
+        joined.append(message)
+    return joined
 
 
 def _check_messages(messages: Any) -> str | None:
@@ -150,11 +209,13 @@ def _check_messages(messages: Any) -> str | None:
     if not messages:
         return "messages is an empty list"
     for i, message in enumerate(messages):
-        if (
-            not isinstance(message, dict)
-            or not isinstance(message.get("role"), str)
-            or not isinstance(message.get("content"), str)
-        ):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            kinds = sorted(
+                {str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content}
+            )
+            return f"message {i} has content parts other than text ({', '.join(kinds)}): only text parts are supported"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(content, str):
             return f"message {i} is not an object with string 'role' and 'content'"
     if not any(message["content"].strip() for message in messages):
         return "every message is empty"

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from fiddler_batch.io.atomic import atomic_file
+from fiddler_batch.io.openai import response_line
 from fiddler_batch.io.records import arrow_schema, to_arrow_row
-from fiddler_batch.spec import OutputFormatName, OutputSpec
+from fiddler_batch.spec import JobSpec, OutputFormatName
 
 PARQUET_ROWS_PER_GROUP = 1024
 
 
-def write_jsonl(path: Path, lines: Iterable[str], spec: OutputSpec | None = None) -> int:
+def write_jsonl(path: Path, lines: Iterable[str], job: JobSpec | None = None) -> int:
     """Write JSON lines to `path` atomically; returns how many."""
     count = 0
     with atomic_file(path) as handle:
@@ -26,12 +27,12 @@ def write_jsonl(path: Path, lines: Iterable[str], spec: OutputSpec | None = None
     return count
 
 
-def write_parquet(path: Path, lines: Iterable[str], spec: OutputSpec) -> int:
+def write_parquet(path: Path, lines: Iterable[str], job: JobSpec) -> int:
     """Write output records (JSON lines) to a Parquet file atomically, a row group at a time; returns how many."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = arrow_schema(spec.include_prompt, spec.include_token_ids)
+    schema = arrow_schema(job)
     count = 0
     with atomic_file(path, "wb") as handle:
         writer = pq.ParquetWriter(handle, schema)
@@ -49,16 +50,25 @@ def write_parquet(path: Path, lines: Iterable[str], spec: OutputSpec) -> int:
     return count
 
 
+def write_openai(path: Path, lines: Iterable[str], job: JobSpec) -> int:
+    """Write one OpenAI batch response line per record (`fiddler_batch.io.openai`), atomically."""
+    responses = (
+        json.dumps(response_line(json.loads(line), job.model.path), ensure_ascii=False) + "\n" for line in lines
+    )
+    return write_jsonl(path, responses)
+
+
 @dataclass(frozen=True)
 class Writer:
     """How results are written in one format."""
 
     name: OutputFormatName
-    write: Callable[[Path, Iterable[str], OutputSpec], int]
-    """(path, records as JSON lines in input order, the job's output settings) -> records written."""
+    write: Callable[[Path, Iterable[str], JobSpec], int]
+    """(path, records as JSON lines in input order, the job) -> records written."""
 
 
 WRITERS: dict[str, Writer] = {
     "jsonl": Writer("jsonl", write_jsonl),
     "parquet": Writer("parquet", write_parquet),
+    "openai": Writer("openai", write_openai),
 }
