@@ -266,7 +266,8 @@ def _reject_quantized(config: Any) -> None:
 
 
 def _apply_dtype_plan(model: nn.Module, dtype: torch.dtype) -> None:
-    """Give parameters under `_keep_in_fp32_modules(_strict)` the dtype from_pretrained would load them in."""
+    """Give parameters and floating buffers under `_keep_in_fp32_modules(_strict)` the dtype from_pretrained would
+    load them in (transformers versions differ in which names the plan holds: routers, correction biases)."""
     get_plan = getattr(model, "_get_dtype_plan", None)
     plan = get_plan(dtype) if get_plan is not None else {}
     if not plan:
@@ -285,6 +286,12 @@ def _apply_dtype_plan(model: nn.Module, dtype: torch.dtype) -> None:
                 if id(param) not in replaced:
                     replaced[id(param)] = nn.Parameter(param.detach().to(wanted), requires_grad=param.requires_grad)
                 module._parameters[leaf] = replaced[id(param)]
+        for leaf, buffer in list(module._buffers.items()):
+            if buffer is None or not buffer.is_floating_point():
+                continue
+            match = alternation.search(f"{module_name}.{leaf}" if module_name else leaf)
+            if match is not None and buffer.dtype != plan[group_to_glob[match.lastgroup]]:
+                module._buffers[leaf] = buffer.to(plan[group_to_glob[match.lastgroup]])
 
 
 def _resolve_dtype(config: Any, dtype: torch.dtype | str, checkpoint: Checkpoint) -> torch.dtype:

@@ -51,9 +51,17 @@ EXPERT_COUNT_KEYS = (
 
 MOE_SWITCHES = ("is_moe", "enable_moe_block", "use_moe")
 
-NOT_BUILT: dict[str, str] = {}
-"""Families with experts that the walk does not build on the CPU, with the reason. The test accepts
-'not built' for these only; with transformers 5.24 every family builds, so the list is empty."""
+NOT_BUILT: dict[str, str] = (
+    {
+        "dbrx": "transformers 5.17's DbrxConfig rejects its own output_attentions argument (fixed in later 5.x)",
+        "doge": "transformers 5.17's eager Doge forward passes a tuple to dropout (fixed in later 5.x)",
+    }
+    if transformers.__version__.startswith("5.17.")
+    else {}
+)
+"""Families with experts that the walk does not build on the CPU, with the reason: bugs of a transformers
+version in the family itself, before the engine is involved. The test accepts 'not built' for these only; with
+transformers 5.24 every family builds, so the list is empty there."""
 
 
 @dataclass
