@@ -30,7 +30,7 @@ import torch
 
 from fiddler_batch.batching import batch_kind
 from fiddler_batch.generation import BatchEngine, Completion, TokenLogprobs, eos_token_ids, finish_text, stop_ids
-from fiddler_batch.packed import ATTENTION, Chunk, KVPool, PackedUnsupported, StepLayout, register
+from fiddler_batch.packed import ATTENTION, Chunk, KVPool, PackedUnsupported, StepLayout, register, unsupported_reason
 from fiddler_batch.prompts import Prepared
 from fiddler_batch.sampling import choose_tokens, pad_rows, row_generator
 from fiddler_batch.scheduling import Finished, Group, static_batches
@@ -229,7 +229,14 @@ class ContinuousBatches:
         self.engine.set_kind(kind)
         self.steps[kind] += 1
         self.rows_served += decoding + len(plan.chunks)
-        logits = self._forward(plan)  # [W, V] for the rows that want a token
+        try:
+            logits = self._forward(plan)  # [W, V] for the rows that want a token
+        except PackedUnsupported:
+            raise
+        except Exception as exc:  # the model's own layers may refuse a packed row (a mask or cache they need)
+            if self.tokens_committed:
+                raise
+            raise PackedUnsupported(f"{type(exc).__name__}: {exc}") from exc
         self.tokens_committed = True
         for row, take in plan.prefilled:
             row.cached += take
@@ -240,11 +247,15 @@ class ContinuousBatches:
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         model, device = self.engine.model, self.engine.device
-        ids = torch.tensor([plan.ids], device=device)  # [1, T]
-        positions = torch.tensor([plan.positions], device=device)  # [1, T]
-        keep = torch.tensor([packed for _, packed in plan.wants_token], device=device)  # [W]
+        ids = torch.tensor([plan.ids], dtype=torch.long, device=device)  # [1, T]
+        positions = torch.tensor([plan.positions], dtype=torch.long, device=device)  # [1, T]
+        keep = torch.tensor([packed for _, packed in plan.wants_token], dtype=torch.long, device=device)  # [W]
         layout = StepLayout(
-            self.pool, torch.tensor(plan.slots, device=device), plan.chunks, plan.decodes, len(plan.ids)
+            self.pool,
+            torch.tensor(plan.slots, dtype=torch.long, device=device),
+            plan.chunks,
+            plan.decodes,
+            len(plan.ids),
         )
         with torch.inference_mode(), packed_attention_on(model), layout:
             output = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
@@ -325,6 +336,11 @@ def continuous_batches(
     to static batches, with a warning, before any of its requests has a result."""
     scheduler = ContinuousBatches(engine, batching)
     source = iter(windows)
+    reason = unsupported_reason(engine.model)
+    if reason is not None:
+        log.warning("the continuous scheduler cannot run this model (%s): using static batches", reason)
+        yield from static_batches(engine, source, batching)
+        return
     try:
         yield from scheduler(source)
     except PackedUnsupported as exc:

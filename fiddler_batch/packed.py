@@ -266,6 +266,22 @@ def _decode_attention(
     return result.reshape(rows, kv_heads * groups, v.shape[-1])
 
 
+TOKEN_MIXERS = ("conv", "mamba", "recurrent", "linearattention", "deltanet", "ssm", "rwkv", "indexer", "retention")
+"""Words in module class names that mark token mixing outside attention (convolutions over the sequence,
+state-space or linear-attention layers, sparse-attention indexers with caches of their own): a packed row
+would mix requests there."""
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the model cannot run packed steps, when that can be told from its modules; None otherwise (the first
+    step still checks that every decoder layer attends through the interface)."""
+    for name, module in model.named_modules():
+        kind = type(module).__name__.lower().replace("_", "")
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) or any(word in kind for word in TOKEN_MIXERS):
+            return f"{name} ({type(module).__name__}) mixes tokens outside attention"
+    return None
+
+
 def register() -> None:
     from transformers import AttentionInterface
 

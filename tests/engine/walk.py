@@ -75,13 +75,15 @@ class Outcome:
     detail: str = ""
     seconds: float = 0.0
     paths: dict[str, dict[str, int]] = field(default_factory=dict)  # plan -> path -> experts computed there
+    scheduling: str = ""
+    """'continuous', or 'static fallback' when the model cannot run packed steps."""
 
     def cell(self) -> str:
         """The outcome column of the table."""
         if self.status == "runs":
             forced = self.paths.get(FORCED_PLAN, {})
             counts = ", ".join(f"{n} {path}" for path, n in forced.items())
-            return f"runs: tokens equal ({counts})"
+            return f"runs: tokens equal ({counts}; {self.scheduling})"
         if self.status == "dense":
             return f"dense: runs whole{f' ({self.detail})' if self.detail else ''}"
         return f"{self.status}: {self.detail}"
@@ -225,8 +227,76 @@ def _check_engine(outcome: Outcome, model: nn.Module) -> Outcome:
         if status != "runs":
             outcome.status, outcome.detail = status, detail
             return outcome
+    try:
+        status, detail = check_continuous(model)
+    except Exception as exc:  # noqa: BLE001 - a crash of the continuous scheduler is a finding
+        status, detail = "defect", f"crash under the continuous scheduler: {type(exc).__name__}: {exc}"[:300]
+    outcome.scheduling = detail
+    if status != "runs":
+        outcome.status, outcome.detail = status, detail
+        return outcome
     outcome.status = "runs"
     return outcome
+
+
+CONTINUOUS_LENGTHS = (3, 11, 7, 16)
+
+
+class _Digits:
+    """A stand-in tokenizer (the tiny models have none): completions are compared as token ids."""
+
+    pad_token_id = eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
+def check_continuous(reference: nn.Module) -> tuple[str, str]:
+    """The continuous scheduler (packed steps, prompts in chunks of 4 tokens beside decoding requests, a KV cache
+    too small for all of them at once) against greedy `generate` on each prompt alone. A model it cannot run
+    packed must fall back to static batches and still give the reference's tokens."""
+    import logging
+
+    from fiddler_batch.continuous import continuous_batches
+    from fiddler_batch.io.requests import Request
+    from fiddler_batch.prompts import Prepared
+    from fiddler_batch.spec import BatchingSpec, GenerationSpec
+
+    generator = torch.Generator().manual_seed(11)
+    items, expected = [], {}
+    eos = {reference.generation_config.eos_token_id} - {None}
+    eos = {t for e in eos for t in (e if isinstance(e, list) else [e])}
+    for index, length in enumerate(CONTINUOUS_LENGTHS):
+        ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        tokens = out[0, length:].tolist()
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        expected[index] = tokens[:cut]
+        request = Request(
+            index, f"r{index}", "in", index + 1, None, "p", None, "prompt", GenerationSpec(max_new_tokens=NEW_TOKENS)
+        )
+        items.append(Prepared(request, "p", ids))
+    _, engine = make_engine(reference, "planner-balanced")
+    engine.tokenizer = _Digits()
+    batching = BatchingSpec(max_prefill_tokens=4, kv_cache_tokens=40, max_rows=3)
+    logger = logging.getLogger("fiddler_batch.scheduler")
+    fallbacks: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: fallbacks.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        got = {
+            f.item.request.index: f.completion.token_ids
+            for g in continuous_batches(engine, [items], batching)
+            for f in g.finished
+        }
+    finally:
+        logger.removeHandler(handler)
+    how = "static fallback" if fallbacks else "continuous"
+    if got != expected:
+        return "defect", f"the continuous scheduler ({how}) gives other tokens than generate alone"
+    return "runs", how
 
 
 def _check(model_type: str, class_name: str) -> Outcome:
