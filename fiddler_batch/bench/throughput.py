@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from fiddler_batch.assets import load_engine
-from fiddler_batch.bench.bounds import throughput_bound
+from fiddler_batch.bench.bounds import THROUGHPUT_FORMULA, throughput_bound
 from fiddler_batch.bench.checkpoints import write_checkpoint
 from fiddler_batch.bench.model import FIRST_WORD, MIXTRAL_8X7B, TINY
-from fiddler_batch.io.atomic import atomic_write_text
+from fiddler_batch.io.atomic import atomic_file, atomic_write_text
 from fiddler_batch.runner import activation_tokens, run_job
 from fiddler_batch.spec import (
     BatchingSpec,
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     engine.close()
+    report(results_path)
 
 
 def _gpu_gb() -> float | None:
@@ -213,3 +214,48 @@ def _card() -> str:
 
 if __name__ == "__main__":
     main()
+
+
+def report(results_path: Path) -> None:
+    """Write NAME.md (a table) and NAME.png (a chart) beside a scenario-e results file."""
+    runs = json.loads(results_path.read_text())["runs"]
+    latest: dict[tuple[int, int, str], dict[str, Any]] = {}
+    for run in runs:
+        latest[(run["layers"], run["mix"], run["name"])] = run
+    rows = [
+        "| layers | mix | run | requests | completion tok/s | prompt tok/s | req/s | GPU GB | steps | bound tok/s |"
+    ]
+    rows.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (layers, mix, name), run in sorted(latest.items()):
+        bound = run.get("bound", {}).get("completion_tok_s")
+        rows.append(
+            f"| {layers} | {mix} | {name} | {run['requests']} | {run['completion_tok_s']:.1f} | "
+            f"{run['prompt_tok_s']:.1f} | {run['requests_per_s']:.2f} | {run['gpu_max_allocated_gb']} | "
+            f"{run['steps'].get('total', 0)} | {f'{bound:.1f}' if bound else '-'} |"
+        )
+    cards = sorted({run.get("card", "?") for run in latest.values()})
+    text = f"# Scenario e: throughput at scale\n\nCard: {', '.join(cards)}. {THROUGHPUT_FORMULA}.\n\n"
+    atomic_write_text(results_path.with_suffix(".md"), text + "\n".join(rows) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = sorted({(layers, mix) for layers, mix, _ in latest})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
+    for ax, (layers, mix) in zip(axes[0], groups, strict=True):
+        names = [n for n in ("static-defaults", "fiddler-batch") if (layers, mix, n) in latest]
+        values = [latest[(layers, mix, n)]["completion_tok_s"] for n in names]
+        ax.bar(names, values, color=["#9e9e9e", "#2e9e5b"][: len(names)])
+        bound = latest.get((layers, mix, "fiddler-batch"), {}).get("bound", {}).get("completion_tok_s")
+        if bound:
+            ax.axhline(bound, linestyle="--", color="black", label="bound")
+            ax.legend()
+        ax.set_title(f"{layers} layers, mix {mix}")
+        ax.set_ylabel("completion tok/s")
+    fig.tight_layout()
+    with atomic_file(results_path.with_suffix(".png"), "wb") as handle:
+        fig.savefig(handle, dpi=110, format="png")
+    plt.close(fig)
