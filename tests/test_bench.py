@@ -178,3 +178,14 @@ def test_benchmark_checkpoints_load_like_the_model_they_describe(tmp_path: Path,
     assert engine.model.model.layers[1].input_layernorm.weight.eq(1).all()
     ids = engine.tokenizer("w5 w6 w7", return_tensors="pt")["input_ids"]
     assert engine.model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+
+
+def test_a_smoke_run_never_writes_beside_the_committed_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fiddler_batch.bench import cli as bench_cli
+
+    monkeypatch.chdir(tmp_path)
+    seen: list[Path] = []
+    monkeypatch.setattr(bench_cli, "_write_report", lambda results, out, name: seen.append(out))
+    CliRunner().invoke(bench, ["--smoke", "--scenario", "a", "--baselines", "fiddler-batch"])
+    assert seen == [bench_cli.SMOKE_OUT] and bench_cli.SMOKE_OUT != bench_cli.RESULTS_OUT
+    assert not (tmp_path / "benchmarks" / "results").exists() and (tmp_path / "out" / "bench-smoke").is_dir()

@@ -45,3 +45,16 @@ def test_schema_command_writes_and_checks(tmp_path: Path) -> None:
     (out / "job.schema.json").write_text("{}")
     result = runner.invoke(main, ["schema", "--out", str(out), "--readme", str(tmp_path / "none.md"), "--check"])
     assert result.exit_code == 1 and "out of date" in result.output
+
+
+def test_schema_says_missing_not_out_of_date_and_leaves_a_readme_without_markers(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "schemas"
+    readme = tmp_path / "README.md"
+    readme.write_text("# A project without the tables\n")
+    result = runner.invoke(main, ["schema", "--out", str(out), "--readme", str(readme), "--check"])
+    assert result.exit_code == 1 and "missing:" in result.output and "out of date" not in result.output
+    assert "no table markers" in result.output  # said, not a traceback
+    result = runner.invoke(main, ["schema", "--out", str(out), "--readme", str(readme)])
+    assert result.exit_code == 0 and result.exception is None
+    assert readme.read_text() == "# A project without the tables\n" and (out / "job.schema.json").is_file()
