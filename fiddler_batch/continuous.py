@@ -118,7 +118,8 @@ class ContinuousBatches:
         seconds = 0.0
         last_group = time.perf_counter()
         while True:
-            while not exhausted and len(self.waiting) < 2 * self.max_rows + 1:
+            # Read ahead one window at most: memory stays flat however long the input is.
+            while not exhausted and len(self.waiting) < self.batching.window:
                 window = next(windows, None)
                 if window is None:
                     exhausted = True

@@ -191,3 +191,19 @@ def test_penalties_stop_tokens_and_logprobs_give_what_static_batches_give(engine
         for ours, theirs in zip(completion.logprobs, static[key].logprobs, strict=True):
             assert ours.token_id == theirs.token_id and len(ours.top) == 2
             assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-4)
+
+
+def test_the_scheduler_reads_at_most_one_window_ahead(engine: Any) -> None:
+    prepared = items(200)
+    scheduler = ContinuousBatches(engine, BatchingSpec(window=2, max_rows=2, kv_cache_tokens=400))
+    waiting: list[int] = []
+    admit = scheduler._admit
+
+    def watched() -> None:
+        waiting.append(len(scheduler.waiting))
+        admit()
+
+    scheduler._admit = watched  # type: ignore[method-assign]
+    windows = (prepared[start : start + 2] for start in range(0, len(prepared), 2))
+    finished = [f for group in scheduler(windows) for f in group.finished]
+    assert len(finished) == len(prepared) and max(waiting) <= 3  # never the whole input in memory
