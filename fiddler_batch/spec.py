@@ -143,6 +143,28 @@ class GenerationSpec(BaseModel):
     """Sampling seed. Each request samples from its own random stream, seeded from this seed and the request's
     id (or from the record's own `seed` column), so its completion does not depend on the batch it lands in."""
 
+    @field_validator(
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "num_beams",
+        "n",
+        "min_tokens",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_logprobs",
+        "seed",
+        mode="before",
+    )
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: object) -> object:
+        if isinstance(value, bool):  # pydantic would read true as 1
+            raise PydanticCustomError("bool_is_not_a_number", "true or false is not a number", {})
+        return value
+
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_string(cls, value: object) -> object:

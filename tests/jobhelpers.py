@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `fiddler-batch ARGS` as a subprocess, the way a user would."""
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `fiddler-batch ARGS` as a subprocess, the way a user would (`env` is added to this process's)."""
     return subprocess.run(
-        [sys.executable, "-m", "fiddler_batch.cli", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fiddler_batch.cli", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )

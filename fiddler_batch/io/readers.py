@@ -247,7 +247,9 @@ def _parse_json_line(raw: bytes, name: str, line: int) -> RawRecord:
         return bad(f"malformed JSON: {exc.msg} at column {exc.colno}", one_object)
     except RecursionError:
         return bad(f"{MAX_DEPTH_READ} (JSON nested about a thousand levels deep)", "flatten the record")
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        if "digits" in str(exc):
+            return bad("a number with more than 4300 digits", "write the number with fewer digits, or as a string")
         return bad(f"malformed JSON: {exc}", one_object)
     if not isinstance(data, dict):
         return bad(f"a JSON {type(data).__name__}, not an object", one_object)
@@ -316,9 +318,11 @@ def _read_parquet(path: Location, name: str, spec: InputSpec, columns: Columns =
             for batch in parquet.iter_batches(batch_size=rows_per_batch, row_groups=[group], columns=read):
                 yield from _batch_records(batch, row, name, spec, keep)
                 row += batch.num_rows
-        except OSError as exc:
-            raise _read_failure(name, exc) from None
-        except pa.ArrowException as exc:  # the data cannot be decoded (a corrupt page): its rows are bad records
+        except (OSError, pa.ArrowException) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:  # the device or the network failed: stop here
+                raise _read_failure(name, exc) from None
+            # The data cannot be decoded (a corrupt page; pyarrow reports it as an OSError without errno): the
+            # rows of the row group not read yet are bad records, and the rows after it still run.
             problem = f"row group {group} cannot be decoded: {exc}"
             for bad_row in range(row, end):
                 if keep is not None and not keep(bad_row):
