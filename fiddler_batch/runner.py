@@ -457,7 +457,7 @@ class ShardRun:
             log.warning("%s", requeued)
         self._record_end("interrupted" if interrupted else "stopped", message)
         fix = "run the job again to resume it" + (f" ({requeued})" if requeued else "")
-        return RunStopped([Problem(None, "(run)", message, fix)], interrupted=interrupted)
+        return RunStopped([Problem(str(self.work.path), "(run)", message, fix)], interrupted=interrupted)
 
     def _failed(self, error: ProblemsError, records: list[dict[str, Any]] | None = None) -> None:
         """A failed run says so: the errors file (with the record that failed the job) and a summary that says

@@ -55,3 +55,25 @@ def cli(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+class InterruptedAt:
+    """An engine that forwards to a real one and raises KeyboardInterrupt when batch `batch` starts (static
+    scheduler), as a Ctrl-C there would."""
+
+    def __init__(self, engine: Any, batch: int):
+        self.engine, self.batch, self.started = engine, batch, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def set_kind(self, kind: str) -> None:
+        if self.started == self.batch:
+            raise KeyboardInterrupt
+        self.started += 1
+        self.engine.set_kind(kind)
+
+
+def stable(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without what depends on when and beside what it ran (timing, batch, engine statistics)."""
+    return {k: v for k, v in record.items() if k not in ("timing", "batch_id", "batch_size", "engine_stats")}
