@@ -287,6 +287,8 @@ def _clean_scratch(spec: JobSpec, work: WorkFolder) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
         else:
             scratch.unlink(missing_ok=True)
+    for temporary in work.path.glob(".*.tmp"):  # every rank is done: nothing else writes here now
+        temporary.unlink(missing_ok=True)
     for path in spec.written_paths:
         for temporary in path.parent.glob(f".{path.name}.*.tmp"):
             temporary.unlink(missing_ok=True)
