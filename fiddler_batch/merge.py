@@ -195,7 +195,7 @@ def _checked(
             if first != index:
                 bad = _duplicate(record, first, spec)
                 if spec.errors.on_bad_record == "fail":
-                    raise BadRecordError([Problem(None, bad["field"], bad["reason"], bad["fix"])])
+                    raise BadRecordError([Problem(None, bad["field"], bad["reason"], bad["fix"])], [bad])
                 moved.write(json.dumps(bad, ensure_ascii=False) + "\n")
                 continue
         if report is not None:

@@ -298,7 +298,7 @@ class ShardRun:
         if self.engine is None:
             from fiddler_batch.assets import load_engine
 
-            self.status.write(state="loading the model")
+            self.status.write(phase="loading the model")
             started = time.perf_counter()
             self.engine = load_engine(
                 self.spec.model,
@@ -307,7 +307,7 @@ class ShardRun:
                 activation_tokens=activation_tokens(self.spec.batching),
             )
             self.load_s = time.perf_counter() - started
-            self.status.write(state="running")
+            self.status.write(phase="computing")
         if faults.VARIABLE in os.environ:
             _fault_on_forward(self.engine)
         assert self.progress is not None
@@ -451,11 +451,12 @@ class ShardRun:
         if progress is not None:
             done = f"{progress.done:,}" + (f" of {progress.total:,}" if progress.total is not None else "")
         message = f"stopped by {signal_name}: {done} requests of {self.shard.label or 'the job'} are kept"
+        self.stopper.settle()  # from here on a late signal (Slurm's own, as it requeues) only adds a log line
+        self._record_end("interrupted" if interrupted else "stopped", message)
         requeued = ""
         if self.options.requeue and not interrupted:
-            requeued = requeue_self()
+            requeued = requeue_self()  # last: Slurm ends this process as it requeues the task
             log.warning("%s", requeued)
-        self._record_end("interrupted" if interrupted else "stopped", message)
         fix = "run the job again to resume it" + (f" ({requeued})" if requeued else "")
         return RunStopped([Problem(str(self.work.path), "(run)", message, fix)], interrupted=interrupted)
 
@@ -478,7 +479,7 @@ class ShardRun:
                 self.status.write(state=state, message=message, **(self.progress.numbers() if self.progress else {}))
             write_summary(self.spec, self._summary(state, message))
         except (OSError, ValueError) as exc:
-            log.warning("cannot record that the run %s: %s", state, exc)
+            log.warning("the summary cannot be written either: %s", exc)
 
     def _write_errors_file(self, records: list[dict[str, Any]]) -> None:
         scratch = self.work.path / f".failed-{self.work.tag}.jsonl"

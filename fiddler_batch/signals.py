@@ -88,6 +88,16 @@ class Stopper:
             return
         raise StopNow(name)
 
+    def settle(self) -> None:
+        """The run is ending: further stop signals only log (a half-written summary helps nobody)."""
+        self.cancel_grace()
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                signal.signal(getattr(signal, name), self._on_late_signal)
+
+    def _on_late_signal(self, number: int, frame: FrameType | None) -> None:
+        log.warning("received %s while stopping: already stopping", signal.Signals(number).name)
+
     def cancel_grace(self) -> None:
         """The run reached a boundary and stops there: no need to abandon anything."""
         if threading.current_thread() is threading.main_thread():

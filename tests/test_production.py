@@ -257,3 +257,14 @@ def test_the_summary_counts_what_resumed_runs_did(tmp_path: Path, engine: Any) -
     assert first.requests.resumed == 0 and first.status == "complete"
     records = read_jsonl(whole.output.path)
     assert [stable(r)["id"] for r in records] == [r["id"] for r in RECORDS]
+
+
+def test_a_duplicate_id_under_fail_stops_at_the_merge_and_says_which(tmp_path: Path, engine: Any) -> None:
+    records = [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two"}, {"id": "a", "prompt": "three"}]
+    spec = load_job(write_job(tmp_path, records, errors={"on_bad_record": "fail"}))
+    with pytest.raises(BadRecordError, match="duplicate id 'a': the request at input index 0 has it too"):
+        run_job(spec, engine=engine)
+    assert [(e["index"], e["id"]) for e in read_jsonl(spec.errors_path)] == [(2, "a")]
+    assert json.loads(spec.summary_path.read_text())["status"] == "failed" and not spec.output.path.exists()
+    summary = run_job(load_job(spec_path := tmp_path / "job.yaml", ["errors.on_bad_record=skip"]), engine=engine)
+    assert spec_path.exists() and summary.requests.resumed == 3 and summary.requests.skipped == 1

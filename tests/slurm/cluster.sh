@@ -15,15 +15,22 @@ command=${1:?usage: cluster.sh start|stop STATE}
 state=${2:?usage: cluster.sh start|stop STATE}
 
 stop() {
+    local pids=()
     for name in slurmd slurmctld munged; do
         if [[ -f "$state/run/$name.pid" ]]; then
-            pid=$(cat "$state/run/$name.pid")
-            kill "$pid" 2>/dev/null || true
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$pid" 2>/dev/null || true
+            pids+=("$(cat "$state/run/$name.pid")")
             rm -f "$state/run/$name.pid"
         fi
     done
+    ((${#pids[@]})) || return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 50); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || return 0
+        sleep 0.1
+    done
+    kill -9 "${pids[@]}" 2>/dev/null || true
 }
 
 logs() {
