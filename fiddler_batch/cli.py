@@ -397,9 +397,7 @@ def _shards_to_run(spec: JobSpec, shards: int, fresh: bool) -> list[int]:
     work = WorkFolder(spec.work_dir)
     recorded = work.read_job()
     if recorded is not None and fresh:
-        from fiddler_batch.runner import _start_afresh
-
-        _start_afresh(work, 600.0)
+        work.discard(600.0)
         recorded = None
     if recorded is None:
         return list(range(shards))

@@ -189,7 +189,7 @@ class ShardRun:
             )
         identity = job_identity(spec, files, self.shard.world_size)
         if self.options.fresh:
-            _start_afresh(work, self.options.stale_after_s)
+            work.discard(self.options.stale_after_s)
         record = {
             "identity": identity,
             "job": spec.model_dump(mode="json"),
@@ -604,32 +604,6 @@ def _fault_on_forward(engine: BatchEngine) -> None:
     if not getattr(model, "_fiddler_fault_hook", False):
         model.register_forward_pre_hook(lambda module, args: faults.reach("forward"))
         model._fiddler_fault_hook = True
-
-
-def _start_afresh(work: WorkFolder, stale_after: float) -> None:
-    """Remove the work folder of an unfinished run, unless a run of it is alive."""
-    from fiddler_batch.locks import lock_summary
-
-    if not work.path.exists():
-        return
-    for lock in sorted(work.path.glob("lock-*")):
-        if lock.name.endswith(".break"):
-            continue
-        held = lock_summary(lock, stale_after)
-        if held and not held["looks_dead"]:
-            owner = held["owner"] or {}
-            raise BusyError(
-                [
-                    Problem(
-                        str(lock),
-                        "--fresh",
-                        f"a run is still writing this work folder (host {owner.get('host')}, pid {owner.get('pid')})",
-                        "stop it first (or wait for it); --fresh deletes the work folder it writes",
-                    )
-                ]
-            )
-    log.warning("starting afresh: removing %s", work.path)
-    work.remove()
 
 
 def _unwritable(folder: Path, exc: OSError) -> OutputError:

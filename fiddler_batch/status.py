@@ -80,7 +80,8 @@ class JobStatus:
     job: str
     output: str
     state: str
-    """complete, failed, running, incomplete or not started."""
+    """complete, shards done (not merged), running, failed, a shard looks dead, stopped, incomplete, not
+    started."""
     shards: list[ShardStatus]
     summary: dict[str, Any] | None
     """The summary file, when the job has one (complete or failed)."""
@@ -97,16 +98,24 @@ def job_status(spec: JobSpec, job_path: Path, stale_after: float = STALE_AFTER_S
     world = int(recorded.get("identity", {}).get("shards", 1))
     work = WorkFolder(spec.work_dir, Shard(0, world))
     shards = [_shard_status(work, rank, world, stale_after) for rank in range(world)]
+    return JobStatus(str(job_path), str(spec.output.path), _job_state(shards, summary), shards, summary)
+
+
+def _job_state(shards: list[ShardStatus], summary: dict[str, Any] | None) -> str:
+    """The job's state from its shards': the most telling one first."""
     states = {shard.state for shard in shards}
     if states <= {"done"}:
-        state = "complete" if summary and summary.get("status") == "complete" else "shards done, not merged"
-    elif "running" in states:
-        state = "running"
-    elif "failed" in states:
-        state = "failed"
-    else:
-        state = "incomplete"
-    return JobStatus(str(job_path), str(spec.output.path), state, shards, summary)
+        return "complete" if summary and summary.get("status") == "complete" else "shards done, not merged"
+    for state, said in (
+        ("running", "running"),
+        ("failed", "failed"),
+        ("dead", "a shard looks dead: rerun it to resume"),
+        ("stopped", "stopped: rerun to resume"),
+        ("interrupted", "stopped: rerun to resume"),
+    ):
+        if state in states:
+            return said
+    return "incomplete: some shards have not started"
 
 
 def _shard_status(work: WorkFolder, rank: int, world: int, stale_after: float) -> ShardStatus:

@@ -118,7 +118,7 @@ def test_status_reports_every_shard(engine: Any, tmp_path: Path) -> None:
     done = CliRunner().invoke(main, ["status", str(job), "--json"])
     assert done.exit_code == 0, done.stderr
     status = json.loads(done.stdout)
-    assert status["state"] == "incomplete"
+    assert status["state"] == "stopped: rerun to resume"
     first, second = status["shards"]
     assert (first["shard"], first["state"], first["done"], first["skipped"], first["total"]) == ("0/2", "done", 5, 0, 5)
     assert second["state"] == "interrupted" and 0 < second["done"] < 5 and second["total"] == 5

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,9 +37,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fiddler_batch import faults
-from fiddler_batch.errors import JobChangedError, Problem
+from fiddler_batch.errors import BusyError, JobChangedError, Problem
 from fiddler_batch.io.atomic import atomic_file, atomic_write_text
 from fiddler_batch.shards import Shard
+
+log = logging.getLogger("fiddler_batch.workfolder")
 
 MERGE_FAN_IN = 128
 PartKind = Literal["results", "errors"]
@@ -279,6 +282,29 @@ class WorkFolder:
     def remove(self) -> None:
         """Delete the work folder."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def discard(self, stale_after: float) -> None:
+        """Delete an unfinished run's work folder (`--fresh`), unless a run still writes it (`BusyError`)."""
+        from fiddler_batch.locks import lock_summary
+
+        if not self.path.exists():
+            return
+        for lock in sorted(self.path.glob("lock-*")):
+            held = None if lock.name.endswith(".break") else lock_summary(lock, stale_after)
+            if held and not held["looks_dead"]:
+                owner = held["owner"] or {}
+                raise BusyError(
+                    [
+                        Problem(
+                            str(lock),
+                            "--fresh",
+                            f"a run still writes this work folder (host {owner.get('host')}, pid {owner.get('pid')})",
+                            "stop it first, or wait for it: --fresh deletes the work folder it writes",
+                        )
+                    ]
+                )
+        log.warning("starting afresh: removing %s", self.path)
+        self.remove()
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
