@@ -130,7 +130,7 @@ class Progress:
 
     def rate(self) -> float | None:
         """Requests this run finishes per second since it started computing."""
-        if self.computing_since is None or self.computed == 0:
+        if self.computing_since is None or self.completed == 0:  # bad records alone say nothing of the pace
             return None
         seconds = time.time() - self.computing_since
         return self.computed / seconds if seconds > 0 else None

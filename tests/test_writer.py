@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -222,3 +223,13 @@ def test_the_parquet_schema_follows_the_record_model_field_by_field(tmp_path: Pa
 def test_every_output_format_has_a_writer() -> None:
     assert set(WRITERS) == set(typing.get_args(OutputFormatName))
     assert all(name == writer.name for name, writer in WRITERS.items())
+
+
+def test_the_job_file_is_claimed_once_even_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(source: object, target: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    work = WorkFolder(tmp_path / "r.parts")
+    assert work.claim({"job": 1}) and not work.claim({"job": 2})
+    assert work.read_job() == {"job": 1} and [p.name for p in work.path.iterdir()] == ["job.json"]

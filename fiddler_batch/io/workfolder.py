@@ -24,6 +24,7 @@ existing ones. The merge is a streaming k-way merge by input index over the part
 
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import logging
@@ -171,19 +172,35 @@ class WorkFolder:
         """Create `job.json` with `job` unless it exists (atomically, O_EXCL through a hard link); True if this call
         created it, i.e. the folder starts afresh."""
         self.path.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(job, indent=2, sort_keys=True) + "\n"
         fd, name = tempfile.mkstemp(prefix=".job.json.", suffix=".tmp", dir=self.path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(job, indent=2, sort_keys=True) + "\n")
+                handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
             try:
                 os.link(name, self.job_file)
             except FileExistsError:
                 return False
+            except OSError as exc:  # no hard links here (some FUSE and SMB mounts): O_EXCL directly
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                return self._claim_exclusively(text)
             return True
         finally:
             Path(name).unlink(missing_ok=True)
+
+    def _claim_exclusively(self, text: str) -> bool:
+        try:
+            fd = os.open(self.job_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
 
     def check_job(self, identity: dict[str, Any], fix: str) -> None:
         """Raise `JobChangedError` naming what differs when the folder belongs to another job."""
