@@ -1,8 +1,10 @@
 """The `fiddler-batch` command.
 
-Exit codes: 0 done (skipped bad records included); 1 the run failed (a bad record under
-`errors.on_bad_record: fail`, an unusable input file, a model problem, or no request could run);
-2 the job spec is invalid.
+Exit codes (`fiddler_batch.exitcodes`): 0 done (skipped bad records included; for a shard: its share done);
+1 the run failed (a bad record under `errors.on_bad_record: fail`, an unusable input file, a model problem, an
+output that cannot be written, or no request could run); 2 the job spec is invalid; 3 the input is empty;
+4 another run of the job is running; 5 the job changed since the interrupted run; 6 (merge) shards not
+finished; 75 stopped by SIGTERM or SIGUSR1 (resumable); 130 stopped by SIGINT (resumable).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _load(job: Path, overrides: tuple[str, ...], settings: dict[str, Any] | None
         return load_job(job, overrides, settings)
     except JobSpecError as exc:
         click.echo(str(exc), err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
 
 
 class _BarFriendlyHandler(logging.Handler):
@@ -95,9 +97,72 @@ def _settings(output: Path | None, limit: int | None) -> dict[str, Any]:
     return settings
 
 
+def production_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`run`'s options for production: shards, resume, merge, signals, locks and logs."""
+    options = [
+        click.option(
+            "--shard",
+            metavar="I/N",
+            help="Run shard I of N: the requests whose input index mod N is I. Default: in a Slurm array task, "
+            "from SLURM_ARRAY_TASK_ID/_MIN/_COUNT; else the whole job.",
+        ),
+        click.option(
+            "--fresh",
+            is_flag=True,
+            help="Start afresh: delete an unfinished run's work folder (its results) instead of resuming it.",
+        ),
+        click.option(
+            "--merge/--no-merge",
+            default=True,
+            help="Merge the output when this shard is the last to finish (default), or leave it to "
+            "`fiddler-batch merge JOB`.",
+        ),
+        click.option(
+            "--requeue",
+            is_flag=True,
+            help="Under Slurm: when SIGTERM or SIGUSR1 stops the run, requeue this task (scontrol requeue).",
+        ),
+        click.option(
+            "--stop-grace",
+            type=click.FloatRange(min=0),
+            default=20.0,
+            show_default=True,
+            help="Seconds a SIGTERM or SIGUSR1 waits for the batch in flight before abandoning it.",
+        ),
+        click.option(
+            "--log-every",
+            type=click.FloatRange(min=0),
+            default=30.0,
+            show_default=True,
+            help="Without a progress bar: seconds between progress lines in the log (0: after every part).",
+        ),
+        click.option(
+            "--lock-stale-after",
+            type=click.FloatRange(min=1),
+            default=600.0,
+            show_default=True,
+            envvar="FIDDLER_BATCH_LOCK_STALE_AFTER",
+            help="Seconds without a heartbeat after which another run takes a shard's lock over "
+            "(env FIDDLER_BATCH_LOCK_STALE_AFTER).",
+        ),
+        click.option(
+            "--heartbeat",
+            type=click.FloatRange(min=0.1),
+            default=30.0,
+            show_default=True,
+            envvar="FIDDLER_BATCH_HEARTBEAT",
+            help="Seconds between heartbeats of the lock and the status file (env FIDDLER_BATCH_HEARTBEAT).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("job", type=click.Path(path_type=Path))
 @job_options
+@production_options
 def run(
     job: Path,
     output: Path | None,
@@ -105,23 +170,258 @@ def run(
     overrides: tuple[str, ...],
     progress: bool | None,
     dry_run: bool,
+    shard: str | None,
+    fresh: bool,
+    merge: bool,
+    requeue: bool,
+    stop_grace: float,
+    log_every: float,
+    lock_stale_after: float,
+    heartbeat: float,
 ) -> None:
-    """Run the job spec JOB (a YAML file)."""
+    """Run the job spec JOB (a YAML file): resumes an interrupted run of it, computing only what is missing."""
     spec = _load(job, overrides, _settings(output, limit))
     if dry_run:
         _dry_run(job, spec)
         return
 
     from fiddler_batch.report import format_table
-    from fiddler_batch.runner import run_job
+    from fiddler_batch.runner import RunOptions, run_job
 
+    options = RunOptions(
+        shard=_shard(shard),
+        fresh=fresh,
+        merge=merge,
+        requeue=requeue,
+        log_every=log_every,
+        heartbeat_s=heartbeat,
+        stale_after_s=lock_stale_after,
+        stop_grace_s=stop_grace,
+    )
     _quiet_transformers()
-    click.echo(f"fiddler-batch: {job} -> {spec.output.path}", err=True)
-    summary = _failures(lambda: run_job(spec, progress=sys.stderr.isatty() if progress is None else progress))
+    where = f" (shard {options.shard})" if options.shard.world_size > 1 else ""
+    click.echo(f"fiddler-batch: {job} -> {spec.output.path}{where}", err=True)
+    bar = sys.stderr.isatty() if progress is None else progress
+    summary = _failures(lambda: run_job(spec, progress=bar, options=options))
+    if summary.status == "shard done":
+        click.echo(
+            f"shard {options.shard} done: {summary.requests.completed:,} requests run, {summary.requests.skipped:,} "
+            f"skipped, {summary.requests.resumed:,} resumed; {spec.output.path} is written when every shard is done"
+        )
+        return
     click.echo(format_table(summary))
     if summary.requests.completed == 0 and summary.requests.skipped > 0:
         click.echo(f"no request could run: every record is listed in {summary.errors}", err=True)
         sys.exit(1)
+
+
+def _shard(text: str | None) -> Any:
+    """The shard `--shard` names, else a Slurm array task's, else the whole job."""
+    from fiddler_batch.errors import JobSpecError
+    from fiddler_batch.shards import Shard, parse_shard, shard_from_environment
+
+    try:
+        if text is not None:
+            return parse_shard(text)
+        return shard_from_environment() or Shard()
+    except JobSpecError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Results file (sets output.path).")
+@click.option("--limit", type=int, help="As the run had it (sets input.limit).")
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def merge(job: Path, output: Path | None, limit: int | None, overrides: tuple[str, ...]) -> None:
+    """Merge the output of JOB once every shard is done (the last shard to finish does this too; a dependent
+    Slurm job runs it). Exit 6 while shards are missing."""
+    import time
+
+    spec = _load(job, overrides, _settings(output, limit))
+    from fiddler_batch.errors import IncompleteError, Problem
+    from fiddler_batch.io.workfolder import WorkFolder
+    from fiddler_batch.merge import merge_job
+    from fiddler_batch.report import format_table
+
+    started = time.perf_counter()
+    recorded = WorkFolder(spec.work_dir).read_job()
+    if recorded is None:
+        summary = _read_summary(spec.summary_path)
+        if summary is not None and summary.get("status") == "complete" and spec.output.path.exists():
+            click.echo(f"already merged: {spec.output.path} ({summary.get('finished_at')})")
+            return
+        error = IncompleteError(
+            [Problem(str(spec.work_dir), "(work folder)", "there is nothing to merge", "run the job first")]
+        )
+        click.echo(str(error), err=True)
+        sys.exit(error.exit_code)
+    world = int(recorded.get("identity", {}).get("shards", 1))
+    summary = _failures(lambda: merge_job(spec, world, started=started))
+    click.echo(format_table(summary))
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Results file (sets output.path).")
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option(
+    "--lock-stale-after",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    envvar="FIDDLER_BATCH_LOCK_STALE_AFTER",
+    help="Seconds without a heartbeat after which a running shard looks dead.",
+)
+def status(job: Path, output: Path | None, overrides: tuple[str, ...], as_json: bool, lock_stale_after: float) -> None:
+    """Where JOB stands: per shard, requests done, skipped and total, tokens, throughput, ETA, last heartbeat,
+    and whether a running shard looks dead."""
+    spec = _load(job, overrides, _settings(output, None))
+    from fiddler_batch.status import job_status, status_json, status_table
+
+    result = job_status(spec, job, lock_stale_after)
+    click.echo(status_json(result) if as_json else status_table(result))
+
+
+@main.command()
+@click.argument("job", type=click.Path(path_type=Path))
+@click.option("--array", "shards", type=click.IntRange(min=1), required=True, help="Shards: one array task each.")
+@click.option("--gpus", type=click.IntRange(min=0), default=1, show_default=True, help="GPUs per task (--gres=gpu:N).")
+@click.option("--time", "time_limit", help="Time limit per task, as sbatch takes it (e.g. 04:00:00).")
+@click.option("--partition", help="Slurm partition.")
+@click.option("--mem", help="Memory per task, as sbatch takes it (e.g. 64G).")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), help="CPU cores per task.")
+@click.option("--account", help="Slurm account.")
+@click.option(
+    "--signal-before",
+    type=click.IntRange(min=0),
+    default=120,
+    show_default=True,
+    help="Seconds before the time limit at which Slurm sends SIGUSR1 (--signal=B:USR1@S); 0: none.",
+)
+@click.option(
+    "--requeue/--no-requeue",
+    default=True,
+    show_default=True,
+    help="A task stopped by a signal requeues itself (and tasks are submitted with --requeue).",
+)
+@click.option(
+    "--merge",
+    "merge_mode",
+    type=click.Choice(["both", "last-task", "job"]),
+    default="both",
+    show_default=True,
+    help="Who merges: the last task to finish, a merge job depending on the array (afterany), or both.",
+)
+@click.option("--max-parallel", type=click.IntRange(min=1), help="Tasks running at once at most (--array=...%K).")
+@click.option("--job-name", help="Slurm job name (default fiddler-batch-STEM).")
+@click.option("--sbatch-option", "sbatch_lines", multiple=True, help="Another #SBATCH option, e.g. --qos=high.")
+@click.option("--fresh", is_flag=True, help="Delete an unfinished run's work folder first, instead of resuming it.")
+@click.option("--dry-run", is_flag=True, help="Print the scripts and the sbatch commands; write and submit nothing.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Results file (sets output.path).")
+@click.option("--limit", type=int, help="Run only the first N records (sets input.limit).")
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def submit(
+    job: Path,
+    shards: int,
+    gpus: int,
+    time_limit: str | None,
+    partition: str | None,
+    mem: str | None,
+    cpus_per_task: int | None,
+    account: str | None,
+    signal_before: int,
+    requeue: bool,
+    merge_mode: str,
+    max_parallel: int | None,
+    job_name: str | None,
+    sbatch_lines: tuple[str, ...],
+    fresh: bool,
+    dry_run: bool,
+    output: Path | None,
+    limit: int | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Submit JOB to Slurm as an array of N tasks, one shard each (only the shards not done yet), with the merge
+    as a dependent job or by the last task; writes the sbatch scripts to STEM.slurm/ (--dry-run prints them)."""
+    spec = _load(job, overrides, _settings(output, limit))
+    from fiddler_batch.slurm import SubmitOptions, plan_submission, write_and_submit
+
+    tasks = _failures(lambda: _shards_to_run(spec, shards, fresh and not dry_run))
+    run_args = [arg for assignment in overrides for arg in ("--set", assignment)]
+    if output is not None:
+        run_args += ["--output", str(output.resolve())]
+    if limit is not None:
+        run_args += ["--limit", str(limit)]
+    options = SubmitOptions(
+        array=shards,
+        gpus=gpus,
+        time=time_limit,
+        partition=partition,
+        mem=mem,
+        cpus_per_task=cpus_per_task,
+        account=account,
+        signal_before_s=signal_before,
+        requeue=requeue,
+        merge=merge_mode,  # type: ignore[arg-type]
+        max_parallel=max_parallel,
+        job_name=job_name,
+        sbatch_lines=sbatch_lines,
+    )
+    plan = plan_submission(spec.stem, job, run_args, options, tasks, Path.cwd())
+    if not tasks:
+        click.echo("every shard is done: submitting the merge only", err=True)
+    submitted = _failures(lambda: write_and_submit(plan, dry_run))
+    if dry_run:
+        for name, text in (("array.sbatch", plan.array_script), ("merge.sbatch", plan.merge_script)):
+            if text is not None:
+                click.echo(f"# --- {plan.folder / name} ---\n{text}")
+        click.echo("# --- commands ---\n" + "\n".join(submitted.commands))
+        return
+    if submitted.job_ids:
+        click.echo(f"submitted: {' '.join(submitted.job_ids)} (scripts and logs in {plan.folder})")
+    else:
+        click.echo(
+            f"wrote the scripts to {plan.folder}; sbatch is not on PATH here. Submit them from a Slurm login node:"
+        )
+        click.echo("\n".join(submitted.commands))
+
+
+def _shards_to_run(spec: JobSpec, shards: int, fresh: bool) -> list[int]:
+    """The shards that are not done (all of them for a new job); refuses a work folder split otherwise."""
+    from fiddler_batch.errors import JobChangedError, Problem
+    from fiddler_batch.io.workfolder import WorkFolder
+
+    work = WorkFolder(spec.work_dir)
+    recorded = work.read_job()
+    if recorded is not None and fresh:
+        work.discard(600.0)
+        recorded = None
+    if recorded is None:
+        return list(range(shards))
+    world = int(recorded.get("identity", {}).get("shards", 1))
+    if world != shards:
+        raise JobChangedError(
+            [
+                Problem(
+                    str(work.path),
+                    "--array",
+                    f"the unfinished run in this work folder has {world} shards, not {shards}",
+                    f"submit it with --array {world} to resume it, or with --fresh to start afresh",
+                )
+            ]
+        )
+    return [rank for rank in range(shards) if work.done_info(rank) is None]
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _dry_run(job: Path, spec: JobSpec) -> None:
@@ -145,8 +445,8 @@ def _dry_run(job: Path, spec: JobSpec) -> None:
 @click.option(
     "--records",
     is_flag=True,
-    help="Also read every input record and report the bad ones (prompt lengths need the tokenizer: "
-    "--dry-run checks them).",
+    help="Also read and check every input record as `run` would (with the model's tokenizer, no weights) and "
+    "report the bad ones: the records a run would skip.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved spec as JSON instead of YAML.")
 def validate(
@@ -171,25 +471,13 @@ def validate(
 
 
 def _check_records(spec: JobSpec) -> None:
-    from fiddler_batch.errors import InputError
-    from fiddler_batch.io.readers import read_records
-    from fiddler_batch.io.requests import BadRecord, to_request
+    """Every record checked as `run` checks it (tokenizer included); bad ones printed as they are found."""
+    from fiddler_batch.recordcheck import check_records
 
-    total, bad = 0, []
-    columns = spec.output.include_columns
-    try:
-        for index, raw in enumerate(read_records(spec.input, columns)):
-            total += 1
-            parsed = to_request(raw, index, spec.input, spec.generation, columns)
-            if isinstance(parsed, BadRecord):
-                bad.append(parsed)
-    except InputError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    for record in bad:
-        click.echo(str(record.problem), err=True)
-    click.echo(f"{total} records, {len(bad)} bad", err=True)
-    if bad:
+    _quiet_transformers()
+    checked = _failures(lambda: check_records(spec, lambda record: click.echo(str(record.problem), err=True)))
+    click.echo(f"{checked.records} records, {checked.bad} bad", err=True)
+    if checked.bad:
         sys.exit(1)
 
 
@@ -242,14 +530,17 @@ def _quiet_transformers() -> None:
 
 
 def _failures(action: Callable[[], T]) -> T:
-    """Run `action`; a problem with the input or the engine becomes its message and exit code 1."""
+    """Run `action`; a problem (input, engine, output, signals, ...) becomes its message and its exit code."""
     from fiddler_batch.errors import ProblemsError
 
     try:
         return action()
     except ProblemsError as exc:
         click.echo(str(exc), err=True)
-    sys.exit(1)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 @main.command()

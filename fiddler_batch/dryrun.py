@@ -103,6 +103,12 @@ def _count(plan: KindPlan, batch: Batch) -> None:
     plan.max_new_tokens += sum(item.max_new_tokens for item in batch.items) * batch.num_beams
 
 
+def tokenizer_and_context(spec: JobSpec) -> tuple[Any, int | None]:
+    """The job's tokenizer and its model's context length, read without the weights (what the engine uses)."""
+    tokenizer, config, _ = _tokenizer_and_config(spec)
+    return tokenizer, getattr(_text_config(config), "max_position_embeddings", None)
+
+
 def _tokenizer_and_config(spec: JobSpec) -> tuple[Any, Any, Path]:
     from transformers import AutoConfig, AutoTokenizer
 

@@ -40,6 +40,8 @@ class ProblemsError(Exception):
     """Several problems reported together."""
 
     headline = "problems"
+    exit_code = 1
+    """What `fiddler-batch` exits with when this error ends a command (`fiddler_batch.exitcodes`)."""
 
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
@@ -56,6 +58,7 @@ class JobSpecError(ProblemsError):
     """The job spec (YAML file plus command-line overrides) is invalid."""
 
     headline = "job spec error"
+    exit_code = 2
 
 
 class InputError(ProblemsError):
@@ -68,6 +71,11 @@ class BadRecordError(ProblemsError):
     """A bad input record, with `errors.on_bad_record: fail`."""
 
     headline = "bad record"
+
+    def __init__(self, problems: list[Problem], records: list[dict[str, Any]] | None = None):
+        super().__init__(problems)
+        self.records = records or []
+        """The bad records as errors-file lines (index, id, file, line or row, field, reason, fix)."""
 
 
 class EngineError(ProblemsError):
@@ -83,3 +91,42 @@ class BusyError(ProblemsError):
     """Another run of the same job (same output) is writing the work folder."""
 
     headline = "job already running"
+    exit_code = 4
+
+
+class EmptyInputError(ProblemsError):
+    """The input files hold no record at all: nothing to run."""
+
+    headline = "empty input"
+    exit_code = 3
+
+
+class JobChangedError(ProblemsError):
+    """The work folder of an unfinished run belongs to a job that differs in what it computes: resuming it would
+    mix results of two jobs."""
+
+    headline = "job changed since the interrupted run"
+    exit_code = 5
+
+
+class IncompleteError(ProblemsError):
+    """A merge was asked for while some shards have not finished."""
+
+    headline = "job not complete"
+    exit_code = 6
+
+
+class OutputError(ProblemsError):
+    """The output cannot be written: a folder that is not writable, a full disk or quota, an I/O error."""
+
+    headline = "cannot write the output"
+
+
+class RunStopped(ProblemsError):
+    """The run stopped on a signal: SIGTERM or SIGUSR1 (exit 75), SIGINT (exit 130). What finished is kept."""
+
+    headline = "stopped"
+
+    def __init__(self, problems: list[Problem], interrupted: bool = False):
+        super().__init__(problems)
+        self.exit_code = 130 if interrupted else 75

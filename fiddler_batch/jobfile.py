@@ -5,11 +5,21 @@ Relative paths written in the YAML file are relative to the YAML file's folder, 
 whatever folder cron or Slurm starts it from; relative paths given on the command line are relative to the
 current folder, as usual for command-line arguments. `model.path` counts as a local folder when it exists
 there or starts with `.`, `/` or `~`; otherwise it is a hub id.
+
+Paths (every key typed as a path, and `model.path`) may hold environment variables: `$NAME`, `${NAME}`,
+`${NAME:-default}` (the default when NAME is unset or empty); `$$` is a literal `$`. An unset variable without
+a default is an error naming it. `~` is the home folder.
+
+Nothing a run writes may be an input file: an output, errors or summary file that input.path names (itself, or
+through its glob) is refused, unless it is this job's own earlier output (its summary says so), which a run
+never reads back.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,6 +34,34 @@ from fiddler_batch.spec import JobSpec, Location, compression_of, input_format, 
 from fiddler_batch.wording import Key, dotted, explain, unwrap_optional
 
 COMMAND_LINE = "command line"
+VARIABLE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+class UnsetVariable(ValueError):
+    """A path names an environment variable that is not set."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def expand_variables(text: str, environ: typing.Mapping[str, str] | None = None) -> str:
+    """`text` with `$NAME`, `${NAME}` and `${NAME:-default}` replaced from the environment, `$$` by `$`; raises
+    `UnsetVariable` for an unset variable without a default."""
+    env = os.environ if environ is None else environ
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(3)
+        found = env.get(name)
+        if match.group(2) is not None:
+            return found if found else match.group(2)
+        if found is None:
+            raise UnsetVariable(name)
+        return found
+
+    return VARIABLE.sub(value, text)
 
 
 def load_job(
@@ -44,12 +82,18 @@ def load_job(
     raw, lines, problems = _parse_yaml(text, shown)
     if problems:
         raise JobSpecError(problems)
-    _resolve_paths(raw, path.parent)
+    try:
+        _resolve_paths(raw, path.parent)
+    except _UnsetAt as exc:
+        raise JobSpecError([_Locator(shown, lines, set()).problem(exc.key, *exc.words)]) from None
     from_cli: set[Key] = set()
-    for assignment in overrides:
-        from_cli.add(_set(raw, *_parse_assignment(assignment)))
-    for name, value in (settings or {}).items():
-        from_cli.add(_set(raw, name, value))
+    try:
+        for assignment in overrides:
+            from_cli.add(_set(raw, *_parse_assignment(assignment)))
+        for name, value in (settings or {}).items():
+            from_cli.add(_set(raw, name, value))
+    except _UnsetAt as exc:
+        raise JobSpecError([Problem(COMMAND_LINE, dotted(exc.key), *exc.words)]) from None
     locate = _Locator(shown, lines, from_cli)
     try:
         spec = JobSpec.model_validate(raw)
@@ -101,21 +145,27 @@ def _check_paths(spec: JobSpec, locate: _Locator) -> list[Problem]:
 
 
 def _input_problems(spec: JobSpec, locate: _Locator) -> list[Problem]:
-    """Problems with the input files: none there, a remote protocol that cannot be read here, unknown formats."""
+    """Problems with the input files: none there, a remote protocol that cannot be read here, unknown formats,
+    files the job would write over."""
     where = ("input", "path")
     if is_remote(spec.input.path):
         missing = remote_problem(str(spec.input.path))
         if missing:
             return [locate.problem(where, *missing)]
     try:
-        files = input_files(spec.input.path, spec.input.glob_order)
+        every = input_files(spec.input.path, spec.input.glob_order)
     except InputError as exc:
         return [locate.problem(where, problem.message, problem.fix) for problem in exc.problems]
+    overwritten = _overwritten_inputs(spec, every, locate)
+    if overwritten:
+        return overwritten
+    files = input_files(spec.input.path, spec.input.glob_order, spec.input.excluded)
     if not files:
+        besides = " (besides this job's own output files)" if every else ""
         return [
             locate.problem(
                 where,
-                f"no file matches {str(spec.input.path)!r}",
+                f"no file matches {str(spec.input.path)!r}{besides}",
                 "check the path; relative paths in a job file are relative to the job file's folder",
             )
         ]
@@ -138,6 +188,50 @@ def _input_problems(spec: JobSpec, locate: _Locator) -> list[Problem]:
                 )
             ]
     return []
+
+
+def _overwritten_inputs(spec: JobSpec, files: list[Location], locate: _Locator) -> list[Problem]:
+    """Input files that a run would write over: an output, errors or summary path that input.path names, unless
+    it is this job's own earlier output (which is never read)."""
+    if is_remote(spec.input.path):
+        return []
+    ours = _own_earlier_files(spec)
+    matched = {os.path.abspath(file) for file in files}
+    problems = []
+    for key, path in ((("output", "path"), spec.output.path), (("errors", "path"), spec.errors_path)):
+        if os.path.abspath(path) in matched and os.path.abspath(path) not in ours:
+            problems.append(
+                locate.problem(
+                    key if key != ("errors", "path") or spec.errors.path is not None else ("output", "path"),
+                    f"{str(path)!r} is an input file (input.path {str(spec.input.path)!r} names it): the run would "
+                    "write over it",
+                    "write the results and errors elsewhere, or narrow input.path so that it names the inputs only",
+                )
+            )
+    return problems
+
+
+def _own_earlier_files(spec: JobSpec) -> set[str]:
+    """The output and errors files an earlier run of this job wrote, as its summary names them."""
+    try:
+        summary = json.loads(spec.summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(summary, dict):
+        return set()
+    return {os.path.abspath(str(summary[key])) for key in ("output", "errors") if isinstance(summary.get(key), str)}
+
+
+class _UnsetAt(Exception):
+    """An unset environment variable in the path at `key`."""
+
+    def __init__(self, key: Key, name: str):
+        super().__init__(name)
+        self.key = key
+        self.words = (
+            f"environment variable {name} is not set",
+            f"set it, give a default as ${{{name}:-default}}, or write $$ for a literal $",
+        )
 
 
 class _Locator:
@@ -260,7 +354,10 @@ def _resolve_one(raw: dict[str, Any], key: Key, base: Path) -> None:
         node = node.get(part) if isinstance(node, dict) else None
     if not isinstance(node, dict) or not isinstance(node.get(key[-1]), str):
         return
-    value = node[key[-1]]
+    try:
+        value = node[key[-1]] = expand_variables(node[key[-1]])
+    except UnsetVariable as exc:
+        raise _UnsetAt(key, exc.name) from None
     if is_remote(value):
         return  # a URL: read through fsspec as written
     if key == ("model", "path"):

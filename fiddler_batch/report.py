@@ -8,8 +8,9 @@ is given to `DECIMALS` decimal places, in the file and in the table alike.
 from __future__ import annotations
 
 import statistics
+from array import array
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +33,9 @@ class RequestCounts(BaseModel):
     """Records read: completed + skipped."""
     completions: int
     """Completions generated: one per completed request, n for a request with n > 1."""
+    resumed: int = 0
+    """Of the total, requests (results and bad records) that earlier, interrupted runs had finished: the runs that
+    completed the job did not compute them again."""
 
 
 class TokenCounts(BaseModel):
@@ -98,11 +102,23 @@ class Latency(BaseModel):
     """Seconds from a completion's batch start to its last token."""
 
 
+RunStatus = Literal["complete", "failed", "stopped", "interrupted", "shard done"]
+
+
 class RunSummary(BaseModel):
     """What a run did, written to `STEM.summary.json` and printed as a table."""
 
     model_config = _config()
 
+    status: RunStatus = "complete"
+    """'complete': the output holds every request's result (bad records in the errors file). 'failed': the run
+    stopped on a problem (see failure); the output file is not there, what finished is kept in the work folder.
+    'stopped' and 'interrupted': stopped by SIGTERM or SIGUSR1, or by SIGINT; a rerun resumes. 'shard done':
+    this shard finished and the output waits for the others (never written to the summary file)."""
+    failure: str | None = None
+    """Why the run failed or stopped (the same text the command printed)."""
+    shards: int = 1
+    """Shards the job runs in (`--shard I/N`, or a Slurm array)."""
     output: str
     """The results file."""
     errors: str
@@ -160,19 +176,27 @@ class Report:
         self.batches: Counter[str] = Counter()
         self.steps: Counter[str] = Counter()
         self.finish_reasons: Counter[str] = Counter()
-        self.first_token_s: list[float] = []
-        self.total_s: list[float] = []
+        self.first_token_s = array("d")  # 8 bytes a completion, for the percentiles
+        self.total_s = array("d")
         self.generate_s = 0.0
         self.engine_stats: dict[str, Any] = {}
 
     def add_group(self, group: Any, records: list[dict[str, Any]]) -> None:
         """A group of finished requests (a `scheduling.Group`: one batch, or what finished in a stretch of steps)."""
+        self.add_time(group.kind, group.steps, group.seconds, group.stats)
+        self.add_records(records)
+
+    def add_time(self, kind: str | None, steps: dict[str, int], seconds: float, stats: dict[str, Any]) -> None:
+        """A group's time in the model, its kind (static batches), steps and engine statistics."""
         self.groups += 1
-        if group.kind is not None:
-            self.batches[group.kind] += 1
-        self.steps.update(group.steps)
-        self.generate_s += group.seconds
-        self.engine_stats = add_stats(self.engine_stats, {k: v for k, v in group.stats.items() if k != "rows_per_step"})
+        if kind is not None:
+            self.batches[kind] += 1
+        self.steps.update(steps)
+        self.generate_s += seconds
+        self.engine_stats = add_stats(self.engine_stats, {k: v for k, v in stats.items() if k != "rows_per_step"})
+
+    def add_records(self, records: list[dict[str, Any]]) -> None:
+        """Result records: their tokens, finish reasons and latencies."""
         for record in records:
             self.records += 1
             self.prompt_tokens += record["prompt_tokens"]
@@ -183,8 +207,8 @@ class Report:
                 self.first_token_s.append(completion["timing"]["time_to_first_token_s"])
                 self.total_s.append(completion["timing"]["total_s"])
 
-    def summary(self, wall_s: float, load_s: float, **where: str) -> RunSummary:
-        """The summary; `where` gives output, errors, device, model and finished_at."""
+    def summary(self, wall_s: float, load_s: float, resumed: int = 0, **where: Any) -> RunSummary:
+        """The summary; `where` gives output, errors, device, model and finished_at (and status, failure, shards)."""
         return RunSummary(
             **where,
             requests=RequestCounts(
@@ -192,6 +216,7 @@ class Report:
                 skipped=self.skipped,
                 total=self.records + self.skipped,
                 completions=self.completions,
+                resumed=resumed,
             ),
             tokens=TokenCounts(prompt=self.prompt_tokens, completion=self.completion_tokens),
             batches={"total": self.groups, **dict(sorted(self.batches.items()))},
@@ -212,7 +237,7 @@ class Report:
         )
 
 
-def distribution(values: list[float]) -> Distribution:
+def distribution(values: Any) -> Distribution:
     """Mean, p50, p90 and p99 of `values` (inclusive percentiles: the largest value is p100)."""
     return Distribution(
         mean=_round(statistics.fmean(values)) if values else None,
@@ -229,7 +254,10 @@ def format_table(summary: RunSummary) -> str:
     done = f"{requests.completed} done, {requests.skipped} skipped"
     if requests.completions != requests.completed:
         done += f" ({requests.completions} completions)"
+    if requests.resumed:
+        done += f"; {requests.resumed} resumed from an earlier run"
     rows = [
+        ("status", summary.status + (f": {summary.failure}" if summary.failure else "")),
         ("requests", done),
         ("batches", _counts(summary.batches)),
         ("steps", _counts(summary.steps)),
@@ -277,7 +305,7 @@ def _rate(amount: float, seconds: float) -> float | None:
     return _round(amount / seconds) if seconds > 0 else None
 
 
-def _quantile(values: list[float], q: float) -> float | None:
+def _quantile(values: Any, q: float) -> float | None:
     if not values:
         return None
     if len(values) == 1:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 InputFormatName = Literal["jsonl", "parquet", "openai"]
@@ -85,22 +85,30 @@ def _config() -> ConfigDict:
     return ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
+TOKENS_MAX = 2**31 - 1
+"""Largest token count or token id a setting takes (what torch and the KV cache index with)."""
+INT64_MAX = 2**63 - 1
+"""Largest integer a setting takes: seeds feed torch generators and Parquet int64 columns."""
+BEAMS_MAX = 64
+"""Widest beam search: each beam is a row of its own, so a wider search would not fit any batch budget."""
+
+
 class GenerationSpec(BaseModel):
     """How completions are generated. Every key may also be overridden per record by an input column."""
 
     model_config = _config()
 
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, le=TOKENS_MAX)
     """Tokens to generate at most per request (the completion may end sooner, at EOS or a stop string)."""
     temperature: float = Field(0.0, ge=0)
     """Sampling temperature. 0 means greedy decoding (the most likely token every step)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p. 1 keeps all."""
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=TOKENS_MAX)
     """Sample among the top_k most likely tokens only. 0 keeps all."""
     min_p: float = Field(0.0, ge=0, le=1)
     """Sample only among tokens at least min_p times as likely as the most likely one. 0 keeps all."""
-    num_beams: int = Field(1, ge=1)
+    num_beams: int = Field(1, ge=1, le=BEAMS_MAX)
     """Beam search width. 1 means no beam search. Beam search is deterministic: it takes no sampling settings
     (temperature, top_p, top_k, min_p, presence and frequency penalties), no n > 1, no logprobs, no
     stop_token_ids and no ignore_eos."""
@@ -113,7 +121,7 @@ class GenerationSpec(BaseModel):
     """Token ids that end a completion as EOS does (the token is kept in the token ids, left out of the text)."""
     ignore_eos: bool = False
     """Keep generating past EOS until max_new_tokens (stop strings and stop_token_ids still end a completion)."""
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=TOKENS_MAX)
     """Tokens to generate at least: EOS and stop_token_ids are masked, and stop strings not looked for, until
     then."""
     repetition_penalty: float = Field(1.0, gt=0)
@@ -131,9 +139,31 @@ class GenerationSpec(BaseModel):
     temperature and penalties) to the record."""
     top_logprobs: int = Field(0, ge=0, le=20)
     """With logprobs: also the top_logprobs most likely alternatives at each position, with theirs."""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=INT64_MAX)
     """Sampling seed. Each request samples from its own random stream, seeded from this seed and the request's
     id (or from the record's own `seed` column), so its completion does not depend on the batch it lands in."""
+
+    @field_validator(
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "num_beams",
+        "n",
+        "min_tokens",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_logprobs",
+        "seed",
+        mode="before",
+    )
+    @classmethod
+    def _numbers_are_not_booleans(cls, value: object) -> object:
+        if isinstance(value, bool):  # pydantic would read true as 1
+            raise PydanticCustomError("bool_is_not_a_number", "true or false is not a number", {})
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -160,6 +190,12 @@ class GenerationSpec(BaseModel):
         if any(token < 0 for token in value):
             raise PydanticCustomError(
                 "negative_token_id", "token ids are never negative", {"fix": "list token ids (0 or more)"}
+            )
+        if any(token > TOKENS_MAX for token in value):
+            raise PydanticCustomError(
+                "huge_token_id",
+                "a token id above {most} is in no vocabulary",
+                {"most": TOKENS_MAX, "fix": "list token ids of the model's vocabulary"},
             )
         return value
 
@@ -303,6 +339,17 @@ class InputSpec(BaseModel):
     `generation`; in OpenAI batch input, the body's settings). [] ignores them all."""
     limit: int | None = Field(None, ge=1)
     """Run only the first `limit` records (in input order). null runs them all."""
+    max_record_bytes: int = Field(16 * 2**20, ge=1024)
+    """Longest JSONL line (and largest Parquet value) read, in bytes; a longer record is a bad record, skipped
+    without being held in memory. Default 16 MiB."""
+
+    _excluded: tuple[Path, ...] = PrivateAttr(default=())
+
+    @property
+    def excluded(self) -> tuple[Path, ...]:
+        """Files and folders the job writes (output, errors, summary, work folder): never read as input, even
+        when input.path's glob matches them (the job spec sets them)."""
+        return self._excluded
 
     @field_validator("override_columns")
     @classmethod
@@ -558,7 +605,29 @@ class JobSpec(BaseModel):
                 "output.path is the input file",
                 {"key": "output.path", "fix": "write the results to another file"},
             )
+        if self.errors.path is not None and self.errors.path == self.input.path:
+            raise PydanticCustomError(
+                "errors_is_input",
+                "errors.path is the input file: writing the errors file would destroy the input",
+                {"key": "errors.path", "fix": "write the errors to another file, or leave errors.path out"},
+            )
+        if self.errors.path is not None and self.errors.path in (self.output.path, self.summary_path):
+            raise PydanticCustomError(
+                "errors_is_output",
+                "errors.path is the results or the summary file",
+                {"key": "errors.path", "fix": "write the errors to another file, or leave errors.path out"},
+            )
         return self
+
+    @model_validator(mode="after")
+    def _input_never_reads_output(self) -> JobSpec:
+        self.input._excluded = tuple(self.written_paths) + (self.work_dir,)
+        return self
+
+    @property
+    def written_paths(self) -> list[Path]:
+        """The files a run writes beside its work folder: results, errors and summary."""
+        return [self.output.path, self.errors_path, self.summary_path]
 
     @property
     def output_format(self) -> OutputFormatName:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,37 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `fiddler-batch ARGS` as a subprocess, the way a user would."""
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `fiddler-batch ARGS` as a subprocess, the way a user would (`env` is added to this process's)."""
     return subprocess.run(
-        [sys.executable, "-m", "fiddler_batch.cli", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fiddler_batch.cli", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
+
+
+class InterruptedAt:
+    """An engine that forwards to a real one and raises KeyboardInterrupt when batch `batch` starts (static
+    scheduler), as a Ctrl-C there would."""
+
+    def __init__(self, engine: Any, batch: int):
+        self.engine, self.batch, self.started = engine, batch, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def set_kind(self, kind: str) -> None:
+        if self.started == self.batch:
+            raise KeyboardInterrupt
+        self.started += 1
+        self.engine.set_kind(kind)
+
+
+def stable(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without what depends on when and beside what it ran (timing, batch, engine statistics)."""
+    return {k: v for k, v in record.items() if k not in ("timing", "batch_id", "batch_size", "engine_stats")}

@@ -123,7 +123,8 @@ def test_summary_adds_up(e2e: Any) -> None:
     _, folder = e2e
     summary = json.loads((folder / "out" / "results.summary.json").read_text())
     records = read_jsonl(folder / "out" / "results.jsonl")
-    assert summary["requests"] == {"completed": 7, "skipped": 2, "total": 9, "completions": 7}
+    assert summary["requests"] == {"completed": 7, "skipped": 2, "total": 9, "completions": 7, "resumed": 0}
+    assert summary["status"] == "complete" and summary["shards"] == 1 and summary["failure"] is None
     assert summary["tokens"] == {
         "prompt": sum(r["prompt_tokens"] for r in records),
         "completion": sum(r["completion_tokens"] for r in records),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fiddler_batch.errors import RunStopped
 from fiddler_batch.jobfile import load_job
 from fiddler_batch.report import add_stats
 from fiddler_batch.runner import progress_bar, rates_postfix, run_job
@@ -63,19 +65,35 @@ def test_the_engine_hears_kind_reset_and_stats_around_every_batch(engine: Any, t
     }
 
 
-def test_a_killed_run_leaves_complete_parts_listed_in_the_manifest(engine: Any, tmp_path: Path) -> None:
+def test_an_interrupted_run_keeps_its_parts_and_the_rerun_computes_only_the_rest(engine: Any, tmp_path: Path) -> None:
     spec = load_job(write_job(tmp_path, RECORDS, batching={"max_batch_size": 2, "scheduler": "static"}))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunStopped) as stopped:
         run_job(spec, engine=Recording(engine, kill_at_batch=2))
+    assert stopped.value.exit_code == 130
     assert not spec.output.path.exists() and not (spec.work_dir / "done-r00000").exists()
     manifest = read_jsonl(spec.work_dir / "manifest-r00000.jsonl")
     assert [entry["part"] for entry in manifest] == ["part-r00000-000000.jsonl", "part-r00000-000001.jsonl"]
     for entry in manifest:
         part = read_jsonl(spec.work_dir / entry["part"])
         assert [r["index"] for r in part] == entry["indices"] and [r["id"] for r in part] == entry["ids"]
-    assert not list(spec.work_dir.glob(".*.tmp"))  # the errors file being written was dropped
-    summary = run_job(spec, engine=engine)  # a fresh run of the same job completes
-    assert summary.requests.completed == 9 and not spec.work_dir.exists()
+    assert not list(spec.work_dir.glob(".*.tmp"))
+    assert json.loads(spec.summary_path.read_text())["status"] == "interrupted"
+    done = sorted(i for entry in manifest for i in entry["indices"])
+    again = Recording(engine)
+    summary = run_job(spec, engine=again)  # resumes: only the requests without a result run
+    assert summary.status == "complete" and summary.requests.completed == 9 and summary.requests.resumed == len(done)
+    assert again.calls.count("reset_stats") == summary.batches["total"] - 2
+    records = read_jsonl(spec.output.path)
+    assert [r["index"] for r in records] == list(range(9)) and not spec.work_dir.exists()
+    assert len({r["batch_id"] for r in records}) == summary.batches["total"]  # ids go on where the first run stopped
+    fresh = load_job(write_job(tmp_path / "fresh", RECORDS, batching={"max_batch_size": 2, "scheduler": "static"}))
+    run_job(fresh, engine=engine)
+    assert [without_run_fields(r) for r in records] == [without_run_fields(r) for r in read_jsonl(fresh.output.path)]
+
+
+def without_run_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without what depends on when and beside what it ran (timing, batch, engine statistics)."""
+    return {k: v for k, v in record.items() if k not in ("timing", "batch_id", "batch_size", "engine_stats")}
 
 
 def test_keep_parts_keeps_the_work_folder(engine: Any, tmp_path: Path) -> None:

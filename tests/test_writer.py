@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -12,11 +13,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fiddler_batch.errors import BusyError
 from fiddler_batch.io.atomic import FILE_MODE, _file_mode, atomic_write_text
 from fiddler_batch.io.records import OutputRecord, arrow_schema
 from fiddler_batch.io.workfolder import WorkFolder, merged_lines
 from fiddler_batch.io.writers import WRITERS, write_jsonl, write_parquet
+from fiddler_batch.shards import Shard
 from fiddler_batch.spec import (
     GENERATION_KEYS,
     GenerationSpec,
@@ -51,46 +52,74 @@ def with_failure(target: Path) -> None:
 
 def test_work_folder_writes_sorted_parts_manifest_errors_and_done_marker(tmp_path: Path) -> None:
     work = WorkFolder(tmp_path / "r.parts")
-    work.start({"job": "x"})
-    work.write_part("results", 0, [{"index": 5, "id": "e"}, {"index": 2, "id": "b"}])
+    assert work.claim({"job": "x"}) and not work.claim({"job": "y"})  # job.json is created once
+    work.resume()
+    work.write_part("results", 0, [{"index": 5, "id": "e"}, {"index": 2, "id": "b"}], tokens={"prompt": 3})
     work.write_part("errors", 0, [{"index": 3, "id": None, "reason": "bad"}])
     assert not work.done.exists()
-    work.finish()
+    work.finish({"total": 6})
     assert [p.name for p in work.parts()] == ["part-r00000-000000.jsonl"]
     assert [r["index"] for r in read_jsonl(work.parts()[0])] == [2, 5]
+    size = work.parts()[0].stat().st_size
     assert read_jsonl(work.manifest) == [
-        {"part": "part-r00000-000000.jsonl", "kind": "results", "indices": [2, 5], "ids": ["b", "e"]},
-        {"part": "errors-r00000-000000.jsonl", "kind": "errors", "indices": [3], "ids": [None]},
+        {
+            "part": "part-r00000-000000.jsonl",
+            "kind": "results",
+            "indices": [2, 5],
+            "ids": ["b", "e"],
+            "bytes": size,
+            "tokens": {"prompt": 3},
+        },
+        {"part": "errors-r00000-000000.jsonl", "kind": "errors", "indices": [3], "ids": [None], "bytes": 42},
     ]
     assert read_jsonl(work.parts("errors")[0]) == [{"index": 3, "id": None, "reason": "bad"}]
-    assert work.done.exists() and json.loads((work.path / "job.json").read_text()) == {"job": "x"}
+    assert work.done_info(0) == {"total": 6} and json.loads((work.path / "job.json").read_text()) == {"job": "x"}
 
 
-def test_a_fresh_start_clears_what_the_rank_left_behind(tmp_path: Path) -> None:
+def test_resume_keeps_what_the_manifest_lists_and_drops_the_rest(tmp_path: Path) -> None:
     work = WorkFolder(tmp_path / "r.parts")
-    work.start({})
-    work.write_part("results", 7, [{"index": 0, "id": "a"}])
-    work.finish()
-    work.release()
-    (tmp_path / "r.parts" / ".part-r00000-000008.jsonl.abc.tmp").write_text("half")  # a killed write
-    again = WorkFolder(tmp_path / "r.parts")
-    again.start({})
-    assert again.parts() == [] and not again.done.exists() and not again.manifest.exists()
-    assert not list((tmp_path / "r.parts").glob(".*.tmp"))
-    again.release()
+    work.claim({})
+    work.resume()
+    work.write_part("results", 0, [{"index": 0, "id": "a"}, {"index": 2, "id": "c"}])
+    work.write_part("results", 1, [{"index": 1, "id": "b"}])
+    work.finish({"total": 3})
+    (work.path / "part-r00000-000002.jsonl").write_text('{"index": 4, "id": "e"}\n')  # renamed, never listed
+    (work.path / ".part-r00000-000003.jsonl.abc.tmp").write_text("half")  # a killed write
+    with work.manifest.open("a") as handle:
+        handle.write('{"part": "part-r00000-000002.jsonl", "kind": "res')  # a line cut short
+    state = WorkFolder(tmp_path / "r.parts").resume()
+    assert state.done.count == 3 and all(i in state.done for i in (0, 1, 2)) and 3 not in state.done
+    assert state.results == 3 and state.next_number == {"results": 2, "errors": 0}
+    assert sorted(p.name for p in work.path.iterdir()) == [
+        "job.json",
+        "manifest-r00000.jsonl",
+        "part-r00000-000000.jsonl",
+        "part-r00000-000001.jsonl",
+    ]  # the unlisted part, the temporary file and the done marker are gone; the manifest is whole again
+    assert [e["part"] for e in read_jsonl(work.manifest)] == ["part-r00000-000000.jsonl", "part-r00000-000001.jsonl"]
 
 
-def test_a_second_run_of_the_same_job_is_refused_while_the_first_writes(tmp_path: Path) -> None:
-    first = WorkFolder(tmp_path / "r.parts")
-    first.start({})
-    first.write_part("results", 0, [{"index": 0, "id": "a"}])
-    with pytest.raises(BusyError, match="another run of this job"):
-        WorkFolder(tmp_path / "r.parts").start({})
-    assert [p.name for p in first.parts()] == ["part-r00000-000000.jsonl"]  # untouched
-    first.release()
-    second = WorkFolder(tmp_path / "r.parts")
-    second.start({})  # the lock went with the first run
-    second.release()
+def test_a_part_whose_size_changed_is_not_trusted(tmp_path: Path) -> None:
+    work = WorkFolder(tmp_path / "r.parts")
+    work.claim({})
+    work.resume()
+    part = work.write_part("results", 0, [{"index": 0, "id": "a"}])
+    part.write_text(part.read_text() + '{"index": 1, "id": "x"}\n')
+    state = work.resume()
+    assert state.done.count == 0 and not part.exists() and work.manifest.read_text() == ""
+
+
+def test_each_shard_sees_only_its_own_indices_and_files(tmp_path: Path) -> None:
+    one = WorkFolder(tmp_path / "r.parts", Shard(1, 3))
+    one.claim({})
+    one.resume()
+    one.write_part("results", 0, [{"index": 1, "id": "b"}, {"index": 4, "id": "e"}])
+    zero = WorkFolder(tmp_path / "r.parts", Shard(0, 3))
+    zero.write_part("results", 0, [{"index": 0, "id": "a"}])
+    state = one.resume()  # rank 1 keeps its part and leaves rank 0's alone
+    assert state.done.count == 2 and 4 in state.done and 0 not in state.done
+    assert (tmp_path / "r.parts" / "part-r00000-000000.jsonl").exists()
+    assert [p.name for p in one.parts()] == ["part-r00000-000000.jsonl", "part-r00001-000000.jsonl"]
 
 
 def test_results_get_the_mode_the_umask_gives_new_files(tmp_path: Path) -> None:
@@ -113,12 +142,13 @@ def test_merge_restores_input_order_across_many_parts(tmp_path: Path, fan_in: in
     indices = list(range(100))
     random.Random(1).shuffle(indices)
     work = WorkFolder(tmp_path / "w")
-    work.start({})
+    work.claim({})
+    work.resume()
     for batch_id in range(10):
         work.write_part(
             "results", batch_id, [{"index": i, "id": str(i)} for i in indices[batch_id * 10 : (batch_id + 1) * 10]]
         )
-    work.finish()
+    work.finish({"total": 100})
     merged = [json.loads(line)["index"] for line in merged_lines(work.parts(), fan_in=fan_in)]
     assert merged == list(range(100))
     assert not list((tmp_path / "w").glob(".merge-*"))  # scratch runs are cleaned up
@@ -193,3 +223,13 @@ def test_the_parquet_schema_follows_the_record_model_field_by_field(tmp_path: Pa
 def test_every_output_format_has_a_writer() -> None:
     assert set(WRITERS) == set(typing.get_args(OutputFormatName))
     assert all(name == writer.name for name, writer in WRITERS.items())
+
+
+def test_the_job_file_is_claimed_once_even_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(source: object, target: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    work = WorkFolder(tmp_path / "r.parts")
+    assert work.claim({"job": 1}) and not work.claim({"job": 2})
+    assert work.read_job() == {"job": 1} and [p.name for p in work.path.iterdir()] == ["job.json"]

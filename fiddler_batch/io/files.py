@@ -12,7 +12,7 @@ import gzip
 import io
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,15 +33,26 @@ PROTOCOL_PACKAGES = {
 """Which package gives fsspec each common protocol (what an error says to install)."""
 
 
-def input_files(pattern: Location, order: str = "sorted") -> list[Location]:
-    """The files `pattern` names: itself, or every file its glob matches, in `order` ('sorted' or 'natural')."""
+def input_files(pattern: Location, order: str = "sorted", exclude: Sequence[Path] = ()) -> list[Location]:
+    """The files `pattern` names: itself, or every file its glob matches, in `order` ('sorted' or 'natural'),
+    except those in `exclude` or under a folder in it (what the job itself writes)."""
     if is_remote(pattern):
         return _remote_files(str(pattern), order)
     text = str(pattern)
     if glob.has_magic(text):
         matches = [Path(match) for match in glob.glob(text, recursive=True) if Path(match).is_file()]
-        return sorted(matches, key=_order_key(order))
-    return [Path(pattern)] if Path(pattern).is_file() else []
+        return sorted((m for m in matches if not is_excluded(m, exclude)), key=_order_key(order))
+    return [Path(pattern)] if Path(pattern).is_file() and not is_excluded(Path(pattern), exclude) else []
+
+
+def is_excluded(path: Path, exclude: Sequence[Path]) -> bool:
+    """`path` is one of `exclude`, or lies under one of them."""
+    resolved = Path(os.path.abspath(path))
+    for other in exclude:
+        other = Path(os.path.abspath(other))
+        if resolved == other or other in resolved.parents:
+            return True
+    return False
 
 
 def natural_key(text: str) -> tuple[Any, ...]:

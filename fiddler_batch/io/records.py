@@ -118,7 +118,8 @@ class OutputRecord(BaseModel):
     timing: Timing
     """Per-request timing."""
     batch_id: int
-    """The batch the request ran in (0-based, in the order batches ran)."""
+    """The batch the request ran in (0-based, in the order batches ran), unique in the job: with N shards, shard S
+    numbers its batches S, S+N, S+2N, ...; a resumed run goes on from the interrupted run's numbers."""
     batch_kind: BatchKind
     """The batch's kind, which set the engine's strategy."""
     batch_size: int

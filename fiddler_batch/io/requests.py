@@ -7,6 +7,7 @@ import base64
 import datetime
 import decimal
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,42 @@ class BadRecord:
         }
 
 
+MAX_DEPTH = 64
+"""Deepest nesting of lists and objects a record may have (a prompt needs two levels; chat messages four)."""
+SURROGATE = re.compile("[\ud800-\udfff]")
+"""A UTF-16 surrogate code point: JSON lets one be written (`"\\ud800"`, or its bytes, which Python's JSON reader
+passes through), but alone it is no character, cannot be encoded as UTF-8, and breaks tokenizers and writers."""
+
+
+def content_problem(data: Any) -> tuple[str, str, str] | None:
+    """(field, message, fix) when a record holds what no later step can carry: a lone surrogate in any text, or
+    nesting deeper than `MAX_DEPTH`. Walked without recursion, keys included."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_DEPTH:
+            return field or "(record)", f"nested more than {MAX_DEPTH} levels deep", "flatten the record"
+        if isinstance(value, str):
+            found = SURROGATE.search(value)
+            if found:
+                return (
+                    field or "(record)",
+                    f"a lone surrogate (U+{ord(found.group()):04X}) at character {found.start()}: not valid Unicode "
+                    "text",
+                    "remove it or replace it with the character meant (a surrogate is only valid as half of a pair, "
+                    "and JSON text should hold the character itself)",
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = field or str(key)
+                if isinstance(key, str) and SURROGATE.search(key):
+                    return "(record)", "a field name holds a lone surrogate: not valid Unicode text", "rename it"
+                stack.append((item, depth + 1, name))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, depth + 1, field) for item in value)
+    return None
+
+
 def request_seed(job_seed: int, request_id: str) -> int:
     """A request's sampling seed, from the job's seed and the request's id only (never from its batch)."""
     digest = hashlib.sha256(f"{job_seed}:{request_id}".encode()).digest()
@@ -89,11 +126,16 @@ def to_request(
     """The request a raw record describes, or the reason it is bad; `columns` are copied into it."""
     if raw.problem is not None:
         custom_id = (raw.source or {}).get("custom_id")
-        return BadRecord(index, str(custom_id) if custom_id is not None else None, raw.problem)
+        shown = str(custom_id) if isinstance(custom_id, (str, int)) and not isinstance(custom_id, bool) else None
+        return BadRecord(index, shown if shown is None or not SURROGATE.search(shown) else None, raw.problem)
     data = raw.data or {}
 
     def bad(key: str, message: str, fix: str, request_id: str | None = None) -> BadRecord:
         return BadRecord(index, request_id, Problem(raw.file, key, message, fix, line=raw.line, row=raw.row))
+
+    unfit = content_problem(raw.source if raw.source is not None else data)
+    if unfit is not None:
+        return bad(*unfit)
 
     request_id = data.get(spec.id_column)
     if request_id is None:
