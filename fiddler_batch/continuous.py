@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,8 +92,9 @@ class StepPlan:
 class ContinuousBatches:
     """The continuous scheduler (registered as 'continuous')."""
 
-    def __init__(self, engine: BatchEngine, batching: BatchingSpec):
+    def __init__(self, engine: BatchEngine, batching: BatchingSpec, flush: Callable[[], bool] | None = None):
         self.engine = engine
+        self.flush = flush
         self.batching = batching
         model = engine.model
         self.eos_ids = eos_token_ids(model, engine.tokenizer)
@@ -140,7 +141,8 @@ class ContinuousBatches:
             seconds += time.perf_counter() - started
             self._collect()
             now = time.perf_counter()
-            if self.done and (now - last_group >= GROUP_SECONDS or len(self.done) >= max(64, len(self.running))):
+            due = now - last_group >= GROUP_SECONDS or len(self.done) >= max(64, len(self.running))
+            if self.done and (due or (self.flush is not None and self.flush())):
                 yield self._group(seconds)
                 seconds, last_group = 0.0, now
         if self.done:
@@ -331,11 +333,16 @@ class ContinuousBatches:
 
 
 def continuous_batches(
-    engine: BatchEngine, windows: Iterable[list[Prepared]], batching: BatchingSpec
+    engine: BatchEngine,
+    windows: Iterable[list[Prepared]],
+    batching: BatchingSpec,
+    *,
+    flush: Callable[[], bool] | None = None,
 ) -> Iterator[Group]:
     """The continuous scheduler; a model whose layers cannot run packed (see `fiddler_batch.packed`) falls back
-    to static batches, with a warning, before any of its requests has a result."""
-    scheduler = ContinuousBatches(engine, batching)
+    to static batches, with a warning, before any of its requests has a result. `flush()` true: hand over the
+    finished requests at once (a stop is pending), not after GROUP_SECONDS."""
+    scheduler = ContinuousBatches(engine, batching, flush)
     source = iter(windows)
     reason = unsupported_reason(engine.model)
     if reason is not None:

@@ -261,7 +261,8 @@ class ShardRun:
         scheduler = SCHEDULERS[spec.batching.scheduler]
         collector, text = ChoiceCollector(), TokenText(engine.tokenizer)
         windows = self._prepared(itertools.chain([first], requests), engine)
-        for group in scheduler(engine, windows, _resolved(spec.batching, engine)):
+        flush = lambda: bool(self.stopper.requested)  # noqa: E731 - a stop hands over what finished at once
+        for group in scheduler(engine, windows, _resolved(spec.batching, engine), flush=flush):
             complete = [done for finished in group.finished if (done := collector.add(finished, group.stats))]
             records = [self._renumbered(build_record(choices, spec, text)) for choices in complete]
             self._write_results(group, records)

@@ -48,12 +48,22 @@ class Group:
     """Forward steps by kind (continuous scheduling) since the previous group."""
 
 
-Scheduler = Callable[[BatchEngine, Iterable[list[Prepared]], BatchingSpec], Iterator[Group]]
+Scheduler = Callable[..., Iterator[Group]]
+"""(engine, windows of requests in input order, batching settings, *, flush=None) -> groups of finished requests.
+`flush()`, when given and true, asks the scheduler to hand over what has finished at its next step (a stop
+signal is pending)."""
 """(engine, windows of requests in input order, batching settings) -> groups of finished requests."""
 
 
-def static_batches(engine: BatchEngine, windows: Iterable[list[Prepared]], batching: BatchingSpec) -> Iterator[Group]:
-    """Bucket each window into batches of one kind and run each batch through `generate` to its end."""
+def static_batches(
+    engine: BatchEngine,
+    windows: Iterable[list[Prepared]],
+    batching: BatchingSpec,
+    *,
+    flush: Callable[[], bool] | None = None,
+) -> Iterator[Group]:
+    """Bucket each window into batches of one kind and run each batch through `generate` to its end (every batch
+    is a group already, so `flush` changes nothing)."""
     batch_id = 0
     for window in windows:
         for batch in plan_batches(window, batching):

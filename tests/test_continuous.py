@@ -207,3 +207,12 @@ def test_the_scheduler_reads_at_most_one_window_ahead(engine: Any) -> None:
     windows = (prepared[start : start + 2] for start in range(0, len(prepared), 2))
     finished = [f for group in scheduler(windows) for f in group.finished]
     assert len(finished) == len(prepared) and max(waiting) <= 3  # never the whole input in memory
+
+
+def test_a_pending_stop_hands_over_finished_requests_at_once(engine: Any) -> None:
+    prepared = items(200)
+    batching = BatchingSpec(**SMALL_STEPS)
+    waiting = next(continuous_batches(engine, [prepared], batching))  # without a stop: one group at the end
+    assert len(waiting.finished) == len(prepared)
+    first = next(continuous_batches(engine, [prepared], batching, flush=lambda: True))
+    assert 0 < len(first.finished) < len(prepared)  # the first requests to finish, handed over at once
