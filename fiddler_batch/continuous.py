@@ -128,6 +128,9 @@ class ContinuousBatches:
                 for item in window:
                     (beams if item.num_beams > 1 else self.waiting).append(item)
                 if beams:  # beam search keeps to `generate`, one window's worth at a time
+                    if self.done or seconds:  # account the steps so far before generate resets the counters
+                        yield self._group(seconds)
+                        seconds, last_group = 0.0, time.perf_counter()
                     yield from self._beam_groups(beams)
                     beams = []
             self._admit()
