@@ -20,6 +20,8 @@ import click
 import yaml
 
 import fiddler_batch
+from fiddler_batch.locks import HEARTBEAT_S, STALE_AFTER_S
+from fiddler_batch.signals import GRACE_S
 
 if TYPE_CHECKING:
     from fiddler_batch.spec import JobSpec
@@ -65,6 +67,13 @@ def main() -> None:
     package_log.propagate = False
 
 
+def _with_options(options: list[Callable[..., Any]], command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` with click options applied so that they list in the order given."""
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options `run` and `validate` share, so that one command line works with either."""
     options = [
@@ -83,9 +92,7 @@ def job_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "and a time estimate from this machine's calibration.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(options, command)
 
 
 def _settings(output: Path | None, limit: int | None) -> dict[str, Any]:
@@ -125,7 +132,7 @@ def production_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--stop-grace",
             type=click.FloatRange(min=0),
-            default=20.0,
+            default=GRACE_S,
             show_default=True,
             help="Seconds a SIGTERM or SIGUSR1 waits for the batch in flight before abandoning it.",
         ),
@@ -139,7 +146,7 @@ def production_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--lock-stale-after",
             type=click.FloatRange(min=1),
-            default=600.0,
+            default=STALE_AFTER_S,
             show_default=True,
             envvar="FIDDLER_BATCH_LOCK_STALE_AFTER",
             help="Seconds without a heartbeat after which another run takes a shard's lock over "
@@ -148,15 +155,13 @@ def production_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--heartbeat",
             type=click.FloatRange(min=0.1),
-            default=30.0,
+            default=HEARTBEAT_S,
             show_default=True,
             envvar="FIDDLER_BATCH_HEARTBEAT",
             help="Seconds between heartbeats of the lock and the status file (env FIDDLER_BATCH_HEARTBEAT).",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(options, command)
 
 
 @main.command()

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from fiddler_batch.batching import batch_kind
+from fiddler_batch.engine.budget import text_config
 from fiddler_batch.generation import BatchEngine, Completion, TokenLogprobs, eos_token_ids, finish_text, stop_ids
 from fiddler_batch.packed import ATTENTION, Chunk, KVPool, PackedUnsupported, StepLayout, register, unsupported_reason
 from fiddler_batch.prompts import Prepared
 from fiddler_batch.sampling import choose_tokens, pad_rows, row_generator
-from fiddler_batch.scheduling import Finished, Group, static_batches
+from fiddler_batch.scheduling import Finished, Group, kv_cache_tokens, static_batches
 from fiddler_batch.spec import BatchingSpec, BatchKind
 
 log = logging.getLogger("fiddler_batch.scheduler")
@@ -98,7 +99,7 @@ class ContinuousBatches:
         self.batching = batching
         model = engine.model
         self.eos_ids = eos_token_ids(model, engine.tokenizer)
-        slots = getattr(engine, "kv_cache_tokens", None) or _tokens(batching.kv_cache_tokens)
+        slots = kv_cache_tokens(batching, engine)
         self.pool = KVPool(slots, engine.device, getattr(model, "dtype", torch.float32))
         self.max_rows = batching.max_rows or slots
         self.waiting: collections.deque[Prepared] = collections.deque()
@@ -370,10 +371,6 @@ def _chain(*parts: Iterable[list[Prepared]]) -> Iterator[list[Prepared]]:
                 yield window
 
 
-def _tokens(value: int | str) -> int:
-    return value if isinstance(value, int) else 65536
-
-
 def _hit_stop(tokenizer: Any, tokens: list[int], stop: list[str], window: int) -> bool:
     tail = tokenizer.decode(tokens[-window:], skip_special_tokens=True)
     return any(s in tail for s in stop)
@@ -408,9 +405,7 @@ def _configs(config: Any) -> Iterator[Any]:
 def _check_every_layer_attended(model: Any, layout: StepLayout) -> None:
     """Layers that mix tokens another way (state-space, linear attention) would have treated the packed row as
     one sequence: refuse such models rather than mix requests."""
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers = getattr(text, "num_hidden_layers", layers)
+    layers = getattr(text_config(model.config), "num_hidden_layers", None)
     if layers is not None and len(layout.layers_seen) != layers:
         raise PackedUnsupported(
             f"{len(layout.layers_seen)} of {layers} decoder layers went through attention: the others mix tokens "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fiddler_batch.batching import Batch, plan_batches
+from fiddler_batch.engine.budget import text_config
 from fiddler_batch.io.readers import read_records
 from fiddler_batch.io.requests import BadRecord, to_requests
 from fiddler_batch.prompts import prepare
@@ -76,7 +77,7 @@ def dry_run(spec: JobSpec) -> DryRun:
     import itertools
 
     tokenizer, config, folder = _tokenizer_and_config(spec)
-    max_context = getattr(_text_config(config), "max_position_embeddings", None)
+    max_context = getattr(text_config(config), "max_position_embeddings", None)
     result = DryRun()
     batches: list[Batch] = []
     columns = spec.output.include_columns
@@ -106,7 +107,7 @@ def _count(plan: KindPlan, batch: Batch) -> None:
 def tokenizer_and_context(spec: JobSpec) -> tuple[Any, int | None]:
     """The job's tokenizer and its model's context length, read without the weights (what the engine uses)."""
     tokenizer, config, _ = _tokenizer_and_config(spec)
-    return tokenizer, getattr(_text_config(config), "max_position_embeddings", None)
+    return tokenizer, getattr(text_config(config), "max_position_embeddings", None)
 
 
 def _tokenizer_and_config(spec: JobSpec) -> tuple[Any, Any, Path]:
@@ -122,10 +123,6 @@ def _tokenizer_and_config(spec: JobSpec) -> tuple[Any, Any, Path]:
         raise EngineError(
             "model.path", f"cannot read the model at {spec.model.path!r}: {exc}", "check the checkpoint folder"
         ) from None
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def estimate(spec: JobSpec, config: Any, batches: list[Batch]) -> tuple[float | None, str]:
@@ -181,7 +178,7 @@ def _weightless_model(config: Any, dtype: Any) -> Any:
 
 
 def _top_k(config: Any) -> int:
-    text = _text_config(config)
+    text = text_config(config)
     for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"):
         value = getattr(text, name, None)
         if isinstance(value, int) and value > 0:

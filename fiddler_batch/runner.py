@@ -56,10 +56,11 @@ from fiddler_batch.progress import LOG_EVERY_S, Progress, progress_bar, rates_po
 from fiddler_batch.prompts import Prepared, prepare
 from fiddler_batch.report import Report, RunSummary
 from fiddler_batch.schedulers import SCHEDULERS
+from fiddler_batch.scheduling import kv_cache_tokens
 from fiddler_batch.shards import Shard
 from fiddler_batch.signals import GRACE_S, StopNow, Stopper
 from fiddler_batch.slurm import requeue_self
-from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchingSpec, JobSpec
+from fiddler_batch.spec import BatchingSpec, JobSpec
 
 __all__ = ["RunOptions", "activation_tokens", "progress_bar", "rates_postfix", "run_job"]
 
@@ -589,10 +590,7 @@ def _windows(
 
 def _resolved(batching: BatchingSpec, engine: BatchEngine) -> BatchingSpec:
     """The batching settings with an 'auto' KV cache replaced by the size the engine planned."""
-    if batching.kv_cache_tokens != "auto":
-        return batching
-    tokens = getattr(engine, "kv_cache_tokens", None) or MIN_KV_CACHE_TOKENS
-    return batching.model_copy(update={"kv_cache_tokens": tokens})
+    return batching.model_copy(update={"kv_cache_tokens": kv_cache_tokens(batching, engine)})
 
 
 def _completion_tokens(record: dict[str, Any]) -> int:

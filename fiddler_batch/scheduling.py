@@ -17,7 +17,7 @@ from typing import Any
 from fiddler_batch.batching import plan_batches
 from fiddler_batch.generation import BatchEngine, Completion, generate_batch
 from fiddler_batch.prompts import Prepared
-from fiddler_batch.spec import BatchingSpec, BatchKind
+from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchingSpec, BatchKind
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,14 @@ Scheduler = Callable[..., Iterator[Group]]
 `flush()`, when given and true, asks the scheduler to hand over what has finished at its next step (a stop
 signal is pending)."""
 """(engine, windows of requests in input order, batching settings) -> groups of finished requests."""
+
+
+def kv_cache_tokens(batching: BatchingSpec, engine: BatchEngine | None = None) -> int:
+    """The KV-cache tokens a scheduler works with: the job's number, or for 'auto' the size the engine's placement
+    planned (MIN_KV_CACHE_TOKENS where it planned none, e.g. on the CPU)."""
+    if isinstance(batching.kv_cache_tokens, int):
+        return batching.kv_cache_tokens
+    return getattr(engine, "kv_cache_tokens", None) or MIN_KV_CACHE_TOKENS
 
 
 def static_batches(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine.conftest import make_engine
+from engine.conftest import Digits, make_engine
 from engine.families import build
 from transformers import MistralConfig, MistralForCausalLM
 
@@ -28,16 +28,6 @@ from jobhelpers import read_jsonl, write_job
 
 LENGTHS = [3, 17, 40, 9, 26, 1, 33, 12, 21, 5]
 NEW = [6, 9, 4, 12, 7, 10, 5, 8, 11, 3]
-
-
-class Digits:
-    """A stand-in tokenizer for models without one: token ids written as numbers."""
-
-    pad_token_id = None
-    eos_token_id = None
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
 
 
 def items(vocab: int, **settings: Any) -> list[Prepared]:

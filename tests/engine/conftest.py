@@ -19,6 +19,16 @@ from .families import build
 COST = CostModel(ladder=(1, 8, 64), cpu_ms=(1.0, 3.0, 20.0), gpu_ms=(0.1, 0.1, 0.3), copy_ms=3.0, cpu_fixed_ms=0.1)
 
 
+class Digits:
+    """A stand-in tokenizer for the tiny models, which have none: completions are compared as token ids."""
+
+    pad_token_id = None
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+
 def forced(rule: Callable[[int, int], Where]) -> Callable:
     """A planner that sends every non-resident expert with tokens where rule(layer, expert) says."""
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from fiddler_batch.errors import EngineError
 
-from .conftest import make_engine
+from .conftest import Digits, make_engine
 from .tiny import VOCAB, build_tiny, config_class
 
 PROMPT = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -242,15 +242,6 @@ def _check_engine(outcome: Outcome, model: nn.Module) -> Outcome:
 CONTINUOUS_LENGTHS = (3, 11, 7, 16)
 
 
-class _Digits:
-    """A stand-in tokenizer (the tiny models have none): completions are compared as token ids."""
-
-    pad_token_id = eos_token_id = None
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
-
-
 def check_continuous(reference: nn.Module) -> tuple[str, str]:
     """The continuous scheduler (packed steps, prompts in chunks of 4 tokens beside decoding requests, a KV cache
     too small for all of them at once) against greedy `generate` on each prompt alone. A model it cannot run
@@ -278,7 +269,7 @@ def check_continuous(reference: nn.Module) -> tuple[str, str]:
         )
         items.append(Prepared(request, "p", ids))
     _, engine = make_engine(reference, "planner-balanced")
-    engine.tokenizer = _Digits()
+    engine.tokenizer = Digits()
     batching = BatchingSpec(max_prefill_tokens=4, kv_cache_tokens=40, max_rows=3)
     logger = logging.getLogger("fiddler_batch.scheduler")
     fallbacks: list[str] = []
