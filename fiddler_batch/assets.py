@@ -106,8 +106,7 @@ def load_engine(
     started = time.perf_counter()
     try:
         checkpoint = Checkpoint.open(folder)
-        dtype = dtype or _config_dtype(config) or checkpoint.dtype()
-        skeleton = checkpoint.skeleton(config, dtype)
+        skeleton = checkpoint.skeleton(config, dtype or "auto")  # 'auto': the config's dtype, else the checkpoint's
         with checkpoint.bind(skeleton) as binding:
             engine = Engine.from_weights(
                 skeleton,
