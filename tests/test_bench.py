@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fiddler_batch.bench.bounds import split_ms
+from fiddler_batch.bench.bounds import split_ms, throughput_bound
 from fiddler_batch.bench.cli import bench
 from fiddler_batch.bench.model import build_tokenizer
 from fiddler_batch.bench.scenarios import request_mix, write_requests
@@ -159,6 +159,49 @@ def test_split_bound() -> None:
     # An expert cheap on the CPU goes there first; the rest go over the link.
     assert split_ms([1.0, 100.0, 100.0], 5.0) == pytest.approx(1.0 + ((2 * 5.0 - 1.0) / (100.0 + 5.0)) * 100.0)
     assert split_ms([], 5.0) == 0.0
+
+
+def _throughput_run(requests: int, kv_cache_tokens: int) -> dict:
+    cost = {
+        "ladder": [1, 8, 32, 128, 512],
+        "cpu_ms": [5.0, 5.0, 6.0, 15.0, 50.0],
+        "gpu_ms": [0.1, 0.1, 0.1, 0.2, 0.3],
+        "copy_ms": 6.0,
+        "meta": {"expert_bytes": 1000},
+    }
+    return {
+        "cost_model": cost,
+        "placement": {"total_experts": 16, "resident_experts": 4, "kv_cache_tokens": kv_cache_tokens},
+        "moe": {"layers": 2, "experts_per_layer": 8, "top_k": 2},
+        "requests": requests,
+        "prompt_tokens": 100 * requests,
+        "completion_tokens": 100 * requests,
+        "generate_s": 10.0,
+        "completion_tok_s": 10.0 * requests,
+        "engine_stats": {"forward_s": 8.0},
+        "steps": {"total": 100},
+    }
+
+
+def test_throughput_bound_charges_the_cpu_at_the_steps_tokens_per_expert() -> None:
+    outside = 0.02  # (10 s generate - 8 s in the experts) / 100 steps
+    # 4 rows in flight: one token per expert, the CPU at its one-token rate; both definitions agree.
+    few = throughput_bound(_throughput_run(4, 800), [{"max_new_tokens": 100}] * 4)
+    assert few["rows_in_flight"] == 4 and few["tokens_per_expert"] == 1
+    layer_ms = 6 / (1 / 5.0 + 1 / 6.0)  # 6 off-GPU experts per layer, CPU and link sharing them
+    assert few["stream_s_per_step"] == pytest.approx(2 * layer_ms / 1e3)
+    assert few["seconds"] == pytest.approx(100 * (2 * layer_ms / 1e3 + outside))
+    assert few["completion_tok_s"] == pytest.approx(few["optimistic_cpu"]["completion_tok_s"])
+    # 512 rows: 128 tokens per expert cost the CPU 15 ms each, so the CPU serves fewer of them than at one
+    # token; the optimistic definition keeps charging 5 ms and promises more.
+    many = throughput_bound(_throughput_run(512, 512 * 200), [{"max_new_tokens": 100}] * 512)
+    assert many["tokens_per_expert"] == 128
+    assert many["stream_s_per_step"] == pytest.approx(2 * 6 / (1 / 15.0 + 1 / 6.0) / 1e3)
+    assert many["completion_tok_s"] < many["optimistic_cpu"]["completion_tok_s"]
+    assert many["share_reached"] == pytest.approx(5120.0 / many["completion_tok_s"])
+    # The KV cache holds 64 rows of 200 tokens: 512 requests need 8 times the longest completion's steps.
+    limited = throughput_bound(_throughput_run(512, 64 * 200), [{"max_new_tokens": 100}] * 512)
+    assert limited["rows_in_flight"] == 64 and limited["steps"] == 800
 
 
 @pytest.mark.parametrize("sparse", [False, True])

@@ -154,23 +154,29 @@ def case_bound(
 
 
 THROUGHPUT_FORMULA = (
-    "throughput bound = completion tokens / (steps x (off-GPU expert bytes / (B_cpu + B_pcie) + time outside the "
-    "experts per step)), steps = max(longest completion, completion tokens / rows in flight), rows in flight = "
-    "min(requests, KV-cache tokens of the placement / mean (prompt + max_new_tokens)); B_cpu and B_pcie at their "
-    "one-token rates (an optimistic CPU), time outside the experts measured on the run (generate time minus the "
-    "time inside the experts, per step)"
+    "throughput bound = completion tokens / (steps x (time of one step's experts + time outside the experts per "
+    "step)), steps = max(longest completion, completion tokens / rows in flight), rows in flight = min(requests, "
+    "KV-cache tokens of the placement / mean (prompt + max_new_tokens)); a step's experts: per MoE layer, "
+    "max(GPU time of every routed expert, T) where T is the least time in which the CPU (cpu(n) per expert) and "
+    "PCIe (copy_ms per expert) together serve the layer's off-GPU experts, split fractionally, with n = rows x "
+    "top_k / experts per layer tokens per expert (the per-layer bound of scenarios a-d); time outside the experts "
+    "measured on the run (generate time minus the time inside the experts, per step)"
 )
 
 
 def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The fastest the hardware allows a throughput run (scenario e): every step streams each off-GPU expert
-    once, over the CPU and the link at once, and serves as many rows as the KV cache holds."""
+    once, over the CPU and the link at once, at the rates the cost model measured for the step's tokens per
+    expert, and serves as many rows as the KV cache holds.
+
+    Also reported: `optimistic_cpu`, the same bound with the CPU at its one-token rate whatever the tokens
+    per expert (the bound's first definition, which lets the CPU serve hundreds of tokens as fast as one)."""
     cost = CostModel.from_json(run["cost_model"])
     placement = run["placement"]
+    moe = run.get("moe") or _moe_from_counters(run)
+    layers, per_layer, top_k = moe["layers"], moe["experts_per_layer"], moe["top_k"]
     expert = cost.meta["expert_bytes"]
     off_gpu = (placement["total_experts"] - placement["resident_experts"]) * expert
-    cpu_bytes_per_ms, link_bytes_per_ms = expert / cost.cpu(1), expert / cost.copy_ms
-    stream_s = off_gpu / (cpu_bytes_per_ms + link_bytes_per_ms) / 1e3
     requests = run["requests"]
     mean_tokens = (run["prompt_tokens"] + sum(r["max_new_tokens"] for r in records)) / requests
     rows = max(1, min(requests, int(placement["kv_cache_tokens"] // mean_tokens)))
@@ -178,10 +184,21 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
     steps = max(longest, -(-run["completion_tokens"] // rows))
     measured_steps = max(run["steps"].get("total", 0), 1)
     outside_s = max(run["generate_s"] - run["engine_stats"].get("forward_s", 0.0), 0.0) / measured_steps
+    per_expert = max(1, round(rows * top_k / per_layer))
+    off_per_layer = (placement["total_experts"] - placement["resident_experts"]) / layers
+    whole, part = int(off_per_layer), off_per_layer - int(off_per_layer)
+    # Layers differ by at most one off-GPU expert under an even placement: interpolate between the two.
+    layer = (1 - part) * layer_ms([per_expert] * per_layer, [e >= whole for e in range(per_layer)], cost)
+    if part:
+        layer += part * layer_ms([per_expert] * per_layer, [e > whole for e in range(per_layer)], cost)
+    stream_s = layers * layer / 1e3
     seconds = steps * (stream_s + outside_s)
+    optimistic_stream_s = off_gpu / (expert / cost.cpu(1) + expert / cost.copy_ms) / 1e3
+    optimistic_s = steps * (optimistic_stream_s + outside_s)
     return {
         "formula": THROUGHPUT_FORMULA,
         "rows_in_flight": rows,
+        "tokens_per_expert": per_expert,
         "steps": steps,
         "stream_s_per_step": stream_s,
         "outside_s_per_step": outside_s,
@@ -190,4 +207,23 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
         "completion_tok_s": run["completion_tokens"] / seconds,
         "prompt_tok_s": run["prompt_tokens"] / seconds,
         "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / seconds),
+        "optimistic_cpu": {
+            "stream_s_per_step": optimistic_stream_s,
+            "completion_tok_s": run["completion_tokens"] / optimistic_s,
+            "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / optimistic_s),
+        },
+    }
+
+
+def _moe_from_counters(run: dict[str, Any]) -> dict[str, int]:
+    """MoE geometry of a run recorded before runs carried it: layers from the run, experts per layer from
+    the placement, top-k from the tokens the experts were routed (every prompt and completion token but the
+    last of each request passes every MoE layer top_k times)."""
+    layers = run["layers"]
+    tokens = run["prompt_tokens"] + run["completion_tokens"] - run["requests"]
+    routed = run["engine_stats"]["tokens_routed"]
+    return {
+        "layers": layers,
+        "experts_per_layer": run["placement"]["total_experts"] // layers,
+        "top_k": max(1, round(routed / (tokens * layers))),
     }

@@ -3,13 +3,13 @@
     python -m fiddler_batch.bench.throughput --layers 8 --mix 1 --requests 2048 --baseline-requests 64 --out DIR
 
 Writes the checkpoint (`bench.checkpoints`) unless `--checkpoint` names one, writes the mix's requests as a
-JSONL job input, then runs, each as a fresh `run_job` that loads the checkpoint itself:
+JSONL job input, then runs, each as a fresh `run_job` on the one loaded engine:
 
+- `fiddler-batch`: the runner's defaults (continuous batching, KV cache sized from the GPU budget), on all
+  `--requests` requests (first, so that a run cut short by a time limit keeps the main result);
 - `static-defaults`: the first version's static batching with its defaults (`batching.scheduler: static`,
   32 requests per batch, a 65,536-token KV budget), on the first `--baseline-requests` requests of the mix
-  (the same distribution; a static batch's throughput does not depend on how many batches follow it);
-- `fiddler-batch`: the runner's defaults (continuous batching, KV cache sized from the GPU budget), on all
-  `--requests` requests.
+  (the same distribution; a static batch's throughput does not depend on how many batches follow it).
 
 Both at `--resident` of the experts resident. Each run's completion and prompt tok/s, requests/s, GPU memory
 and engine counters are appended to `DIR/throughput.json`, with the throughput bound of `bounds.throughput_bound`
@@ -35,6 +35,7 @@ from fiddler_batch.assets import load_engine
 from fiddler_batch.bench.bounds import THROUGHPUT_FORMULA, throughput_bound
 from fiddler_batch.bench.checkpoints import write_checkpoint
 from fiddler_batch.bench.model import FIRST_WORD, MIXTRAL_8X7B, TINY
+from fiddler_batch.engine.budget import text_config
 from fiddler_batch.io.atomic import atomic_file, atomic_write_text
 from fiddler_batch.runner import activation_tokens, run_job
 from fiddler_batch.spec import (
@@ -121,6 +122,10 @@ def run_one(
     }
     if engine.executor is not None and engine.executor.cost is not None:
         result["cost_model"] = engine.executor.cost.to_json()
+        layers = engine.executor.layers
+        top_k = getattr(text_config(engine.model.config), "num_experts_per_tok", None)
+        if layers and top_k:
+            result["moe"] = {"layers": len(layers), "experts_per_layer": layers[0].layout.num_experts, "top_k": top_k}
     spec.output.path.unlink(missing_ok=True)
     return result
 
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         records = mix_records(mix, max(count_ours, count_theirs), seed=0, vocab=vocab)
         if args.cap_new:
             records = [{**r, "max_new_tokens": min(r["max_new_tokens"], args.cap_new)} for r in records]
-        runs = {"static-defaults": (STATIC_DEFAULTS, count_theirs), "fiddler-batch": ({}, count_ours)}
+        # Ours first: a run cut short by a time limit still has the main result.
+        runs = {"fiddler-batch": ({}, count_ours), "static-defaults": (STATIC_DEFAULTS, count_theirs)}
         for name, (batching, count) in runs.items():
             if name in args.skip.split(",") or count == 0:
                 continue
@@ -212,10 +218,6 @@ def _card() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-if __name__ == "__main__":
-    main()
-
-
 def report(results_path: Path) -> None:
     """Write NAME.md (a table) and NAME.png (a chart) beside a scenario-e results file."""
     runs = json.loads(results_path.read_text())["runs"]
@@ -223,15 +225,22 @@ def report(results_path: Path) -> None:
     for run in runs:
         latest[(run["layers"], run["mix"], run["name"])] = run
     rows = [
-        "| layers | mix | run | requests | completion tok/s | prompt tok/s | req/s | GPU GB | steps | bound tok/s |"
+        "| layers | mix | run | requests | new tokens | experts on disk | completion tok/s | prompt tok/s | req/s "
+        "| GPU GB | steps | x static | bound tok/s | share of bound |"
     ]
-    rows.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows.append("|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (layers, mix, name), run in sorted(latest.items()):
         bound = run.get("bound", {}).get("completion_tok_s")
+        static = latest.get((layers, mix, "static-defaults"))
+        speedup = run["completion_tok_s"] / static["completion_tok_s"] if static and static is not run else None
+        cap = run.get("cap_new")
+        share = run["completion_tok_s"] / bound if bound else None
         rows.append(
-            f"| {layers} | {mix} | {name} | {run['requests']} | {run['completion_tok_s']:.1f} | "
+            f"| {layers} | {mix} | {name} | {run['requests']} | {f'capped at {cap}' if cap else 'the mix'} | "
+            f"{'zeros (sparse)' if run.get('sparse_experts') else 'random'} | {run['completion_tok_s']:.1f} | "
             f"{run['prompt_tok_s']:.1f} | {run['requests_per_s']:.2f} | {run['gpu_max_allocated_gb']} | "
-            f"{run['steps'].get('total', 0)} | {f'{bound:.1f}' if bound else '-'} |"
+            f"{run['steps'].get('total') or '-'} | {f'{speedup:.1f}x' if speedup else '-'} | "
+            f"{f'{bound:.1f}' if bound else '-'} | {f'{share:.0%}' if share else '-'} |"
         )
     cards = sorted({run.get("card", "?") for run in latest.values()})
     text = f"# Scenario e: throughput at scale\n\nCard: {', '.join(cards)}. {THROUGHPUT_FORMULA}.\n\n"
@@ -259,3 +268,7 @@ def report(results_path: Path) -> None:
     with atomic_file(results_path.with_suffix(".png"), "wb") as handle:
         fig.savefig(handle, dpi=110, format="png")
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
