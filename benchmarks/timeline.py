@@ -1,11 +1,12 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
-    python benchmarks/timeline.py [--strategy balanced] [--steps 6]
+    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident, turns on the executor's trace and prints, for the
 last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
-start and end, leaving) and GPU times (copies) in ms from the start of the run, then the gaps between
-layers (host time outside the experts: attention, norms, the generate loop).
+start and end, leaving) and GPU times (copies, and with --prefetch the next layer's prefetched experts and
+their copies) in ms from the start of the run, then the gaps between layers (host time outside the experts:
+attention, norms, the generate loop).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--prefetch", type=int, default=0, help="engine.prefetch_experts")
     args = parser.parse_args()
     model = build_model(layers=8, seed=0)
     prompt = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
-    engine = Engine.from_model(model, EngineSpec(resident_share=0.25))
+    engine = Engine.from_model(model, EngineSpec(resident_share=0.25, prefetch_experts=args.prefetch))
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy(args.strategy)
     executor = engine.executor
@@ -51,7 +53,8 @@ def main() -> None:
         plan = {k: len(v) for k, v in record["plan"].items()}
         gap = host["enter"] - previous_exit if previous_exit is not None else 0.0
         previous_exit = host["exit"]
-        print(f"layer {record['layer']} tokens {record['tokens']} {plan} gap {gap:.2f} host {host} gpu {gpu}")
+        prefetch = f" prefetch {record['prefetch']['experts']}" if "prefetch" in record else ""
+        print(f"layer {record['layer']} tokens {record['tokens']} {plan}{prefetch} gap {gap:.2f} host {host} gpu {gpu}")
     print(f"{args.steps} steps in {wall * 1e3:.1f} ms; stats {engine.stats()}")
 
 

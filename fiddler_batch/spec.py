@@ -505,6 +505,10 @@ class StrategyByKind(BaseModel):
     """Strategy for batches dominated by decoding (short prompts, long outputs)."""
 
 
+DEFAULT_PREFETCH_EXPERTS = 0
+"""engine.prefetch_experts when a job leaves it out (0: speculative prefetch off)."""
+
+
 class EngineSpec(BaseModel):
     """Where the model's weights live and how mixture-of-experts layers are executed.
 
@@ -530,6 +534,12 @@ class EngineSpec(BaseModel):
     slots. (Called `resident_experts` before version 0.2.)"""
     staging_slots: int = Field(4, ge=1, le=64)
     """GPU buffers, one expert each, that copied experts are staged in."""
+    prefetch_experts: int = Field(DEFAULT_PREFETCH_EXPERTS, ge=0, le=63)
+    """Experts of the next mixture-of-experts layer copied to the GPU ahead of it, per layer and step: the
+    next layer's router applied to this layer's input guesses them, and the guessed off-GPU experts are copied
+    into free staging slots (at most staging_slots - 1) while the link would idle. A right guess is computed on
+    the GPU as a resident expert; a wrong one costs link time, never a different token. Only in steps with fewer
+    tokens than the cost model's crossover (decode and beam search, not prefill). 0 turns it off."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)

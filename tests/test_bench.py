@@ -17,6 +17,7 @@ from fiddler_batch.bench.cli import bench
 from fiddler_batch.bench.model import build_tokenizer
 from fiddler_batch.bench.scenarios import request_mix, write_requests
 from fiddler_batch.bench.settings import BASELINES, PROTOCOL_SIZES, SCENARIOS, Case, Mix, parse_sizes
+from fiddler_batch.spec import EngineSpec
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -61,6 +62,9 @@ def test_smoke_writes_json_markdown_and_png(smoke: Path) -> None:
     ):
         assert key in session
     assert session["card"] is None and session["versions"]["torch"]
+    placements = session["placements"]
+    assert placements["fiddler-prefetch"]["prefetch_experts"] == 2
+    assert placements["fiddler-batch"]["prefetch_experts"] == EngineSpec().prefetch_experts
     assert {(r["scenario"], r["baseline"]) for r in data["runs"]} == {(s, b) for s in SCENARIOS for b in BASELINES}
     for run in data["runs"]:
         if run["baseline"] == "accelerate":

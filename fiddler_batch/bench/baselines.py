@@ -1,4 +1,4 @@
-"""The baselines: four ways of placing the one benchmark model under the same GPU budget.
+"""The baselines: five ways of placing the one benchmark model under the same GPU budget.
 
 - `accelerate`: transformers + accelerate, `device_map="auto"` with the GPU's `max_memory` capped (what most
   users would pick): whole decoder layers live on the GPU or in host memory, and offloaded layers are copied
@@ -8,6 +8,9 @@
 - `fiddler-rule`: the engine with the budget's resident experts and strategy `fiddler-rule` (the paper's
   Algorithm 1: per expert the cheaper of CPU compute and copy + GPU compute, CPU and GPU work serialised).
 - `fiddler-batch`: the engine with the budget's resident experts and its default settings.
+- `fiddler-prefetch`: the same with `engine.prefetch_experts: 2` (the next layer's guessed experts copied
+  during the current one), so one run measures the prefetch against the defaults. Engine settings a baseline
+  changes are its record's `engine` (bench/settings.py).
 
 Every baseline places the same model object in turn and gives it back in host memory: `accelerate` first,
 on the freshly built model (its offloaded layers are copied from ordinary pageable memory, as they would be
@@ -162,6 +165,7 @@ def place_engine(
         staging_slots=staging_slots,
         cpu_threads=cpu_threads,
         strategy=StrategyByKind(prefill_heavy=strategy, decode_heavy=strategy) if strategy else StrategyByKind(),
+        **baseline.engine,
     )
     engine = Engine.from_model(
         model,
@@ -171,7 +175,7 @@ def place_engine(
         cost=cost,
         popularity=popularity if baseline.resident else None,
     )
-    info = {**engine.describe(), "strategy": spec.strategy.model_dump()}
+    info = {**engine.describe(), "strategy": spec.strategy.model_dump(), "engine_overrides": dict(baseline.engine)}
     return Placed(name, engine, info, lambda: engine.close(release_host=False))
 
 

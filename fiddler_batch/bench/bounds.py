@@ -90,7 +90,7 @@ def recording_routing(engine: Engine) -> Iterator[list[tuple[int, list[int]]]]:
 
     def planner(layer: Any, counts: list[int]) -> Any:
         calls.append((layer.index, list(counts)))
-        return plan_layer(counts, layer.is_resident(), executor.cost, executor.strategy)
+        return plan_layer(counts, layer.on_device(), executor.cost, executor.strategy)
 
     engine.set_planner(planner)
     try:

@@ -226,12 +226,12 @@ def chart(results: Results, path: Path) -> bool:
     cols = min(4, max(1, len(panels)))
     height = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(height, cols, figsize=(4.2 * cols, 3.6 * height), squeeze=False)
-    colors = dict(zip(BASELINES, ("#9e9e9e", "#f2a541", "#5b8bd9", "#2e9e5b")))
+    colors = dict(zip(BASELINES, ("#9e9e9e", "#f2a541", "#5b8bd9", "#2e9e5b", "#8e44ad")))
     for ax, panel in zip(axes.flat, panels):
         panel_rows = [r for r in rows if (r["variant"], r["scenario"], r["case"]) == panel]
         names = [r["baseline"] for r in panel_rows]
         values = [r["value"] or 0.0 for r in panel_rows]
-        bars = ax.bar(range(len(names)), values, color=[colors[n] for n in names])
+        bars = ax.bar(range(len(names)), values, color=[colors.get(n, "#555555") for n in names])
         for bar, row in zip(bars, panel_rows):
             text = _num(row["value"]) if row["status"] == "ok" else row["status"]
             ax.annotate(
@@ -266,14 +266,14 @@ def chart(results: Results, path: Path) -> bool:
 
 def terminal(rows: Iterable[Row]) -> str:
     """A short fixed-width table of the medians, ratios and bounds."""
-    header = f"{'case':<14} {'baseline':<15} {'metric':<22} {'median':>9} {'ours/it':>8} {'bound':>9} {'%bound':>7}"
+    header = f"{'case':<14} {'baseline':<18} {'metric':<22} {'median':>9} {'ours/it':>8} {'bound':>9} {'%bound':>7}"
     lines = [header, "-" * len(header)]
     earlier = False
     for row in rows:
         earlier |= row["other_session"]
         baseline = row["baseline"] + (" *" if row["other_session"] else "")
         lines.append(
-            f"{row['scenario'] + ' ' + row['case']:<14} {baseline:<15} {_metric_name(row['metric']):<22} "
+            f"{row['scenario'] + ' ' + row['case']:<14} {baseline:<18} {_metric_name(row['metric']):<22} "
             f"{_value_cell(row):>9} {(_num(row['ratio']) + 'x') if row['ratio'] else '-':>8} "
             f"{_num(row['bound']):>9} {_pct(row['share']):>7}"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 SCENARIOS = ("a", "b", "c", "d")
 SCENARIO_TITLES = {
@@ -35,6 +36,8 @@ class Baseline:
     slow: bool
     """So slow (seconds per token) that it runs shortened: fewer tokens, requests and repetitions."""
     description: str
+    engine: dict[str, Any] = field(default_factory=dict)
+    """EngineSpec settings over the engine's defaults (an engine placement only)."""
 
 
 BASELINE_TABLE: dict[str, Baseline] = {
@@ -65,6 +68,15 @@ BASELINE_TABLE: dict[str, Baseline] = {
             "the paper's Algorithm 1: per expert the cheaper of CPU and copy + GPU, one after the other",
         ),
         Baseline("fiddler-batch", "engine", None, True, False, "fiddler-batch's engine with its default settings"),
+        Baseline(
+            "fiddler-prefetch",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with the next layer's 2 likeliest off-GPU experts prefetched in decode steps",
+            engine={"prefetch_experts": 2},
+        ),
     )
 }
 BASELINES = tuple(BASELINE_TABLE)

@@ -29,6 +29,7 @@ from fiddler_batch.engine.executor import HybridExecutor, LayerState, Planner, S
 from fiddler_batch.engine.layout import ExpertLayout, check_supported, read_layout
 from fiddler_batch.engine.memory import pin_in_place, unpin
 from fiddler_batch.engine.placement import Placement, plan_placement
+from fiddler_batch.engine.prefetch import find_router
 from fiddler_batch.errors import EngineError
 from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchKind, EngineSpec, StrategyName
 
@@ -185,8 +186,16 @@ class Engine:
     ) -> Engine:
         if spec.cpu_threads:
             torch.set_num_threads(spec.cpu_threads)
-        executor = HybridExecutor(device, layers, placement.staging_slots, cost, cpu_threads=torch.get_num_threads())
+        executor = HybridExecutor(
+            device,
+            layers,
+            placement.staging_slots,
+            cost,
+            cpu_threads=torch.get_num_threads(),
+            prefetch_experts=spec.prefetch_experts,
+        )
         for layer in layers:
+            layer.router = find_router(model, layer.name, layer.module, layer.layout)
             layer.module._fiddler_layer = layer
             layer.module._fiddler_executor = executor
         executor_mod.register()
@@ -308,6 +317,7 @@ class Engine:
             info["staging_slots"] = self.placement.staging_slots
         if self.executor is not None:
             info["cpu_threads"] = self.executor.cpu_threads
+            info["prefetch_experts"] = self.executor.prefetch_experts
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

@@ -12,6 +12,11 @@ and adds the experts' outputs into the layer's result: in the eager loop's order
 a token has at most two experts, so each path gives the reference's numbers for the same tokens; on CUDA
 with more experts per token, by a deterministic sum over top-k positions (CUDA's index_add_ is not
 deterministic with repeated indices).
+
+With `prefetch_experts` > 0, a decode-sized call also guesses the next MoE layer's experts and copies the
+guessed off-GPU ones into free staging slots after the layer's own copies (`engine/prefetch.py`); the next
+layer plans a staged expert as resident and computes it from its slot. Staged slots are skipped by the ring
+that ordinary copies take, and released once the layer they were staged for has run.
 """
 
 from __future__ import annotations
@@ -28,13 +33,19 @@ from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
+from fiddler_batch.engine.prefetch import choose_prefetch, router_guess
 from fiddler_batch.errors import EngineError
 from fiddler_batch.spec import StrategyName
 
 IMPLEMENTATION = "fiddler"
 
 Planner = Callable[["LayerState", list[int]], Plan]
-"""Overrides the planner (tests force plans with it): (layer, counts) -> plan."""
+"""Overrides the planner (tests force plans with it): (layer, counts) -> plan. An expert may be planned
+RESIDENT only when `layer.on_device()` says it is on the fast device (resident, or staged by a prefetch)."""
+
+Predictor = Callable[["LayerState", torch.Tensor, int], torch.Tensor]
+"""Overrides the prefetch guess (tests force guesses with it): (next layer, the hidden states [T, H] this
+layer's experts receive, experts per token) -> predicted tokens per expert of the next layer, [E]."""
 
 
 @dataclass
@@ -50,9 +61,15 @@ class LayerState:
     resident_row: list[int]  # expert -> row in `resident`, -1 when off the fast device
     resident: dict[str, torch.Tensor]  # role -> [R, ...] on the fast device
     routed: list[int] = field(default_factory=list)  # tokens routed to each expert since the last reset
+    router: torch.Tensor | None = None  # [E, H] the layer's router weight on the fast device (None: not found)
+    staged: dict[int, StagingSlot] = field(default_factory=dict)  # expert -> slot a prefetch copied it into
 
     def is_resident(self) -> list[bool]:
         return [row >= 0 for row in self.resident_row]
+
+    def on_device(self) -> list[bool]:
+        """Resident, or staged by a prefetch for this layer's next call: what the planner treats as resident."""
+        return [row >= 0 or e in self.staged for e, row in enumerate(self.resident_row)]
 
     def host_expert(self, e: int) -> dict[str, torch.Tensor]:
         row = self.host_row[e]
@@ -76,11 +93,14 @@ class StagingSlot:
         self.landed = torch.cuda.Event() if cuda else None  # copy finished
         self.released = torch.cuda.Event() if cuda else None  # compute on it finished
         self.used = False
+        self.held = False  # holds a prefetched expert not yet consumed: ordinary copies skip it
 
 
 @dataclass
 class Stats:
-    """Counters for one batch (reset by the runner); times in seconds."""
+    """Counters for one batch (reset by the runner); times in seconds. A prefetched expert that a layer then
+    computes from its staging slot counts as resident (experts_resident, tokens_resident) and in prefetch_hits;
+    its copy counts in bytes_prefetched, not bytes_copied."""
 
     layer_calls: int = 0
     tokens_routed: int = 0
@@ -91,6 +111,9 @@ class Stats:
     tokens_cpu: int = 0
     tokens_copied: int = 0
     bytes_copied: int = 0
+    prefetch_issued: int = 0  # experts copied ahead for the next layer
+    prefetch_hits: int = 0  # of those, computed by the layer they were copied for
+    bytes_prefetched: int = 0
     forward_s: float = 0.0  # host time inside the experts forward (includes waiting for routing)
     cpu_compute_s: float = 0.0  # host time in CPU experts
     route_wait_s: float = 0.0  # host time from entering the experts to having a plan (waits for the GPU)
@@ -139,6 +162,7 @@ class HybridExecutor:
         cost: CostModel | None,
         strategy: StrategyName = "balanced",
         cpu_threads: int = 1,
+        prefetch_experts: int = 0,
     ):
         self.device = device
         self.layers = layers
@@ -156,13 +180,18 @@ class HybridExecutor:
         self.inbound = PinnedBuffer(pin=self.cuda)  # activations to the CPU
         self.outbound = PinnedBuffer(pin=self.cuda)  # CPU results back
         self.routing = PinnedBuffer(pin=self.cuda)
+        self.prefetch_experts = prefetch_experts  # experts of the next layer copied ahead per call (0: off)
+        self.prefetch_max_tokens: int | None = None  # overrides `prefetch_limit`'s rule (tests, experiments)
+        self.predictor: Predictor | None = None
+        self._staged_for: LayerState | None = None  # the layer whose experts prefetches hold slots for
+        self._limit: tuple[CostModel | None, int] = (None, 0)  # prefetch_limit's value for a cost model
 
     # -- planning ---------------------------------------------------------------------------------
 
     def plan(self, layer: LayerState, counts: list[int]) -> Plan:
         if self.planner is not None:
             return self.planner(layer, counts)
-        resident = layer.is_resident()
+        resident = layer.on_device()
         if all(resident):
             where = tuple(Where.RESIDENT if n else Where.IDLE for n in counts)
             return Plan(where, (), True, 0.0)
@@ -173,6 +202,119 @@ class HybridExecutor:
                 "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
             )
         return plan_layer(counts, resident, self.cost, self.strategy)
+
+    def _as_run(self, layer: LayerState, plan: Plan) -> Plan:
+        """The plan as it runs: an expert staged by a prefetch and planned COPY (a forced plan) is computed from
+        its slot instead of being copied again. An expert planned RESIDENT that is neither resident nor staged is
+        a planner's error."""
+        for e in plan.experts(Where.RESIDENT):
+            if layer.resident_row[e] < 0 and e not in layer.staged:
+                raise RuntimeError(
+                    f"the plan for MoE layer {layer.index} runs expert {e} as resident, but it is neither resident "
+                    "nor staged by a prefetch"
+                )
+        if not layer.staged or not any(plan.where[e] == Where.COPY for e in layer.staged):
+            return plan
+        where = tuple(Where.RESIDENT if w == Where.COPY and e in layer.staged else w for e, w in enumerate(plan.where))
+        copies = tuple(e for e in plan.copy_order if e not in layer.staged)
+        return Plan(where, copies, plan.overlap, plan.predicted_ms)
+
+    # -- prefetch -----------------------------------------------------------------------------------
+
+    def prefetch_limit(self) -> int:
+        """The most tokens a layer call may have and still prefetch the next layer's experts.
+
+        `prefetch_max_tokens` when set; else one less than the cost model's crossover (the fewest tokens at which
+        copying an expert and computing it on the fast device beats the CPU). Below it each expert of the next
+        layer, with at most that many tokens, is one the planner leans to computing on the CPU, so the link has
+        time to spare: decode and beam-search steps, not prefills. Without a cost model (every expert resident,
+        or none measured yet): 0, no prefetch.
+        """
+        if self.prefetch_max_tokens is not None:
+            return self.prefetch_max_tokens
+        cost = self.cost
+        if cost is None:
+            return 0
+        if self._limit[0] is not cost:
+            crossover = cost.crossover()
+            self._limit = (cost, crossover - 1 if crossover is not None else 4 * cost.ladder[-1])
+        return self._limit[1]
+
+    def _prefetch_target(self, layer: LayerState, num_tokens: int) -> LayerState | None:
+        """The next MoE layer, when this call prefetches into it."""
+        if self.prefetch_experts <= 0 or len(self.slots) < 2 or layer.index + 1 >= len(self.layers):
+            return None
+        target = self.layers[layer.index + 1]
+        if target.router is None or all(target.is_resident()) or num_tokens > self.prefetch_limit():
+            return None
+        return target
+
+    def _guess(self, target: LayerState, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
+        if self.predictor is not None:
+            return self.predictor(target, hidden, top_k)
+        return router_guess(target.router, hidden, top_k)
+
+    def _release_staged(self) -> None:
+        """Give back every slot a prefetch holds (after the layer it was for has run, or when it never ran)."""
+        layer = self._staged_for
+        if layer is None:
+            return
+        for slot in layer.staged.values():
+            slot.held = False
+        layer.staged.clear()
+        self._staged_for = None
+
+    def _take_slot(self) -> StagingSlot:
+        """The next slot of the ring that no prefetch holds (prefetches hold all slots but one at most)."""
+        for _ in range(len(self.slots)):
+            slot = self.slots[self.next_slot]
+            self.next_slot = (self.next_slot + 1) % len(self.slots)
+            if not slot.held:
+                return slot
+        raise RuntimeError("every staging slot is held by a prefetch")
+
+    def prefetch(self, target: LayerState, experts: list[int]) -> list[int]:
+        """Copy `experts` of `target` into free staging slots, on the copy stream (after whatever it has queued),
+        and stage them for `target`'s next call. Slots held stay at most all but one. Returns the experts staged."""
+        if self._staged_for is not None and self._staged_for is not target:
+            self._release_staged()
+        stream = self.copy_stream
+        staged = []
+        timeline = self.timeline
+        if stream is not None and timeline:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+        for e in experts:
+            if e in target.staged or target.resident_row[e] >= 0:
+                continue
+            if sum(slot.held for slot in self.slots) >= len(self.slots) - 1:
+                break
+            slot = self._take_slot()
+            source = target.host_expert(e)
+            if stream is not None:
+                if slot.used:
+                    stream.wait_event(slot.released)
+                with torch.cuda.stream(stream):
+                    for role, t in slot.weights.items():
+                        t.copy_(source[role], non_blocking=True)
+                slot.landed.record(stream)
+            else:
+                for role, t in slot.weights.items():
+                    t.copy_(source[role])
+            slot.used = slot.held = True
+            target.staged[e] = slot
+            staged.append(e)
+            self.stats.prefetch_issued += 1
+            self.stats.bytes_prefetched += sum(t.numel() * t.element_size() for t in slot.weights.values())
+        if target.staged:
+            self._staged_for = target
+        if timeline:
+            timeline.records[-1]["prefetch"] = {"layer": target.index, "experts": staged}
+            if stream is not None:
+                end.record(stream)
+                timeline.records[-1]["gpu"].update(prefetch_start=start, prefetch_end=end)
+            timeline.mark("prefetch_queued")
+        return staged
 
     # -- the experts forward ------------------------------------------------------------------------
 
@@ -194,10 +336,14 @@ class HybridExecutor:
         timeline = self.timeline
         if timeline:
             timeline.begin(layer.index, num_tokens)
-        counts = self._counts(flat, num_experts)
+        if self._staged_for is not None and self._staged_for is not layer:
+            self._release_staged()  # staged for a layer that did not run next: never used
+        target = self._prefetch_target(layer, num_tokens)
+        guess = self._guess(target, hidden, top_k) if target is not None else None
+        counts, predicted = self._counts(flat, num_experts, guess)
         if timeline:
             timeline.mark("routed")
-        plan = self.plan(layer, counts)
+        plan = self._as_run(layer, self.plan(layer, counts))
         stats.route_wait_s += time.perf_counter() - start
         stats.predicted_s += plan.predicted_ms / 1e3
         stats.layer_calls += 1
@@ -220,12 +366,27 @@ class HybridExecutor:
         cpu_inputs = self._send_to_host(gathered, weights, cpu_experts, bounds) if cpu_experts else None
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
-            out[a:b] = expert_forward(layer.module, layer.layout, layer.resident_expert(e), gathered[a:b], weights[a:b])
+            slot = layer.staged.get(e)
+            if slot is None:
+                expert = layer.resident_expert(e)
+            else:
+                expert = slot.weights
+                if slot.landed is not None:
+                    torch.cuda.current_stream(self.device).wait_event(slot.landed)
+                stats.prefetch_hits += 1
+            out[a:b] = expert_forward(layer.module, layer.layout, expert, gathered[a:b], weights[a:b])
+            if slot is not None and slot.released is not None:
+                slot.released.record(torch.cuda.current_stream(self.device))
             stats.experts_resident += 1
             stats.tokens_resident += b - a
         self._run_copied(layer, plan, gathered, weights, bounds, out)
+        if self._staged_for is layer:
+            self._release_staged()  # its computes are queued; a later copy into these slots waits for them
         if timeline:
             timeline.mark("gpu_queued")
+        if predicted is not None:
+            on_device = target.is_resident()
+            self.prefetch(target, choose_prefetch(predicted, on_device, self.prefetch_experts))
         if cpu_inputs is not None:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
@@ -253,15 +414,22 @@ class HybridExecutor:
         chosen = top_k_index[mask.to(top_k_index.device)].reshape(-1)  # [T' * K]
         return torch.bincount(chosen, minlength=num_experts).tolist()
 
-    def _counts(self, flat: torch.Tensor, num_experts: int) -> list[int]:
-        """Tokens routed to each expert, on the host: the one point where the host waits for the GPU."""
+    def _counts(
+        self, flat: torch.Tensor, num_experts: int, guess: torch.Tensor | None = None
+    ) -> tuple[list[int], list[int] | None]:
+        """Tokens routed to each expert, on the host: the one point where the host waits for the GPU. With
+        `guess` (the next layer's predicted counts), those come back in the same copy."""
         counts = torch.bincount(flat, minlength=num_experts)  # [E]
+        if guess is not None:
+            counts = torch.cat([counts, guess.to(device=counts.device, dtype=counts.dtype)])
         if not self.cuda:
-            return counts.tolist()
-        host = self.routing.get((num_experts,), counts.dtype)
-        host.copy_(counts, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return host.tolist()
+            values = counts.tolist()
+        else:
+            host = self.routing.get(tuple(counts.shape), counts.dtype)
+            host.copy_(counts, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            values = host.tolist()
+        return values[:num_experts], (values[num_experts:] if guess is not None else None)
 
     # -- pieces -------------------------------------------------------------------------------------
 
@@ -314,8 +482,7 @@ class HybridExecutor:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream or main)
         for e in plan.copy_order:
-            slot = self.slots[self.next_slot]
-            self.next_slot = (self.next_slot + 1) % len(self.slots)
+            slot = self._take_slot()
             if stream is not None:
                 if slot.used:
                     stream.wait_event(slot.released)
@@ -327,6 +494,8 @@ class HybridExecutor:
                 main.wait_event(slot.landed)
             else:
                 source = layer.host_expert(e)
+                if main is not None and slot.used:
+                    main.wait_event(slot.landed)  # a prefetch the copy stream wrote into it, left unused
                 for role, t in slot.weights.items():
                     t.copy_(source[role], non_blocking=self.cuda)
             slot.used = True

@@ -1,0 +1,259 @@
+"""Speculative prefetch of the next layer's experts: the same tokens and logits as the eager reference whether
+guesses are right or wrong, prefetches only in decode-sized calls, and staging slots a prefetch holds are left
+alone by ordinary copies until the layer they were made for has run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fiddler_batch.engine import Engine
+from fiddler_batch.engine.compute import expert_forward
+from fiddler_batch.engine.layout import read_layout
+from fiddler_batch.engine.planner import Plan, Where, plan_layer
+from fiddler_batch.engine.prefetch import choose_prefetch, find_router, router_guess
+from fiddler_batch.spec import EngineSpec
+
+from .conftest import COST, PLANS, make_engine
+from .families import FAMILIES, build
+
+PROMPTS = torch.randint(0, 160, (2, 7), generator=torch.Generator().manual_seed(1))
+PREFETCHED_PLANS = ["planner-balanced", "planner-fiddler-rule", "mixed", "all-copied", "all-cpu"]
+
+
+def generate(model: nn.Module, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(PROMPTS, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def with_prefetch(reference: nn.Module, plan: str, experts: int = 2, slots: int = 4) -> tuple[nn.Module, Engine]:
+    model, engine = make_engine(reference, plan, staging_slots=slots)
+    engine.executor.prefetch_experts = experts
+    return model, engine
+
+
+@pytest.fixture(scope="module")
+def reference(family_model):
+    with torch.no_grad():
+        logits = family_model(PROMPTS).logits
+    return family_model, logits, generate(family_model), generate(family_model, num_beams=3)
+
+
+@pytest.mark.parametrize("family_model", list(FAMILIES), indirect=True)
+@pytest.mark.parametrize("plan", PREFETCHED_PLANS)
+def test_prefetch_gives_the_reference_tokens_and_logits(reference, plan):
+    ref_model, ref_logits, ref_greedy, ref_beam = reference
+    model, engine = with_prefetch(ref_model, plan)
+    executor = engine.executor
+    assert all(layer.router is not None for layer in executor.layers)
+
+    executor.prefetch_max_tokens = PROMPTS.numel()  # the prefill prefetches too
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    executor.prefetch_max_tokens = None  # the cost model's rule: decode and beam steps only
+    assert torch.equal(generate(model), ref_greedy)
+    assert torch.equal(generate(model, num_beams=3), ref_beam)
+
+    stats = engine.stats()
+    assert stats["prefetch_issued"] > 0
+    assert stats["bytes_prefetched"] == stats["prefetch_issued"] * read_layout(executor.layers[0].module).expert_bytes(
+        executor.layers[0].module
+    )
+    assert stats["tokens_cpu"] + stats["tokens_copied"] + stats["tokens_resident"] == stats["tokens_routed"]
+    if plan == "all-cpu":  # a plan that computes every off-device expert on the CPU never uses a prefetch
+        assert stats["prefetch_hits"] == 0
+    else:
+        assert 0 < stats["prefetch_hits"] <= stats["prefetch_issued"]
+    # The last MoE layer stages nothing, and every staged slot was given back after its layer ran.
+    assert executor._staged_for is None and not any(slot.held for slot in executor.slots)
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_decode_prefetches_and_prefill_does_not(reference):
+    ref_model, _, ref_greedy, _ = reference
+    model, engine = with_prefetch(ref_model, "planner-balanced")
+    executor = engine.executor
+    assert executor.prefetch_limit() == COST.crossover() - 1 == 8  # two prompts decode, 14 prompt tokens prefill
+    with torch.no_grad():
+        model(PROMPTS)
+    assert engine.stats()["prefetch_issued"] == 0 and engine.stats()["layer_calls"] == 3
+
+    engine.reset_stats()
+    assert torch.equal(generate(model), ref_greedy)
+    stats = engine.stats()
+    # 5 decode steps x 2 layers with a next layer x 2 experts each (every layer has 6 experts off the device).
+    assert stats["prefetch_issued"] == 20
+    assert stats["prefetch_hits"] > 0 and stats["experts_resident"] >= stats["prefetch_hits"]
+
+
+@pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
+def test_prefetch_off_by_setting_or_without_a_router(reference):
+    ref_model, _, ref_greedy, _ = reference
+    model, engine = make_engine(ref_model, "planner-balanced", staging_slots=4)
+    assert engine.spec.prefetch_experts == 0 and engine.executor.prefetch_experts == 0
+    assert torch.equal(generate(model), ref_greedy)
+    assert engine.stats()["prefetch_issued"] == 0
+
+    model, engine = with_prefetch(ref_model, "planner-balanced")
+    for layer in engine.executor.layers:
+        layer.router = None
+    assert torch.equal(generate(model), ref_greedy)
+    assert engine.stats()["prefetch_issued"] == 0
+
+    model, engine = with_prefetch(ref_model, "planner-balanced", slots=1)  # no slot to spare
+    assert torch.equal(generate(model), ref_greedy)
+    assert engine.stats()["prefetch_issued"] == 0
+
+
+@pytest.mark.parametrize("family_model", ["mixtral", "deepseek_v3", "gpt_oss"], indirect=True)
+def test_guesses_that_are_never_routed_change_no_token(reference):
+    """A first run records every layer call's routing; the second guesses, for each next layer, only experts
+    that call will not route to: every prefetch is wasted, and the tokens are the reference's."""
+    ref_model, _, ref_greedy, _ = reference
+    model, engine = make_engine(ref_model, "planner-balanced", staging_slots=4)
+    executor = engine.executor
+    calls: list[list[int]] = []
+
+    def recording(layer, counts):
+        calls.append(list(counts))
+        return plan_layer(counts, layer.on_device(), executor.cost, executor.strategy)
+
+    engine.set_planner(recording)
+    assert torch.equal(generate(model), ref_greedy)
+
+    model, engine = with_prefetch(ref_model, "planner-balanced")
+    executor = engine.executor
+    planned = []
+
+    def counting(layer, counts):
+        assert counts == calls[len(planned)]  # the same calls as the first run, in the same order
+        planned.append(layer.index)
+        return plan_layer(counts, layer.on_device(), executor.cost, executor.strategy)
+
+    def never_routed(target, hidden, top_k):
+        routed = calls[len(planned) + 1]  # the call after this one is the target layer's
+        return torch.tensor([0 if n or target.resident_row[e] >= 0 else 1 for e, n in enumerate(routed)])
+
+    engine.set_planner(counting)
+    executor.predictor = never_routed
+    assert torch.equal(generate(model), ref_greedy)
+    stats = engine.stats()
+    assert stats["prefetch_issued"] > 0 and stats["prefetch_hits"] == 0
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_guesses_of_the_least_likely_experts_change_no_token(reference):
+    ref_model, ref_logits, ref_greedy, ref_beam = reference
+    model, engine = with_prefetch(ref_model, "mixed", experts=3)
+    engine.executor.predictor = lambda target, hidden, top_k: router_guess(-target.router, hidden, top_k)
+    engine.executor.prefetch_max_tokens = 1000
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    assert torch.equal(generate(model), ref_greedy)
+    assert torch.equal(generate(model, num_beams=3), ref_beam)
+    stats = engine.stats()
+    assert stats["prefetch_issued"] > stats["prefetch_hits"]
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return build("mixtral")
+
+
+def test_staged_slots_are_skipped_by_copies_until_released(mixtral):
+    model, engine = make_engine(mixtral, "all-copied", staging_slots=3)
+    executor = engine.executor
+    first, second = executor.layers[0], executor.layers[1]
+
+    assert executor.prefetch(second, [5, 6, 7]) == [5, 6]  # every slot but one
+    assert sorted(second.staged) == [5, 6] and sum(slot.held for slot in executor.slots) == 2
+    staged = {e: slot for e, slot in second.staged.items()}
+    assert second.on_device() == [False] * 5 + [True, True, False]
+
+    # Layer 0 copies all 8 of its experts: each goes through the one free slot, and is computed right.
+    hidden = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    weights = torch.rand(8, generator=torch.Generator().manual_seed(4))
+    out = torch.empty_like(hidden)
+    plan = Plan((Where.COPY,) * 8, tuple(range(8)), True, 0.0)
+    executor._run_copied(first, plan, hidden, weights, list(range(9)), out)
+    for e in range(8):
+        expected = expert_forward(
+            first.module, first.layout, first.host_expert(e), hidden[e : e + 1], weights[e : e + 1]
+        )
+        assert torch.equal(out[e : e + 1], expected)
+    for e, slot in staged.items():  # the staged experts are still in their slots
+        assert slot.held and all(torch.equal(t, second.host_expert(e)[role]) for role, t in slot.weights.items())
+    assert engine.stats()["experts_copied"] == 8 and engine.stats()["prefetch_issued"] == 2
+
+    # A call to any layer but the one they were staged for gives them back.
+    with torch.no_grad():
+        first.module(hidden[:2], torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2))
+    assert not second.staged and not any(slot.held for slot in executor.slots)
+
+
+def test_a_plan_that_runs_an_off_device_expert_as_resident_is_refused(mixtral):
+    model, engine = make_engine(mixtral, "all-copied")
+    engine.set_planner(
+        lambda layer, counts: Plan(tuple(Where.RESIDENT if n else Where.IDLE for n in counts), (), True, 0)
+    )
+    with pytest.raises(RuntimeError, match="neither resident nor staged"), torch.no_grad():
+        model(PROMPTS)
+
+
+def test_router_is_found_by_shape_and_name():
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 16, 8))  # not a router, though [E, ...]
+            self.down_proj = nn.Parameter(torch.zeros(4, 8, 8))
+
+    class Block(nn.Module):
+        def __init__(self, extra: dict[str, tuple[int, ...]]):
+            super().__init__()
+            self.experts = Experts()
+            for name, shape in extra.items():
+                self.register_parameter(name, nn.Parameter(torch.randn(shape)))
+
+    layout = type("Layout", (), {"num_experts": 4, "hidden": 8})()
+    block = Block({"router_weight": (4, 8), "norm": (8,)})
+    found = find_router(nn.ModuleDict({"block": block}), "block.experts", block.experts, layout)
+    assert found.data_ptr() == block.router_weight.data_ptr()  # the live weight, not a copy
+    block = Block({"gate": (4, 8), "shared_gate": (4, 8)})
+    model = nn.ModuleDict({"block": block})
+    assert torch.equal(find_router(model, "block.experts", block.experts, layout), block.gate)
+    block = Block({"a": (4, 8), "b": (4, 8)})  # two candidates, neither named like a router
+    assert find_router(nn.ModuleDict({"block": block}), "block.experts", block.experts, layout) is None
+    block = Block({"proj": (8, 4)})
+    assert find_router(nn.ModuleDict({"block": block}), "block.experts", block.experts, layout) is None
+
+
+def test_the_router_found_is_the_blocks_own():
+    for family in ("mixtral", "phimoe"):
+        model = build(family)
+        engine = Engine.from_model(copy.deepcopy(model), EngineSpec(device="cpu", resident_share=0.25), cost=COST)
+        for layer in engine.executor.layers:
+            block = engine.model.get_submodule(layer.name.rpartition(".")[0])
+            gate = block.gate if hasattr(block, "gate") else block.router
+            assert layer.router.data_ptr() == gate.weight.data_ptr()
+
+
+def test_choice_takes_off_device_experts_with_the_most_predicted_tokens():
+    predicted = [3, 0, 5, 5, 1, 2]
+    on_device = [False, False, True, False, False, False]
+    assert choose_prefetch(predicted, on_device, 2) == [3, 0]
+    assert choose_prefetch(predicted, on_device, 10) == [3, 0, 5, 4]
+    assert choose_prefetch(predicted, on_device, 0) == []
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
+    router = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [-1.0, -1.0]])
+    assert router_guess(router, hidden, 1).tolist() == [2, 1, 0, 0]
+    assert router_guess(router, hidden, 2).tolist() == [2, 1, 3, 0]
+
+
+def test_spec_bounds_the_setting():
+    assert EngineSpec().prefetch_experts == 0 and EngineSpec(prefetch_experts=2).prefetch_experts == 2
+    with pytest.raises(ValueError):
+        EngineSpec(prefetch_experts=-1)
+    assert set(PLANS) >= set(PREFETCHED_PLANS)
