@@ -537,9 +537,11 @@ class EngineSpec(BaseModel):
     prefetch_experts: int = Field(DEFAULT_PREFETCH_EXPERTS, ge=0, le=63)
     """Experts of the next mixture-of-experts layer copied to the GPU ahead of it, per layer and step: the
     next layer's router applied to this layer's input guesses them, and the guessed off-GPU experts are copied
-    into free staging slots (at most staging_slots - 1) while the link would idle. A right guess is computed on
-    the GPU as a resident expert; a wrong one costs link time, never a different token. Only in steps with fewer
-    tokens than the cost model's crossover (decode and beam search, not prefill). 0 turns it off."""
+    into free staging slots (at most staging_slots - 1). A right guess is computed on the GPU as a resident
+    expert; a wrong one costs link time, never a different token. In steps with fewer tokens than the cost
+    model's crossover (decode, beam search) the guessed experts with the most tokens are copied; in larger steps
+    (prefill, throughput batches) those that the next layer's plan copies for the guessed counts, so that they
+    travel while this layer's CPU experts and the next layer's attention run. 0 turns it off."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)

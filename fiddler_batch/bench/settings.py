@@ -77,6 +77,15 @@ BASELINE_TABLE: dict[str, Baseline] = {
             "fiddler-batch's defaults with the next layer's 2 likeliest off-GPU experts prefetched in decode steps",
             engine={"prefetch_experts": 2},
         ),
+        Baseline(
+            "fiddler-prefetch-1",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with the next layer's likeliest off-GPU expert prefetched in decode steps",
+            engine={"prefetch_experts": 1},
+        ),
     )
 }
 BASELINES = tuple(BASELINE_TABLE)

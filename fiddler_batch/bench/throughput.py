@@ -86,16 +86,25 @@ def _profiled(action: Any, path: Path) -> Any:
 
 
 def run_one(
-    name: str, engine: Any, checkpoint: Path, requests: Path, out: Path, batching: dict[str, Any], resident: float
+    name: str,
+    engine: Any,
+    checkpoint: Path,
+    requests: Path,
+    out: Path,
+    batching: dict[str, Any],
+    engine_spec: EngineSpec,
 ) -> dict[str, Any]:
-    """One run of the job runner on the loaded engine, and what it measured."""
+    """One run of the job runner on the loaded engine (its executor set to `engine_spec`'s prefetch), and what
+    it measured."""
+    if engine.executor is not None:
+        engine.executor.prefetch_experts = engine_spec.prefetch_experts
     spec = JobSpec(
         model=ModelSpec(path=str(checkpoint)),
         input=InputSpec(path=requests),
         output=OutputSpec(path=out / f"{name}.jsonl"),
         generation=GenerationSpec(),
         batching=BatchingSpec(**batching),
-        engine=EngineSpec(resident_share=resident),
+        engine=engine_spec,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -141,6 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparse-experts", action="store_true", help="Write the experts as holes (zeros).")
     parser.add_argument("--skip", default="", help="Comma-separated runs to skip: static-defaults, fiddler-batch.")
     parser.add_argument("--geometry", choices=("mixtral-8x7b", "tiny"), default="mixtral-8x7b")
+    parser.add_argument(
+        "--prefetch",
+        default="0",
+        help="engine.prefetch_experts of the runs of ours, e.g. 0,6: one run each, named fiddler-batch (0) and "
+        "fiddler-batch-prefetch-N.",
+    )
+    parser.add_argument("--staging-slots", type=int, default=4, help="engine.staging_slots of the loaded engine.")
     parser.add_argument("--cap-new", type=int, help="Cap every request's max_new_tokens (a shorter job for both).")
     parser.add_argument("--profile", type=Path, help="Profile the runs of ours with torch's profiler into this file.")
     parser.add_argument("--out", type=Path, required=True)
@@ -158,9 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     ours = _per_mix(args.requests, len(mixes))
     theirs = _per_mix(args.baseline_requests, len(mixes))
     started = time.perf_counter()
+    engine_spec = EngineSpec(resident_share=args.resident, staging_slots=args.staging_slots)
     engine = load_engine(
         ModelSpec(path=str(checkpoint)),
-        EngineSpec(resident_share=args.resident),
+        engine_spec,
         kv_cache_tokens="auto",
         activation_tokens=activation_tokens(BatchingSpec()),
     )
@@ -173,24 +190,30 @@ def main(argv: list[str] | None = None) -> None:
         if args.cap_new:
             records = [{**r, "max_new_tokens": min(r["max_new_tokens"], args.cap_new)} for r in records]
         # Ours first: a run cut short by a time limit still has the main result.
-        runs = {"fiddler-batch": ({}, count_ours), "static-defaults": (STATIC_DEFAULTS, count_theirs)}
-        for name, (batching, count) in runs.items():
+        runs = {
+            ("fiddler-batch" if n == 0 else f"fiddler-batch-prefetch-{n}"): ({}, count_ours, n)
+            for n in (int(v) for v in args.prefetch.split(","))
+        }
+        runs["static-defaults"] = (STATIC_DEFAULTS, count_theirs, 0)
+        for name, (batching, count, prefetch) in runs.items():
             if name in args.skip.split(",") or count == 0:
                 continue
             requests = out / f"mix{mix}-{count}.jsonl"
             requests.write_text("".join(json.dumps(r) + "\n" for r in records[:count]))
             print(f"{name}: {count} requests of mix {mix}, {args.layers} layers ...", flush=True)
-            arguments = (name, engine, checkpoint, requests, out, batching, args.resident)
-            if args.profile and name == "fiddler-batch":
+            run_spec = engine_spec.model_copy(update={"prefetch_experts": prefetch})
+            arguments = (name, engine, checkpoint, requests, out, batching, run_spec)
+            if args.profile and name.startswith("fiddler-batch"):
                 profile = args.profile.with_name(f"{args.profile.stem}-mix{mix}{args.profile.suffix}")
                 result = _profiled(lambda arguments=arguments: run_one(*arguments), profile)
             else:
                 result = run_one(*arguments)
             result.update(
                 layers=args.layers, mix=mix, resident=args.resident, card=_card(), date=time.strftime("%F %T"),
-                load_s=load_s, cap_new=args.cap_new, sparse_experts=args.sparse_experts,
+                load_s=load_s, cap_new=args.cap_new, sparse_experts=args.sparse_experts, prefetch_experts=prefetch,
+                staging_slots=args.staging_slots,
             )  # fmt: skip
-            if name == "fiddler-batch" and "cost_model" in result:
+            if name.startswith("fiddler-batch") and "cost_model" in result:
                 result["bound"] = throughput_bound(result, records[:count])
             results["runs"].append(result)
             atomic_write_text(results_path, json.dumps(results, indent=1) + "\n")
@@ -255,9 +278,11 @@ def report(results_path: Path) -> None:
     groups = sorted({(layers, mix) for layers, mix, _ in latest})
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
     for ax, (layers, mix) in zip(axes[0], groups, strict=True):
-        names = [n for n in ("static-defaults", "fiddler-batch") if (layers, mix, n) in latest]
+        names = sorted((n for g, m, n in latest if (g, m) == (layers, mix)), key=lambda n: (n != "static-defaults", n))
         values = [latest[(layers, mix, n)]["completion_tok_s"] for n in names]
-        ax.bar(names, values, color=["#9e9e9e", "#2e9e5b"][: len(names)])
+        palette = {"static-defaults": "#9e9e9e", "fiddler-batch": "#2e9e5b"}
+        colours = [palette.get(n, "#1f6fb2") for n in names]
+        ax.bar([n.replace("fiddler-batch-", "") for n in names], values, color=colours)
         bound = latest.get((layers, mix, "fiddler-batch"), {}).get("bound", {}).get("completion_tok_s")
         if bound:
             ax.axhline(bound, linestyle="--", color="black", label="bound")

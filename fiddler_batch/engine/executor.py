@@ -39,6 +39,10 @@ from fiddler_batch.spec import StrategyName
 
 IMPLEMENTATION = "fiddler"
 
+BULK_PREFETCH = ("balanced", "copy")
+"""Strategies whose calls above `prefetch_limit` tokens prefetch the experts the next layer's plan copies (the
+overlapping ones that copy by cost; `cpu` copies nothing and `fiddler-rule` keeps the paper's serial order)."""
+
 Planner = Callable[["LayerState", list[int]], Plan]
 """Overrides the planner (tests force plans with it): (layer, counts) -> plan. An expert may be planned
 RESIDENT only when `layer.on_device()` says it is on the fast device (resident, or staged by a prefetch)."""
@@ -201,7 +205,16 @@ class HybridExecutor:
                 "the hybrid executor has no cost model, and experts live off the fast device",
                 "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
             )
-        return plan_layer(counts, resident, self.cost, self.strategy)
+        return plan_layer(counts, resident, self.cost, self.strategy, self.link_backlog_ms())
+
+    def link_backlog_ms(self) -> float:
+        """How long the link is still busy with copies queued before this layer's: a staging slot whose copy has
+        not landed counts one copy. Without prefetch every earlier copy has landed by the time a layer plans (the
+        host waited for the main stream, which waited for them); prefetches are not waited for, and a plan that
+        ignored them would queue its own copies behind them while the CPU idles."""
+        if not self.cuda or self.cost is None or self.prefetch_experts <= 0:
+            return 0.0
+        return self.cost.copy_ms * sum(1 for slot in self.slots if slot.used and not slot.landed.query())
 
     def _as_run(self, layer: LayerState, plan: Plan) -> Plan:
         """The plan as it runs: an expert staged by a prefetch and planned COPY (a forced plan) is computed from
@@ -245,9 +258,26 @@ class HybridExecutor:
         if self.prefetch_experts <= 0 or len(self.slots) < 2 or layer.index + 1 >= len(self.layers):
             return None
         target = self.layers[layer.index + 1]
-        if target.router is None or all(target.is_resident()) or num_tokens > self.prefetch_limit():
+        if target.router is None or all(target.is_resident()):
+            return None
+        if num_tokens > self.prefetch_limit() and (self.cost is None or self.strategy not in BULK_PREFETCH):
             return None
         return target
+
+    def _prefetch_choice(self, target: LayerState, predicted: list[int], num_tokens: int) -> list[int]:
+        """The experts of `target` to copy ahead, from its predicted counts.
+
+        A small call (up to `prefetch_limit` tokens): the guessed off-GPU experts with the most tokens, which
+        the next layer would mostly compute on the CPU while the link idles. A larger call: the experts the next
+        layer's plan copies for the predicted counts, in its copy order; the link carries them anyway, and now
+        does so while this layer's CPU experts and the next layer's attention run instead of after its routing.
+        """
+        on_device = target.is_resident()
+        if num_tokens <= self.prefetch_limit():
+            return choose_prefetch(predicted, on_device, self.prefetch_experts)
+        if self.cost is None:
+            return []
+        return list(plan_layer(predicted, on_device, self.cost, self.strategy).copy_order[: self.prefetch_experts])
 
     def _guess(self, target: LayerState, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
         if self.predictor is not None:
@@ -385,8 +415,7 @@ class HybridExecutor:
         if timeline:
             timeline.mark("gpu_queued")
         if predicted is not None:
-            on_device = target.is_resident()
-            self.prefetch(target, choose_prefetch(predicted, on_device, self.prefetch_experts))
+            self.prefetch(target, self._prefetch_choice(target, predicted, num_tokens))
         if cpu_inputs is not None:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU

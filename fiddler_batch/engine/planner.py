@@ -38,24 +38,33 @@ class Plan:
 
 
 def predict_ms(
-    counts: Sequence[int], where: Sequence[Where], copy_order: Sequence[int], cost: CostModel, overlap: bool
+    counts: Sequence[int],
+    where: Sequence[Where],
+    copy_order: Sequence[int],
+    cost: CostModel,
+    overlap: bool,
+    link_busy_ms: float = 0.0,
 ) -> float:
-    """Predicted time of one layer's experts under a plan."""
+    """Predicted time of one layer's experts under a plan; the link is busy for `link_busy_ms` with copies
+    queued before this layer's (prefetches in flight)."""
     cpu = sum(cost.cpu(counts[e]) for e, w in enumerate(where) if w == Where.CPU)
     gpu_resident = sum(cost.gpu(counts[e]) for e, w in enumerate(where) if w == Where.RESIDENT)
     if not overlap:
         copies = sum(cost.copy_ms + cost.gpu(counts[e]) for e in copy_order)
-        return cpu + (cost.cpu_fixed_ms if cpu else 0.0) + gpu_resident + copies
-    return _span(cpu, [counts[e] for e in copy_order], gpu_resident, cost)
+        return cpu + (cost.cpu_fixed_ms if cpu else 0.0) + gpu_resident + copies + (link_busy_ms if copies else 0.0)
+    return _span(cpu, [counts[e] for e in copy_order], gpu_resident, cost, link_busy_ms)
 
 
-def _span(cpu: float, copied_counts: Sequence[int], gpu_resident: float, cost: CostModel) -> float:
+def _span(
+    cpu: float, copied_counts: Sequence[int], gpu_resident: float, cost: CostModel, link_busy_ms: float = 0.0
+) -> float:
     """Makespan with the three resources working at once. CPU compute and copies share host memory
-    bandwidth, so each is slower while the other runs (the calibrated contention factors)."""
+    bandwidth, so each is slower while the other runs (the calibrated contention factors). The link starts
+    this layer's copies after `link_busy_ms` of copies already queued."""
     both = bool(cpu) and bool(copied_counts)
     copy_ms = cost.copy_ms * (cost.copy_contention if both else 1.0)
     # The GPU starts on resident experts; each copied expert runs once its copy has landed.
-    gpu, link = gpu_resident, 0.0
+    gpu, link = gpu_resident, link_busy_ms
     for n in copied_counts:
         link += copy_ms
         gpu = max(gpu, link) + cost.gpu(n)
@@ -63,10 +72,17 @@ def _span(cpu: float, copied_counts: Sequence[int], gpu_resident: float, cost: C
     return max(cpu_side, gpu)
 
 
-def plan_layer(counts: Sequence[int], resident: Sequence[bool], cost: CostModel, strategy: StrategyName) -> Plan:
+def plan_layer(
+    counts: Sequence[int],
+    resident: Sequence[bool],
+    cost: CostModel,
+    strategy: StrategyName,
+    link_busy_ms: float = 0.0,
+) -> Plan:
     """Assign every expert with routed tokens to RESIDENT, CPU or COPY under `strategy`.
 
-    counts[e]: tokens routed to expert e in this step; resident[e]: e's weights are on the fast device.
+    counts[e]: tokens routed to expert e in this step; resident[e]: e's weights are on the fast device;
+    link_busy_ms: how long the link is still busy with copies queued before this layer's (prefetches).
     """
     chosen = STRATEGIES.get(strategy)
     if chosen is None:
@@ -82,14 +98,17 @@ def plan_layer(counts: Sequence[int], resident: Sequence[bool], cost: CostModel,
     # Copy the experts with the most tokens first: the CPU would take longest on them, and the GPU work
     # after the last copy (the tail the link cannot hide) is then the smallest.
     offloaded.sort(key=lambda e: (-counts[e], e))
-    to_copy = chosen.copies(counts, where, offloaded, cost)
+    to_copy = chosen.copies(counts, where, offloaded, cost, link_busy_ms)
     copied = set(to_copy)
     for e in offloaded:
         where[e] = Where.COPY if e in copied else Where.CPU
-    return Plan(tuple(where), tuple(to_copy), chosen.overlap, predict_ms(counts, where, to_copy, cost, chosen.overlap))
+    predicted = predict_ms(counts, where, to_copy, cost, chosen.overlap, link_busy_ms)
+    return Plan(tuple(where), tuple(to_copy), chosen.overlap, predicted)
 
 
-def _balanced_copies(counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel) -> list[int]:
+def _balanced_copies(
+    counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel, link_busy_ms: float
+) -> list[int]:
     """The prefix of `offloaded` (sorted by tokens, most first) to copy that minimises the makespan.
 
     A copy costs the same whatever the expert's token count while CPU time grows with it, so for any
@@ -99,22 +118,26 @@ def _balanced_copies(counts: Sequence[int], where: list[Where], offloaded: list[
     gpu_resident = sum(cost.gpu(counts[e]) for e, w in enumerate(where) if w == Where.RESIDENT)
     copied_counts = [counts[e] for e in offloaded]
     cpu_left = sum(cpu_times)
-    best_k, best = 0, _span(cpu_left, [], gpu_resident, cost)
+    best_k, best = 0, _span(cpu_left, [], gpu_resident, cost, link_busy_ms)
     for k in range(1, len(offloaded) + 1):
         cpu_left = max(cpu_left - cpu_times[k - 1], 0.0) if k < len(offloaded) else 0.0
-        total = _span(cpu_left, copied_counts[:k], gpu_resident, cost)
+        total = _span(cpu_left, copied_counts[:k], gpu_resident, cost, link_busy_ms)
         if total < best:
             best_k, best = k, total
     return offloaded[:best_k]
 
 
-def _rule_copies(counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel) -> list[int]:
-    """The paper's Algorithm 1: copy an expert when copy + GPU beats the CPU for its token count."""
+def _rule_copies(
+    counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel, link_busy_ms: float
+) -> list[int]:
+    """The paper's Algorithm 1: copy an expert when copy + GPU beats the CPU for its token count (the rule
+    knows nothing of a busy link)."""
     return [e for e in offloaded if cost.cpu(counts[e]) > cost.copy_ms + cost.gpu(counts[e])]
 
 
-CopyChoice = Callable[[Sequence[int], list[Where], list[int], CostModel], list[int]]
-"""(counts, where so far, off-GPU experts with tokens sorted most first, cost) -> the experts to copy, in order."""
+CopyChoice = Callable[[Sequence[int], list[Where], list[int], CostModel, float], list[int]]
+"""(counts, where so far, off-GPU experts with tokens sorted most first, cost, ms the link is still busy) -> the
+experts to copy, in order."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +153,6 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {
     "balanced": Strategy("balanced", True, _balanced_copies),
     "fiddler-rule": Strategy("fiddler-rule", False, _rule_copies),
-    "cpu": Strategy("cpu", True, lambda counts, where, offloaded, cost: []),
-    "copy": Strategy("copy", True, lambda counts, where, offloaded, cost: list(offloaded)),
+    "cpu": Strategy("cpu", True, lambda counts, where, offloaded, cost, busy: []),
+    "copy": Strategy("copy", True, lambda counts, where, offloaded, cost, busy: list(offloaded)),
 }

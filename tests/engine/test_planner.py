@@ -50,6 +50,21 @@ def test_balanced_splits_two_equal_experts_between_cpu_and_link():
     assert plan_layer([1, 1], [False, False], COST, "fiddler-rule").where == (C, C)
 
 
+def test_balanced_keeps_experts_on_the_cpu_while_the_link_is_busy_with_earlier_copies():
+    # Two 1-token experts: with a free link one is copied (5.2 ms, above). With 10 ms of prefetches still
+    # queued a copy would land at 15 ms, so both go to the CPU (8 ms).
+    busy = plan_layer([1, 1], [False, False], COST, "balanced", link_busy_ms=10.0)
+    assert busy.where == (C, C) and busy.predicted_ms == pytest.approx(8.0)
+    # 3 ms of backlog: copying one still pays (3 + 5 + 0.2 = 8.2 > 8 is worse; 8.0 is the CPU's alone).
+    assert plan_layer([1, 1], [False, False], COST, "balanced", link_busy_ms=3.0).where == (C, C)
+    assert sorted(plan_layer([1, 1], [False, False], COST, "balanced", link_busy_ms=2.0).where) == [C, P]
+    # A 100-token expert is worth copying even behind a backlog: 10 + 5 + 0.5 against cpu(100) = 33.
+    plan = plan_layer([100], [False], COST, "balanced", link_busy_ms=10.0)
+    assert plan.where == (P,) and plan.predicted_ms == pytest.approx(10.0 + 5.0 + COST.gpu(100))
+    # The paper's rule knows nothing of the link's backlog.
+    assert plan_layer([64], [False], COST, "fiddler-rule", link_busy_ms=100.0).where == (P,)
+
+
 def test_balanced_copies_the_experts_with_most_tokens():
     plan = plan_layer([2, 100, 1, 60], [False] * 4, COST, "balanced")
     assert set(plan.copy_order) >= {1, 3}

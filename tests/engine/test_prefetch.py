@@ -1,6 +1,7 @@
 """Speculative prefetch of the next layer's experts: the same tokens and logits as the eager reference whether
-guesses are right or wrong, prefetches only in decode-sized calls, and staging slots a prefetch holds are left
-alone by ordinary copies until the layer they were made for has run."""
+guesses are right or wrong, guessed experts in decode-sized calls and the next plan's copies in larger ones,
+and staging slots a prefetch holds are left alone by ordinary copies until the layer they were made for has
+run."""
 
 from __future__ import annotations
 
@@ -72,21 +73,69 @@ def test_prefetch_gives_the_reference_tokens_and_logits(reference, plan):
 
 
 @pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
-def test_decode_prefetches_and_prefill_does_not(reference):
-    ref_model, _, ref_greedy, _ = reference
+def test_decode_prefetches_guesses_and_prefill_prefetches_the_next_plans_copies(reference):
+    ref_model, ref_logits, ref_greedy, _ = reference
     model, engine = with_prefetch(ref_model, "planner-balanced")
     executor = engine.executor
     assert executor.prefetch_limit() == COST.crossover() - 1 == 8  # two prompts decode, 14 prompt tokens prefill
+    guesses: list[tuple[int, list[int]]] = []
+
+    def recording(target, hidden, top_k):
+        guess = router_guess(target.router, hidden, top_k)
+        guesses.append((target.index, guess.tolist()))
+        return guess
+
+    executor.predictor = recording
     with torch.no_grad():
-        model(PROMPTS)
-    assert engine.stats()["prefetch_issued"] == 0 and engine.stats()["layer_calls"] == 3
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    # The prefill (14 tokens) stages what the next layer's plan would copy for the guessed counts, at most 2.
+    expected = [
+        plan_layer(guess, executor.layers[index].is_resident(), COST, "balanced").copy_order[:2]
+        for index, guess in guesses
+    ]
+    assert len(guesses) == 2 and sum(map(len, expected)) > 0  # layers 0 and 1 guess for layers 1 and 2
+    assert engine.stats()["prefetch_issued"] == sum(map(len, expected))
 
     engine.reset_stats()
+    guesses.clear()
     assert torch.equal(generate(model), ref_greedy)
     stats = engine.stats()
-    # 5 decode steps x 2 layers with a next layer x 2 experts each (every layer has 6 experts off the device).
-    assert stats["prefetch_issued"] == 20
+    # Decode: 5 steps x 2 layers with a next layer x the 2 guessed off-device experts with the most tokens
+    # (every layer has 6 experts off the device); the prefill of this generate adds its plan's copies again.
+    decode = [choose_prefetch(guess, executor.layers[index].is_resident(), 2) for index, guess in guesses[2:]]
+    assert sum(map(len, decode)) == 20
+    assert stats["prefetch_issued"] == 20 + sum(map(len, expected))
     assert stats["prefetch_hits"] > 0 and stats["experts_resident"] >= stats["prefetch_hits"]
+
+    # A strategy that copies nothing (cpu) prefetches nothing in large calls.
+    engine.reset_stats()
+    engine.set_planner(None)
+    executor.strategy = "cpu"
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    assert engine.stats()["prefetch_issued"] == 0
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_a_busy_link_sends_the_remaining_experts_to_the_cpu(reference):
+    """The executor plans with the link's backlog (prefetch copies not landed yet; on the CPU there is none, so
+    the test supplies one): experts that are not staged then run on the CPU rather than queue behind it."""
+    ref_model, _, ref_greedy, _ = reference
+    plans: dict[str, list] = {}
+    for backlog in ("free", "busy"):
+        model, engine = with_prefetch(ref_model, "planner-balanced")
+        executor = engine.executor
+        assert executor.link_backlog_ms() == 0.0  # no CUDA: copies are synchronous
+        original, made = executor.plan, plans.setdefault(backlog, [])
+        executor.plan = lambda layer, counts, original=original, made=made: (
+            made.append(original(layer, counts)) or made[-1]
+        )
+        if backlog == "busy":
+            executor.link_backlog_ms = lambda: 1e6
+        assert torch.equal(generate(model), ref_greedy)
+    assert any(plan.experts(Where.COPY) for plan in plans["free"])  # the prefills copy with a free link
+    assert not any(plan.experts(Where.COPY) for plan in plans["busy"])
+    assert any(plan.experts(Where.CPU) for plan in plans["busy"])
 
 
 @pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
