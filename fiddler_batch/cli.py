@@ -583,6 +583,12 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
         f"{cost.cpu_contention:.2f}x and copies {cost.copy_contention:.2f}x slower while both run; copying beats "
         f"the CPU from {crossover if crossover else 'no'} tokens per expert"
     )
+    if "host_read_gb_per_s" in cost.meta:
+        click.echo(
+            f"host memory read {cost.meta['host_read_gb_per_s']} GB/s; one expert on the CPU at {cost.ladder[0]} "
+            f"token(s) reads its weights at {cost.meta['cpu_share_of_read']:.0%} of that, its timed runs "
+            f"{cost.meta['cpu_spread']:.0%} apart"
+        )
     click.echo(f"wrote {path}")
 
 

@@ -26,6 +26,7 @@ def test_calibrate_writes_a_cost_model_that_a_run_then_uses(tmp_path: Path, demo
     done = cli("calibrate", str(job), "--quick", "--output", str(calibration))
     assert done.returncode == 0, done.stderr
     assert f"wrote {calibration}" in done.stdout
+    assert "host memory read" in done.stdout and "GB/s" in done.stdout
     cost = load_cost_model(calibration)
     assert cost.meta["quick"] and len(cost.cpu_ms) == len(cost.ladder) and cost.copy_ms > 0
 

@@ -194,6 +194,13 @@ def _session_lines(session: dict[str, Any]) -> list[str]:
             f"{rates['pcie_gb_per_s']:.1f} GB/s (pinned copy), GPU {rates['gpu_tflop_per_s']:.1f} TFLOP/s "
             f"(one expert, {rates['gpu_tflop_at_tokens']} tokens)"
         )
+    meta = (session.get("cost_model") or {}).get("meta", {})
+    if "host_read_gb_per_s" in meta:
+        lines.append(
+            f"- Host memory read {meta['host_read_gb_per_s']} GB/s: the CPU expert at 1 token reads its weights at "
+            f"{meta['cpu_share_of_read']:.0%} of it; its timed runs were {meta['cpu_spread']:.0%} apart (max - min "
+            "over the median)"
+        )
     budget = session.get("budget")
     if budget:
         lines.append(

@@ -155,6 +155,12 @@ class Suite:
             f"{r['pcie_gb_per_s']:.1f} GB/s (copy {self.cost.copy_ms:.2f} ms), GPU {r['gpu_tflop_per_s']:.1f} "
             f"TFLOP/s; crossover {self.cost.crossover()} tokens"
         )
+        meta = self.cost.meta
+        if "host_read_gb_per_s" in meta:
+            self.log(
+                f"host memory read {meta['host_read_gb_per_s']} GB/s: the CPU expert at 1 token reads at "
+                f"{meta['cpu_share_of_read']:.0%} of it, its timed runs {meta['cpu_spread']:.0%} apart"
+            )
 
     # -- baselines ------------------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ class CostModel:
         )
 
 
-def _median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], warmup: int = 2) -> float:
+def _times_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
     sync()
@@ -85,7 +85,18 @@ def _median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], wa
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def _median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], warmup: int = 2) -> float:
+    return statistics.median(_times_ms(fn, reps, sync, warmup))
+
+
+def host_read_gb_per_s(nbytes: int, reps: int = 5) -> float:
+    """The host's memory read bandwidth with the current thread count: a float32 sum over a buffer of
+    `nbytes` (at least 64 MB, so that caches do not serve it), median of `reps`."""
+    buffer = torch.ones(max(nbytes, 64 << 20) // 4, dtype=torch.float32)
+    return buffer.numel() * 4 / _median_ms(buffer.sum, reps, lambda: None) / 1e6
 
 
 def random_expert(layout: ExpertLayout, device: torch.device | str, pin: bool = False) -> dict[str, torch.Tensor]:
@@ -162,11 +173,15 @@ def calibrate(
     try:
         with torch.no_grad():
             cpu_ms, gpu_ms = [], []
+            cpu_spread = 0.0
             for n in ladder:
                 x = torch.randn(n, layout.hidden, dtype=layout.dtype)
                 w = torch.rand(n, dtype=layout.dtype)
                 on_cpu = lambda x=x, w=w: expert_forward(module, layout, host, x, w)  # noqa: E731
-                cpu_ms.append(_median_ms(on_cpu, reps, lambda: None))
+                times = _times_ms(on_cpu, reps, lambda: None)
+                cpu_ms.append(statistics.median(times))
+                if n == ladder[0]:
+                    cpu_spread = (max(times) - min(times)) / cpu_ms[-1]
                 xd, wd = x.to(device), w.to(device)
                 gpu_ms.append(
                     _median_ms(lambda xd=xd, wd=wd: expert_forward(module, layout, fast, xd, wd), reps, sync_dev)
@@ -191,6 +206,7 @@ def calibrate(
                 )
                 cpu_contention = max(1.0, busy_cpu / cpu_ms[0])
                 copy_contention = max(1.0, busy_copy / copy_ms)
+            read_gb_per_s = host_read_gb_per_s(expert_bytes, reps)
     finally:
         torch.set_num_threads(previous_threads)
     meta = {
@@ -198,6 +214,11 @@ def calibrate(
         "threads": threads,
         "expert_bytes": expert_bytes,
         "copy_gb_per_s": round(expert_bytes / copy_ms / 1e6, 2) if copy_ms else None,
+        # The CPU expert at the ladder's first point against what the host's memory can be read at, and how far
+        # apart its timed runs were (max - min over the median).
+        "host_read_gb_per_s": round(read_gb_per_s, 2),
+        "cpu_share_of_read": round(expert_bytes / cpu_ms[0] / 1e6 / read_gb_per_s, 3),
+        "cpu_spread": round(cpu_spread, 3),
         "quick": quick,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -140,6 +140,10 @@ def test_calibration_measures_every_point_and_round_trips(mixtral, tmp_path):
     assert len(cost.cpu_ms) == len(cost.gpu_ms) == len(cost.ladder)
     assert all(t > 0 for t in cost.cpu_ms + cost.gpu_ms) and cost.copy_ms > 0
     assert cost.meta["geometry"] == layout.geometry_key() and cost.meta["quick"]
+    # The CPU expert set against the host's read bandwidth: a tiny expert sits in cache, so only the signs.
+    assert cost.meta["host_read_gb_per_s"] > 0 and cost.meta["cpu_share_of_read"] > 0 and cost.meta["cpu_spread"] >= 0
+    expected_share = cost.meta["expert_bytes"] / cost.cpu_ms[0] / 1e6 / cost.meta["host_read_gb_per_s"]
+    assert cost.meta["cpu_share_of_read"] == pytest.approx(expected_share, rel=0.01, abs=1e-3)
     path = tmp_path / "cost.json"
     engine = Engine.from_model(copy.deepcopy(mixtral), EngineSpec(device="cpu", resident_share=0.25), cost=COST)
     save_cost_model(cost, path, engine)
