@@ -16,7 +16,17 @@ from fiddler_batch.bench.bounds import split_ms, throughput_bound
 from fiddler_batch.bench.cli import bench
 from fiddler_batch.bench.model import build_tokenizer
 from fiddler_batch.bench.scenarios import request_mix, write_requests
-from fiddler_batch.bench.settings import BASELINES, PROTOCOL_SIZES, SCENARIOS, Case, Mix, parse_sizes
+from fiddler_batch.bench.settings import (
+    BASELINE_TABLE,
+    BASELINES,
+    DEFAULT_BASELINES,
+    PROTOCOL_SIZES,
+    SCENARIOS,
+    Case,
+    Mix,
+    Settings,
+    parse_sizes,
+)
 from fiddler_batch.spec import EngineSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +43,21 @@ def _table_rows(markdown: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke run of every scenario and baseline, once for the module."""
+    """The smoke run of every scenario and baseline (those that run only when named too), once for the module."""
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("bench")
-    result = CliRunner().invoke(bench, ["--smoke", "--out", str(out)])
+    result = CliRunner().invoke(bench, ["--smoke", "--baselines", ",".join(BASELINES), "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+def test_variants_of_ours_run_only_when_named() -> None:
+    assert DEFAULT_BASELINES == ("accelerate", "cpu-experts", "fiddler-rule", "fiddler-batch")
+    assert Settings().baselines == DEFAULT_BASELINES
+    assert set(BASELINES) - set(DEFAULT_BASELINES) == {"fiddler-prefetch", "fiddler-prefetch-1"}
+    assert all(BASELINE_TABLE[name].engine for name in BASELINES if name not in DEFAULT_BASELINES)
+    default = next(p for p in bench.params if p.name == "baselines").default
+    assert default == ",".join(DEFAULT_BASELINES)
 
 
 def test_smoke_writes_json_markdown_and_png(smoke: Path) -> None:

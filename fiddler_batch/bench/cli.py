@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fiddler_batch.bench.settings import BASELINES, SCENARIOS, Settings, parse_sizes, smoke_settings
+from fiddler_batch.bench.settings import (
+    BASELINES,
+    DEFAULT_BASELINES,
+    SCENARIOS,
+    Settings,
+    parse_sizes,
+    smoke_settings,
+)
 
 RESULTS_OUT = Path("benchmarks/results")
 SMOKE_OUT = Path("out/bench-smoke")
@@ -47,7 +54,12 @@ def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
     "d=256 (requests); a=all for every size the protocol lists, or 'full' for all scenarios. "
     "Repeatable. Default: a=32x64 b=1024 c=4 d=256.",
 )
-@click.option("--baselines", default=",".join(BASELINES), show_default=True, help="Baselines to run.")
+@click.option(
+    "--baselines",
+    default=",".join(DEFAULT_BASELINES),
+    show_default=True,
+    help=f"Baselines to run, among {', '.join(BASELINES)}.",
+)
 @click.option("--layers", type=click.IntRange(min=1), help="Decoder layers of the model.  [default: 8]")
 @click.option(
     "--resident", type=click.FloatRange(0, 1), help="Share of expert weights resident on the GPU.  [default: 0.25]"

@@ -233,7 +233,7 @@ def chart(results: Results, path: Path) -> bool:
     cols = min(4, max(1, len(panels)))
     height = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(height, cols, figsize=(4.2 * cols, 3.6 * height), squeeze=False)
-    colors = dict(zip(BASELINES, ("#9e9e9e", "#f2a541", "#5b8bd9", "#2e9e5b", "#8e44ad")))
+    colors = dict(zip(BASELINES, ("#9e9e9e", "#f2a541", "#5b8bd9", "#2e9e5b", "#8e44ad", "#c0392b")))
     for ax, panel in zip(axes.flat, panels):
         panel_rows = [r for r in rows if (r["variant"], r["scenario"], r["case"]) == panel]
         names = [r["baseline"] for r in panel_rows]

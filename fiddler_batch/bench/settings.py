@@ -38,6 +38,8 @@ class Baseline:
     description: str
     engine: dict[str, Any] = field(default_factory=dict)
     """EngineSpec settings over the engine's defaults (an engine placement only)."""
+    by_default: bool = True
+    """Runs when `--baselines` is not given (variants of ours that measure one setting run only when named)."""
 
 
 BASELINE_TABLE: dict[str, Baseline] = {
@@ -76,6 +78,7 @@ BASELINE_TABLE: dict[str, Baseline] = {
             False,
             "fiddler-batch's defaults with the next layer's 2 likeliest off-GPU experts prefetched in decode steps",
             engine={"prefetch_experts": 2},
+            by_default=False,
         ),
         Baseline(
             "fiddler-prefetch-1",
@@ -85,10 +88,12 @@ BASELINE_TABLE: dict[str, Baseline] = {
             False,
             "fiddler-batch's defaults with the next layer's likeliest off-GPU expert prefetched in decode steps",
             engine={"prefetch_experts": 1},
+            by_default=False,
         ),
     )
 }
 BASELINES = tuple(BASELINE_TABLE)
+DEFAULT_BASELINES = tuple(name for name, b in BASELINE_TABLE.items() if b.by_default)
 OURS = "fiddler-batch"
 
 
@@ -216,7 +221,7 @@ class Settings:
 
     scenarios: tuple[str, ...] = SCENARIOS
     sizes: dict[str, tuple[Case, ...]] = field(default_factory=lambda: dict(DEFAULT_SIZES))
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
     geometry: str = "mixtral-8x7b"  # or "tiny"
     layers: int = 8
     resident: float = 0.25  # share of expert weights resident on the GPU
