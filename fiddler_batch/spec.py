@@ -578,6 +578,23 @@ class EngineSpec(BaseModel):
             {"device": value, "fix": "use 'auto', 'cpu', 'cuda' or 'cuda:N'"},
         )
 
+    @model_validator(mode="after")
+    def _prefetch_fits_the_slots(self) -> EngineSpec:
+        if self.prefetch_experts and self.prefetch_experts >= self.staging_slots:
+            raise PydanticCustomError(
+                "prefetch_over_slots",
+                "prefetch_experts ({prefetch}) must stay below staging_slots ({slots}): prefetches hold at most all "
+                "staging slots but one",
+                {
+                    "prefetch": self.prefetch_experts,
+                    "slots": self.staging_slots,
+                    "fix": f"set staging_slots: {self.prefetch_experts + 1} or more, or prefetch_experts: "
+                    f"{max(self.staging_slots - 1, 0)} or less",
+                    "key": "prefetch_experts",
+                },
+            )
+        return self
+
 
 class JobSpec(BaseModel):
     """A batch-inference job: which model, which requests, where the results go and how they are generated."""

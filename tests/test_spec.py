@@ -127,6 +127,14 @@ def test_beam_search_with_sampling_is_refused_with_the_fix(tmp_path: Path) -> No
     assert "fix: set temperature: 0 for beam search, or num_beams: 1 for sampling" in problem
 
 
+def test_prefetch_beyond_the_staging_slots_is_refused_with_the_fix(tmp_path: Path) -> None:
+    [problem] = problems(job_text(tmp_path, MINIMAL + "engine:\n  prefetch_experts: 6\n"))
+    assert "engine.prefetch_experts: prefetch_experts (6) must stay below staging_slots (4)" in problem
+    assert "fix: set staging_slots: 7 or more, or prefetch_experts: 3 or less" in problem
+    spec = load_job(job_text(tmp_path, MINIMAL + "engine:\n  prefetch_experts: 6\n  staging_slots: 16\n"))
+    assert spec.engine.prefetch_experts == 6 and spec.engine.staging_slots == 16
+
+
 def test_output_extension_must_name_a_format(tmp_path: Path) -> None:
     [problem] = problems(job_text(tmp_path, MINIMAL.replace("r.jsonl", "r.csv")))
     assert ":6: output.path: cannot tell the output format" in problem and "or set output.format" in problem
