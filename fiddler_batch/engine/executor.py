@@ -13,10 +13,12 @@ a token has at most two experts, so each path gives the reference's numbers for 
 with more experts per token, by a deterministic sum over top-k positions (CUDA's index_add_ is not
 deterministic with repeated indices).
 
-With `prefetch_experts` > 0, a decode-sized call also guesses the next MoE layer's experts and copies the
-guessed off-GPU ones into free staging slots after the layer's own copies (`engine/prefetch.py`); the next
-layer plans a staged expert as resident and computes it from its slot. Staged slots are skipped by the ring
-that ordinary copies take, and released once the layer they were staged for has run.
+With `prefetch_experts` > 0, a call also guesses the next MoE layer's experts and copies some of the guessed
+off-GPU ones into free staging slots after the layer's own copies (`engine/prefetch.py`): in a decode-sized
+call the likeliest, in a larger one those the next layer's plan copies for the guessed counts. The next layer
+plans a staged expert as resident and computes it from its slot, and plans its other copies behind the ones
+still in flight (`link_backlog_ms`). Staged slots are skipped by the ring that ordinary copies take, and
+released once the layer they were staged for has run.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Speculative prefetch: guess the next MoE layer's experts and copy them while the link would idle.
 
 In a decode-sized step the PCIe link sits idle while the CPU computes a layer's off-GPU experts, and during
-attention. Inside layer L's experts call the executor applies layer L+1's router weight to the hidden states
-layer L's experts receive (the residual stream changes little from one layer to the next), takes each
-token's top-k, and copies the off-GPU experts with the most predicted tokens into free staging slots on the
-copy stream, after layer L's own copies. At layer L+1 a guess that the router confirms is already on the fast
+attention; in a large step the link waits for each layer's routing before it starts that layer's copies.
+Inside layer L's experts call the executor applies layer L+1's router weight to the hidden states layer L's
+experts receive (the residual stream changes little from one layer to the next), takes each token's top-k,
+and copies experts of layer L+1 into free staging slots on the copy stream, after layer L's own copies: the
+off-GPU experts with the most predicted tokens in a small step, those layer L+1's plan would copy in a large
+one. At layer L+1 a guess that the router confirms is already on the fast
 device and is planned as resident. A wrong guess costs link time only: an expert is computed from a staging
 slot only when that slot holds its weights, so tokens never change.
 
