@@ -85,6 +85,23 @@ def test_every_completion_equals_transformers_alone(family: str) -> None:
         )
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_prefetching_the_next_layers_experts_changes_no_completion(family: str) -> None:
+    """Continuous steps with prefetch on: small steps stage guessed experts, prompt chunks above the cost
+    model's crossover stage the next plan's copies; every completion is still transformers' alone."""
+    ref = build(family)
+    eos = {ref.generation_config.eos_token_id} - {None}
+    model, engine = make_engine(ref, "planner-balanced", staging_slots=4)
+    engine.executor.prefetch_experts = 2
+    engine.tokenizer = Digits()
+    prepared = items(ref.config.vocab_size)
+    got = run(engine, prepared, **SMALL_STEPS)
+    assert got == {item.request.id: reference(ref, item, eos) for item in prepared}
+    issued = sum(s["prefetch_issued"] for s in engine.group_stats)
+    hits = sum(s["prefetch_hits"] for s in engine.group_stats)
+    assert issued > 0 and 0 < hits <= issued
+
+
 def test_a_model_with_attention_sinks_falls_back_to_static_batches(caplog: pytest.LogCaptureFixture) -> None:
     ref = build("gpt_oss")
     _, engine = make_engine(ref, "mixed")
