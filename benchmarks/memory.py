@@ -18,15 +18,6 @@ import time
 from pathlib import Path
 
 
-def status() -> dict[str, int]:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint", type=Path)
@@ -38,6 +29,7 @@ def main() -> None:
 
     import fiddler_batch.checkpoint as checkpoint
     from fiddler_batch.assets import load_engine
+    from fiddler_batch.bench.hostmemory import reset_peak, status
     from fiddler_batch.spec import EngineSpec, ModelSpec
 
     if args.through_transformers:
@@ -46,7 +38,7 @@ def main() -> None:
             raise checkpoint.CheckpointUnsupported("measuring the transformers path")
 
         checkpoint.Checkpoint.open = classmethod(refuse)  # type: ignore[method-assign, assignment]
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    reset_peak()
     before = status()
     started = time.perf_counter()
     engine = load_engine(

@@ -406,22 +406,14 @@ MEASURE = textwrap.dedent(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     import transformers.models.mixtral.modeling_mixtral
+    from contextlib import suppress
+    from fiddler_batch.bench import hostmemory
+    from fiddler_batch.bench.hostmemory import status
     from fiddler_batch.checkpoint import Checkpoint
 
-    def status():
-        fields = {}
-        for line in open("/proc/self/status"):
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) * 1024
-        return fields
-
     def reset_peak():
-        try:
-            with open("/proc/self/clear_refs", "w") as file:
-                file.write("5")  # VmHWM := VmRSS
-        except OSError:
-            pass
+        with suppress(OSError):
+            hostmemory.reset_peak()
 
     mode, folder = sys.argv[1], sys.argv[2]
     config = AutoConfig.from_pretrained(folder)

@@ -25,18 +25,10 @@ MEASURE = textwrap.dedent(
     import json, sys
     import torch, transformers.models.mixtral.modeling_mixtral
     from fiddler_batch.assets import load_engine
+    from fiddler_batch.bench.hostmemory import reset_peak, status
     from fiddler_batch.spec import EngineSpec, ModelSpec
 
-    def status():
-        fields = {}
-        for line in open("/proc/self/status"):
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) * 1024
-        return fields
-
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")  # VmHWM := VmRSS
+    reset_peak()
     before = status()
     engine = load_engine(ModelSpec(path=sys.argv[1]), EngineSpec(device="cpu", resident_share=0.5), calibrate=False)
     after = status()
