@@ -74,3 +74,21 @@ def make_engine(reference: torch.nn.Module, plan: str, staging_slots: int = 2) -
 @pytest.fixture(scope="module")
 def family_model(request) -> torch.nn.Module:
     return build(request.param)
+
+
+PROMPTS = torch.randint(0, 160, (2, 7), generator=torch.Generator().manual_seed(1))
+"""Two prompts of 7 tokens for the equivalence tests: logits, greedy and beam tokens against the reference."""
+
+
+def generate(model: torch.nn.Module, **kwargs) -> torch.Tensor:
+    """Six greedy (or, with num_beams, beam-search) tokens after PROMPTS."""
+    with torch.no_grad():
+        return model.generate(PROMPTS, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(family_model):
+    """The family's model with its eager logits, greedy tokens and 3-beam tokens on PROMPTS."""
+    with torch.no_grad():
+        logits = family_model(PROMPTS).logits
+    return family_model, logits, generate(family_model), generate(family_model, num_beams=3)

@@ -9,22 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import PLANS, make_engine
+from .conftest import PLANS, PROMPTS, generate, make_engine
 from .families import FAMILIES
-
-PROMPTS = torch.randint(0, 160, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-def generate(model: torch.nn.Module, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(PROMPTS, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def reference(family_model):
-    with torch.no_grad():
-        logits = family_model(PROMPTS).logits
-    return family_model, logits, generate(family_model), generate(family_model, num_beams=3)
 
 
 @pytest.mark.parametrize("family_model", list(FAMILIES), indirect=True)

@@ -18,29 +18,16 @@ from fiddler_batch.engine.planner import Plan, Where, plan_layer
 from fiddler_batch.engine.prefetch import choose_prefetch, find_router, router_guess
 from fiddler_batch.spec import EngineSpec
 
-from .conftest import COST, PLANS, make_engine
+from .conftest import COST, PLANS, PROMPTS, generate, make_engine
 from .families import FAMILIES, build
 
-PROMPTS = torch.randint(0, 160, (2, 7), generator=torch.Generator().manual_seed(1))
 PREFETCHED_PLANS = ["planner-balanced", "planner-fiddler-rule", "mixed", "all-copied", "all-cpu"]
-
-
-def generate(model: nn.Module, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(PROMPTS, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
 
 
 def with_prefetch(reference: nn.Module, plan: str, experts: int = 2, slots: int = 4) -> tuple[nn.Module, Engine]:
     model, engine = make_engine(reference, plan, staging_slots=slots)
     engine.executor.prefetch_experts = experts
     return model, engine
-
-
-@pytest.fixture(scope="module")
-def reference(family_model):
-    with torch.no_grad():
-        logits = family_model(PROMPTS).logits
-    return family_model, logits, generate(family_model), generate(family_model, num_beams=3)
 
 
 @pytest.mark.parametrize("family_model", list(FAMILIES), indirect=True)
