@@ -173,8 +173,7 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
     per expert (the bound's first definition, which lets the CPU serve hundreds of tokens as fast as one)."""
     cost = CostModel.from_json(run["cost_model"])
     placement = run["placement"]
-    moe = run.get("moe") or _moe_from_counters(run)
-    layers, per_layer, top_k = moe["layers"], moe["experts_per_layer"], moe["top_k"]
+    layers, per_layer, top_k = (run["moe"][key] for key in ("layers", "experts_per_layer", "top_k"))
     expert = cost.meta["expert_bytes"]
     off_gpu = (placement["total_experts"] - placement["resident_experts"]) * expert
     requests = run["requests"]
@@ -212,18 +211,4 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
             "completion_tok_s": run["completion_tokens"] / optimistic_s,
             "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / optimistic_s),
         },
-    }
-
-
-def _moe_from_counters(run: dict[str, Any]) -> dict[str, int]:
-    """MoE geometry of a run recorded before runs carried it: layers from the run, experts per layer from
-    the placement, top-k from the tokens the experts were routed (every prompt and completion token but the
-    last of each request passes every MoE layer top_k times)."""
-    layers = run["layers"]
-    tokens = run["prompt_tokens"] + run["completion_tokens"] - run["requests"]
-    routed = run["engine_stats"]["tokens_routed"]
-    return {
-        "layers": layers,
-        "experts_per_layer": run["placement"]["total_experts"] // layers,
-        "top_k": max(1, round(routed / (tokens * layers))),
     }

@@ -366,11 +366,8 @@ class Suite:
             shortened["new tokens"] = f"{new} of {case.new}"
         # The warm-up is the timed call itself: after a 4-token one, the first engine baseline of a process ran its
         # first timed call at half the speed of the next ones, in every GPU session.
-        return (
-            lambda: generate_once(engine, ids, new, case.width),
-            lambda: generate_once(engine, ids, new, case.width),
-            lambda raw: generate_metrics(case, raw),
-        )
+        call = lambda: generate_once(engine, ids, new, case.width)  # noqa: E731
+        return call, call, lambda raw: generate_metrics(case, raw)
 
     def _requests(self, count: int, cap: int | None) -> Path:
         """The JSONL input of the first `count` requests of the mix (max_new_tokens capped at `cap`)."""

@@ -122,9 +122,7 @@ def run_one(
         "requests_per_s": summary.requests.completed / summary.time_s.generate,
         "steps": summary.steps,
         "batches": summary.batches,
-        "gpu_max_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        if torch.cuda.is_available()
-        else None,
+        "gpu_max_allocated_gb": _gpu_gb(),
         "placement": engine.placement.report if engine.placement else None,
         "engine_stats": summary.engine_stats,
         "latency_s": summary.latency_s.model_dump(),
