@@ -1,4 +1,4 @@
-"""The baselines: six ways of placing the one benchmark model under the same GPU budget.
+"""The baselines: the ways of placing the one benchmark model under the same GPU budget.
 
 - `accelerate`: transformers + accelerate, `device_map="auto"` with the GPU's `max_memory` capped (what most
   users would pick): whole decoder layers live on the GPU or in host memory, and offloaded layers are copied
@@ -9,8 +9,9 @@
   Algorithm 1: per expert the cheaper of CPU compute and copy + GPU compute, CPU and GPU work serialised).
 - `fiddler-batch`: the engine with the budget's resident experts and its default settings.
 - `fiddler-prefetch`, `fiddler-prefetch-1`: the same with `engine.prefetch_experts: 2` and `1` (the next
-  layer's guessed experts copied during the current one), so one run measures the prefetch against the
-  defaults; they run only when `--baselines` names them. Engine settings a baseline
+  layer's guessed experts copied during the current one), and `fiddler-nosplit`, the same with whole experts
+  only (`engine.split_experts: false`), so one run measures a lever against the defaults; they run only when
+  `--baselines` names them. Engine settings a baseline
   changes are its record's `engine` (bench/settings.py).
 
 Every baseline places the same model object in turn and gives it back in host memory: `accelerate` first,

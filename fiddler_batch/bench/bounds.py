@@ -31,7 +31,6 @@ from fiddler_batch.bench.settings import Case
 from fiddler_batch.engine import Engine
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.executor import IMPLEMENTATION
-from fiddler_batch.engine.planner import plan_layer
 
 ZERO_EXPERTS = "bench-zero"
 FORMULA = (
@@ -84,13 +83,13 @@ def expert_bound_s(calls: list[tuple[int, list[int]]], resident: list[list[bool]
 @contextmanager
 def recording_routing(engine: Engine) -> Iterator[list[tuple[int, list[int]]]]:
     """Record (MoE layer, tokens per expert) of every layer call; plans are the engine's own
-    (`plan_layer` with the executor's cost model and strategy)."""
+    (`HybridExecutor.own_plan`: its cost model, strategy, link backlog and splits)."""
     executor = engine.executor
     calls: list[tuple[int, list[int]]] = []
 
     def planner(layer: Any, counts: list[int]) -> Any:
         calls.append((layer.index, list(counts)))
-        return plan_layer(counts, layer.on_device(), executor.cost, executor.strategy)
+        return executor.own_plan(layer, counts)
 
     engine.set_planner(planner)
     try:

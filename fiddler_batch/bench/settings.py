@@ -81,6 +81,16 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
+            "fiddler-nosplit",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with whole experts only (engine.split_experts: false)",
+            engine={"split_experts": False},
+            by_default=False,
+        ),
+        Baseline(
             "fiddler-prefetch-1",
             "engine",
             None,

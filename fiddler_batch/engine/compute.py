@@ -35,3 +35,80 @@ def expert_forward(
     if layout.has_post_expert_norm:
         out = module.post_expert_norm(out)
     return out * routing_weights[:, None]
+
+
+# -- one expert split between two devices -------------------------------------------------------------------
+#
+# Each output element of a matrix product is one sum over the reduction dimension, so computing a range of
+# output units from the rows of the weight that produce them gives the same numbers as computing them all
+# and slicing (with ranges aligned to `SPLIT_ALIGN` units; the equivalence tests verify it). A split expert
+# uses that twice: its up projection by ranges of intermediate units, then (after the two devices exchange
+# their halves of the up projection's output) its down projection by ranges of output units. The gate runs on
+# the whole up output on each side, the same tensor the unsplit expert gates, so no assumption about the gate
+# is needed.
+
+SPLIT_ALIGN = 16
+"""Split points are multiples of this many units (intermediate and output)."""
+
+
+def split_points(layout: ExpertLayout, share: float) -> tuple[int, int] | None:
+    """(intermediate units, output units) the first device computes for `share` of an expert, each a multiple of
+    SPLIT_ALIGN and leaving the second device at least as many; None when the layout cannot be split."""
+    if not splittable_layout(layout):
+        return None
+
+    def cut(size: int) -> int:
+        units = round(share * size / SPLIT_ALIGN) * SPLIT_ALIGN
+        return min(max(units, SPLIT_ALIGN), size - SPLIT_ALIGN)
+
+    return cut(layout.intermediate), cut(layout.hidden)
+
+
+def splittable_layout(layout: ExpertLayout) -> bool:
+    """Row ranges of the weights are contiguous (not transposed), the output has no norm over all its units, and
+    both dimensions hold two aligned ranges."""
+    return (
+        not layout.is_transposed
+        and not layout.has_post_expert_norm
+        and layout.intermediate >= 2 * SPLIT_ALIGN
+        and layout.hidden >= 2 * SPLIT_ALIGN
+        and layout.intermediate % SPLIT_ALIGN == 0
+        and layout.hidden % SPLIT_ALIGN == 0
+    )
+
+
+def up_row_ranges(layout: ExpertLayout, start: int, stop: int) -> list[tuple[int, int]]:
+    """Rows of the up (or gate_up) weight that produce intermediate units [start, stop): the gate rows and the
+    up rows when the halves are concatenated, one range when they are interleaved or there is no gate."""
+    if not layout.has_gate:
+        return [(start, stop)]
+    if layout.is_concatenated:
+        i = layout.intermediate
+        return [(start, stop), (i + start, i + stop)]
+    return [(2 * start, 2 * stop)]
+
+
+def up_rows_into(
+    pre: torch.Tensor,
+    ranges: list[tuple[int, int]],
+    pieces: list[tuple[torch.Tensor, torch.Tensor | None]],
+    x: torch.Tensor,
+) -> None:
+    """Write the up projection's output columns `ranges` into `pre` [n, up rows], from `pieces`: (weight rows,
+    bias) per range."""
+    for (a, b), (w, bias) in zip(ranges, pieces):
+        pre[:, a:b] = _project(x, w, bias, False)
+
+
+def activate(module: nn.Module, layout: ExpertLayout, pre: torch.Tensor) -> torch.Tensor:
+    """The intermediate activations [n, I] from the whole up projection's output `pre`, as the expert computes
+    them."""
+    return module._apply_gate(pre) if layout.has_gate else module.act_fn(pre)
+
+
+def partial_down(
+    down_rows: torch.Tensor, down_bias: torch.Tensor | None, h: torch.Tensor, routing_weights: torch.Tensor
+) -> torch.Tensor:
+    """A range of output units from all intermediate activations `h` [n, I]: [n, units], scaled by the routing
+    weights."""
+    return _project(h, down_rows, down_bias, False) * routing_weights[:, None]

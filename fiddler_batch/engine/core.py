@@ -193,6 +193,7 @@ class Engine:
             cost,
             cpu_threads=torch.get_num_threads(),
             prefetch_experts=spec.prefetch_experts,
+            split_experts=spec.split_experts,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -318,6 +319,7 @@ class Engine:
         if self.executor is not None:
             info["cpu_threads"] = self.executor.cpu_threads
             info["prefetch_experts"] = self.executor.prefetch_experts
+            info["split_experts"] = self.executor.split_experts
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

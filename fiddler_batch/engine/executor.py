@@ -19,6 +19,13 @@ call the likeliest, in a larger one those the next layer's plan copies for the g
 plans a staged expert as resident and computes it from its slot, and plans its other copies behind the ones
 still in flight (`link_backlog_ms`). Staged slots are skipped by the ring that ordinary copies take, and
 released once the layer they were staged for has run.
+
+With `split_experts`, a plan may split one expert with few tokens (`Where.SPLIT`) so that the CPU and the link
+both work until the layer ends. The CPU computes the up projection for intermediate units [0, i) from its rows
+of the weight while the link copies the rest of those rows and the GPU computes units [i, I); the halves are
+exchanged (a few KB each way), each side gates the whole up output, and the CPU computes output units [0, h)
+from down-weight rows it reads in place while the GPU computes [h, H) from the copied rest. Every output number
+is the same sum as in the unsplit expert (`compute.split_points`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fiddler_batch.engine.compute import expert_forward
+from fiddler_batch.engine.compute import (
+    activate,
+    expert_forward,
+    partial_down,
+    split_points,
+    up_row_ranges,
+    up_rows_into,
+)
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.memory import PinnedBuffer
@@ -120,6 +134,8 @@ class Stats:
     prefetch_issued: int = 0  # experts copied ahead for the next layer
     prefetch_hits: int = 0  # of those, computed by the layer they were copied for
     bytes_prefetched: int = 0
+    experts_split: int = 0  # experts computed partly on the CPU and partly on the GPU (also counted nowhere else)
+    tokens_split: int = 0
     forward_s: float = 0.0  # host time inside the experts forward (includes waiting for routing)
     cpu_compute_s: float = 0.0  # host time in CPU experts
     route_wait_s: float = 0.0  # host time from entering the experts to having a plan (waits for the GPU)
@@ -169,6 +185,7 @@ class HybridExecutor:
         strategy: StrategyName = "balanced",
         cpu_threads: int = 1,
         prefetch_experts: int = 0,
+        split_experts: bool = True,
     ):
         self.device = device
         self.layers = layers
@@ -187,6 +204,10 @@ class HybridExecutor:
         self.outbound = PinnedBuffer(pin=self.cuda)  # CPU results back
         self.routing = PinnedBuffer(pin=self.cuda)
         self.prefetch_experts = prefetch_experts  # experts of the next layer copied ahead per call (0: off)
+        self.split_experts = split_experts  # plans may split one expert between the CPU and the GPU
+        self.split_in = PinnedBuffer(pin=self.cuda)  # a split expert's GPU activations, to the CPU
+        self.split_out = PinnedBuffer(pin=self.cuda)  # its CPU activations, to the GPU
+        self.split_result = PinnedBuffer(pin=self.cuda)  # its CPU output units, to the GPU
         self.prefetch_max_tokens: int | None = None  # overrides `prefetch_limit`'s rule (tests, experiments)
         self.predictor: Predictor | None = None
         self._staged_for: LayerState | None = None  # the layer whose experts prefetches hold slots for
@@ -197,6 +218,10 @@ class HybridExecutor:
     def plan(self, layer: LayerState, counts: list[int]) -> Plan:
         if self.planner is not None:
             return self.planner(layer, counts)
+        return self.own_plan(layer, counts)
+
+    def own_plan(self, layer: LayerState, counts: list[int]) -> Plan:
+        """The plan of the cost model and strategy, whatever planner overrides it."""
         resident = layer.on_device()
         if all(resident):
             where = tuple(Where.RESIDENT if n else Where.IDLE for n in counts)
@@ -207,7 +232,17 @@ class HybridExecutor:
                 "the hybrid executor has no cost model, and experts live off the fast device",
                 "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
             )
-        return plan_layer(counts, resident, self.cost, self.strategy, self.link_backlog_ms())
+        return plan_layer(counts, resident, self.cost, self.strategy, self.link_backlog_ms(), self.split_below(layer))
+
+    def split_below(self, layer: LayerState) -> int:
+        """Experts of `layer` with fewer tokens than this may be split (0: none): those below the cost model's
+        crossover, which the CPU and the link serve at comparable speed. Needs a layout that splits exactly
+        (`compute.splittable_layout`) and a staging slot beyond those prefetches hold."""
+        if not self.split_experts or self.cost is None or split_points(layer.layout, 0.5) is None:
+            return 0
+        if sum(not slot.held for slot in self.slots) < 2:
+            return 0
+        return self.prefetch_limit() + 1
 
     def link_backlog_ms(self) -> float:
         """How long the link is still busy with copies queued before this layer's: a staging slot whose copy has
@@ -228,11 +263,15 @@ class HybridExecutor:
                     f"the plan for MoE layer {layer.index} runs expert {e} as resident, but it is neither resident "
                     "nor staged by a prefetch"
                 )
-        if not layer.staged or not any(plan.where[e] == Where.COPY for e in layer.staged):
+        if not layer.staged or not any(plan.where[e] in (Where.COPY, Where.SPLIT) for e in layer.staged):
             return plan
-        where = tuple(Where.RESIDENT if w == Where.COPY and e in layer.staged else w for e, w in enumerate(plan.where))
+        where = tuple(
+            Where.RESIDENT if w in (Where.COPY, Where.SPLIT) and e in layer.staged else w
+            for e, w in enumerate(plan.where)
+        )
         copies = tuple(e for e in plan.copy_order if e not in layer.staged)
-        return Plan(where, copies, plan.overlap, plan.predicted_ms)
+        share = plan.split_share if Where.SPLIT in where else 0.0
+        return Plan(where, copies, plan.overlap, plan.predicted_ms, share)
 
     # -- prefetch -----------------------------------------------------------------------------------
 
@@ -386,7 +425,9 @@ class HybridExecutor:
         for e, n in enumerate(counted):
             layer.routed[e] += n
         if timeline:
-            timeline.records[-1]["plan"] = {w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY)}
+            timeline.records[-1]["plan"] = {
+                w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY, Where.SPLIT)
+            }
 
         bounds = [0] * (num_experts + 1)  # expert e owns sorted slots bounds[e]:bounds[e+1]
         for e, n in enumerate(counts):
@@ -395,7 +436,11 @@ class HybridExecutor:
         gathered = hidden[tokens]  # [K*T, H]
 
         cpu_experts = plan.experts(Where.CPU)
-        cpu_inputs = self._send_to_host(gathered, weights, cpu_experts, bounds) if cpu_experts else None
+        split = self._split_job(layer, plan, bounds)
+        host_experts = cpu_experts + ([split.expert] if split is not None else [])
+        cpu_inputs = self._send_to_host(gathered, weights, host_experts, bounds) if host_experts else None
+        if split is not None:
+            self._copy_split_up(layer, split)
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
             slot = layer.staged.get(e)
@@ -411,7 +456,11 @@ class HybridExecutor:
                 slot.released.record(torch.cuda.current_stream(self.device))
             stats.experts_resident += 1
             stats.tokens_resident += b - a
+        if split is not None:
+            self._split_up_on_device(layer, split, gathered)
         self._run_copied(layer, plan, gathered, weights, bounds, out)
+        if split is not None:
+            self._copy_split_down(layer, split)
         if self._staged_for is layer:
             self._release_staged()  # its computes are queued; a later copy into these slots waits for them
         if timeline:
@@ -421,7 +470,7 @@ class HybridExecutor:
         if cpu_inputs is not None:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
-            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out)
+            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, split, weights)
 
         result = torch.zeros_like(hidden)
         if top_k <= 2 or not self.cuda:
@@ -550,13 +599,22 @@ class HybridExecutor:
         bounds: list[int],
         inputs: tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None],
         out: torch.Tensor,
+        split: _SplitJob | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
+        """The CPU experts, and a split expert's CPU share, whose rows follow theirs in `inputs` (`weights`: the
+        routing weights of every sorted slot, on the fast device, for the split's GPU share)."""
         rows, row_weights, starts, ready = inputs
         if ready is not None:
             ready.synchronize()
         begin = time.perf_counter()
         if self.timeline:
             self.timeline.mark("cpu_start")
+        if split is not None:
+            s = starts[len(experts)]
+            n = split.stop - split.start
+            split_rows, split_weights = rows[s : s + n], row_weights[s : s + n]
+            self._split_up_on_cpu(layer, split, split_rows, out, weights)
         results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
@@ -569,6 +627,8 @@ class HybridExecutor:
                 results[s : s + n] = y
             self.stats.experts_cpu += 1
             self.stats.tokens_cpu += n
+        if split is not None:
+            self._split_down_on_cpu(layer, split, split_weights, out)
         self.stats.cpu_compute_s += time.perf_counter() - begin
         if self.timeline:
             self.timeline.mark("cpu_end")
@@ -577,12 +637,194 @@ class HybridExecutor:
                 n = bounds[e + 1] - bounds[e]
                 out[bounds[e] : bounds[e + 1]].copy_(results[s : s + n], non_blocking=True)
 
+    # -- a split expert -----------------------------------------------------------------------------
+    #
+    # Order of work for a split expert e with the CPU computing intermediate units [0, i) and output units
+    # [0, h) (see the module docstring):
+    #   link:  up rows of [i, I) -> slot (first, before the layer's whole copies); down rows [h, H) -> slot (last)
+    #   GPU:   up output of [i, I) once landed (after the resident experts), to the host
+    #   CPU:   up output of [0, i) (before its other experts), to the GPU, which gates the whole up output and
+    #          computes outputs [h, H); after its other experts, once the GPU's half is on the host: the same
+    #          gate, outputs [0, h), to the GPU
+    # The split's slot is held from its first copy until the GPU's last use of it is queued.
+
+    def _split_job(self, layer: LayerState, plan: Plan, bounds: list[int]) -> _SplitJob | None:
+        experts = plan.experts(Where.SPLIT)
+        if not experts:
+            return None
+        if not plan.overlap or len(experts) > 1:
+            raise RuntimeError(
+                f"the plan for MoE layer {layer.index} splits {experts} without overlap or more than one"
+            )
+        points = split_points(layer.layout, plan.split_share)
+        if points is None:
+            raise RuntimeError(f"the plan for MoE layer {layer.index} splits an expert whose layout cannot be split")
+        e = experts[0]
+        slot = self._take_slot()
+        slot.held = True
+        units, outputs = points
+        return _SplitJob(
+            e,
+            bounds[e],
+            bounds[e + 1],
+            outputs,
+            slot,
+            cpu_ranges=up_row_ranges(layer.layout, 0, units),
+            device_ranges=up_row_ranges(layer.layout, units, layer.layout.intermediate),
+        )
+
+    def _copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
+        """One host-to-device copy, on the stream the caller entered (plain without CUDA)."""
+        destination.copy_(source, non_blocking=self.cuda)
+        self.stats.bytes_copied += source.numel() * source.element_size()
+
+    def _up_width(self, layer: LayerState) -> int:
+        layout = layer.layout
+        return 2 * layout.intermediate if layout.has_gate else layout.intermediate
+
+    def _copy_split_up(self, layer: LayerState, job: _SplitJob) -> None:
+        """Queue the copy of the up rows of the GPU's units into the split's slot."""
+        slot = job.slot
+        source = layer.host_expert(job.expert)
+        up, bias = slot.weights["up"], slot.weights.get("up_bias")
+        stream = self.copy_stream
+        if stream is not None and slot.used:
+            stream.wait_event(slot.released)
+        offset = 0
+        with torch.cuda.stream(stream) if stream is not None else _no_stream():
+            for a, b in job.device_ranges:
+                rows = slice(offset, offset + b - a)
+                self._copy(up[rows], source["up"][a:b])
+                if bias is not None:
+                    self._copy(bias[rows], source["up_bias"][a:b])
+                job.device_pieces.append((up[rows], None if bias is None else bias[rows]))
+                offset += b - a
+        if stream is not None:
+            slot.landed.record(stream)
+            job.up_landed = slot.landed
+        slot.used = True
+
+    def _split_up_on_device(self, layer: LayerState, job: _SplitJob, gathered: torch.Tensor) -> None:
+        """Queue the GPU's columns of the up output and their copy to the host."""
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+        if main is not None and job.up_landed is not None:
+            main.wait_event(job.up_landed)
+        x = gathered[job.start : job.stop]
+        pre = torch.empty(x.shape[0], self._up_width(layer), dtype=x.dtype, device=x.device)
+        up_rows_into(pre, job.device_ranges, job.device_pieces, x)
+        job.device_pre = pre
+        if main is None:
+            job.host_pre = pre
+            return
+        host = self.split_in.get(tuple(pre.shape), pre.dtype)
+        host.copy_(pre, non_blocking=True)
+        job.host_pre = host
+        job.pre_ready = torch.cuda.Event()
+        job.pre_ready.record(main)
+
+    def _copy_split_down(self, layer: LayerState, job: _SplitJob) -> None:
+        """Queue the copy of the down rows of the GPU's output units into the split's slot (after the layer's
+        whole copies: they are needed last)."""
+        slot = job.slot
+        source = layer.host_expert(job.expert)
+        rows = layer.layout.hidden - job.outputs
+        stream = self.copy_stream
+        with torch.cuda.stream(stream) if stream is not None else _no_stream():
+            self._copy(slot.weights["down"][:rows], source["down"][job.outputs :])
+            if "down_bias" in slot.weights:
+                self._copy(slot.weights["down_bias"][:rows], source["down_bias"][job.outputs :])
+        if stream is not None:
+            job.down_landed = torch.cuda.Event()
+            job.down_landed.record(stream)
+
+    def _split_up_on_cpu(
+        self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, out: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """The CPU's columns of the up output; then queue the GPU's output units, which need them."""
+        source = layer.host_expert(job.expert)
+        pieces = [
+            (source["up"][a:b], source["up_bias"][a:b] if "up_bias" in source else None) for a, b in job.cpu_ranges
+        ]
+        pre = self.split_out.get((rows.shape[0], self._up_width(layer)), rows.dtype)
+        up_rows_into(pre, job.cpu_ranges, pieces, rows)
+        job.cpu_pre = pre
+        device_pre = job.device_pre
+        arrived = pre.to(device_pre.device, non_blocking=True) if self.cuda else pre  # one contiguous copy
+        for a, b in job.cpu_ranges:
+            device_pre[:, a:b] = arrived[:, a:b]
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+        if main is not None and job.down_landed is not None:
+            main.wait_event(job.down_landed)
+        slot = job.slot
+        rows_out = layer.layout.hidden - job.outputs
+        bias = slot.weights["down_bias"][:rows_out] if "down_bias" in slot.weights else None
+        h = activate(layer.module, layer.layout, device_pre)
+        a, b = job.start, job.stop
+        out[a:b, job.outputs :] = partial_down(slot.weights["down"][:rows_out], bias, h, weights[a:b])
+        if slot.released is not None:
+            slot.released.record(main)
+        slot.held = False
+
+    def _split_down_on_cpu(
+        self, layer: LayerState, job: _SplitJob, row_weights: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """The CPU's output units from the whole up output (the GPU's columns once they are on the host)."""
+        if job.pre_ready is not None:
+            job.pre_ready.synchronize()
+        pre = job.host_pre
+        if pre is not job.device_pre:  # with CUDA: fill in the CPU's own columns
+            for a, b in job.cpu_ranges:
+                pre[:, a:b] = job.cpu_pre[:, a:b]
+        source = layer.host_expert(job.expert)
+        bias = source["down_bias"][: job.outputs] if "down_bias" in source else None
+        y = partial_down(source["down"][: job.outputs], bias, activate(layer.module, layer.layout, pre), row_weights)
+        a, b = job.start, job.stop
+        if self.cuda:
+            staged = self.split_result.get(tuple(y.shape), y.dtype)
+            staged.copy_(y)
+            out[a:b, : job.outputs].copy_(staged, non_blocking=True)
+        else:
+            out[a:b, : job.outputs] = y
+        self.stats.experts_split += 1
+        self.stats.tokens_split += b - a
+
     @staticmethod
     def _sum_over_top_k(out: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
         """Deterministic on CUDA (index_add_ with repeated indices is not when top_k > 2)."""
         unsorted = torch.empty_like(out)
         unsorted[order] = out  # back to [K*T] in (top-k position, token) order
         return unsorted.view(top_k, num_tokens, -1).sum(dim=0)
+
+
+@dataclass
+class _SplitJob:
+    """One split expert in one layer call: its sorted slots [start, stop), the CPU's output units [0, outputs) and
+    columns of the up output, the GPU's the rest, and what the steps hand each other."""
+
+    expert: int
+    start: int
+    stop: int
+    outputs: int
+    slot: StagingSlot
+    cpu_ranges: list[tuple[int, int]]  # columns of the up output (rows of its weight) the CPU computes
+    device_ranges: list[tuple[int, int]]  # and the GPU
+    device_pieces: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # in the slot
+    up_landed: torch.cuda.Event | None = None
+    down_landed: torch.cuda.Event | None = None
+    pre_ready: torch.cuda.Event | None = None  # the GPU's columns of the up output are on the host
+    device_pre: torch.Tensor | None = None  # [n, up rows] the up output on the fast device
+    host_pre: torch.Tensor | None = None  # the same on the host (the device's tensor without CUDA)
+    cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
+
+
+class _no_stream:
+    """A context that does nothing (no CUDA stream to enter)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def fiddler_experts_forward(

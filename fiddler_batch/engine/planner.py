@@ -3,7 +3,13 @@
 A pure function of the per-expert token counts, which experts are resident on the fast device, and the
 calibrated cost model. Three resources can work at once: the CPU cores (CPU experts), the PCIe link
 (copies) and the GPU (resident and copied experts). The planner predicts each resource's busy time and
-chooses the assignment with the shortest layer time (makespan), or follows a fixed rule. `STRATEGIES` is the
+chooses the assignment with the shortest layer time (makespan), or follows a fixed rule.
+
+Whole experts leave the CPU and the link unevenly loaded when a step has few off-GPU experts: one expert with
+one token either waits for its whole copy or for the CPU to read all of it while the other resource idles.
+The balanced strategy may therefore split one expert with few tokens (`split_below`) between them: the CPU
+computes a share of its intermediate units and of its output units, the GPU the rest from a partial copy
+(`Where.SPLIT`, `Plan.split_share`; the executor's `_SplitJob` says how, exactly). `STRATEGIES` is the
 table of strategies; `spec.StrategyName` lists their names (a test keeps the two equal).
 """
 
@@ -24,6 +30,7 @@ class Where(enum.IntEnum):
     RESIDENT = 1  # its weights live on the fast device
     CPU = 2  # computed on the CPU from pinned host memory
     COPY = 3  # copied to a staging slot on the fast device, then computed there
+    SPLIT = 4  # a share computed on the CPU, the rest copied to a staging slot and computed there
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Plan:
     copy_order: tuple[int, ...]  # experts to copy, in the order the link serves them
     overlap: bool  # CPU, link and GPU work at the same time (False: one after the other)
     predicted_ms: float
+    split_share: float = 0.0  # the CPU's share of the SPLIT expert's weights (0 < share < 1); 0.0: none split
 
     def experts(self, kind: Where) -> list[int]:
         return [e for e, w in enumerate(self.where) if w == kind]
@@ -56,19 +64,33 @@ def predict_ms(
 
 
 def _span(
-    cpu: float, copied_counts: Sequence[int], gpu_resident: float, cost: CostModel, link_busy_ms: float = 0.0
+    cpu: float,
+    copied_counts: Sequence[int],
+    gpu_resident: float,
+    cost: CostModel,
+    link_busy_ms: float = 0.0,
+    split: tuple[int, float] | None = None,
 ) -> float:
     """Makespan with the three resources working at once. CPU compute and copies share host memory
     bandwidth, so each is slower while the other runs (the calibrated contention factors). The link starts
-    this layer's copies after `link_busy_ms` of copies already queued."""
-    both = bool(cpu) and bool(copied_counts)
+    this layer's copies after `link_busy_ms` of copies already queued. `split`: (tokens, CPU share) of a split
+    expert: the CPU does that share of its time, the link copies the rest, and the GPU computes the rest after
+    the link's last copy; the partial results cross the link twice more (one more `cpu_fixed_ms`)."""
+    both = (bool(cpu) and bool(copied_counts)) or split is not None
     copy_ms = cost.copy_ms * (cost.copy_contention if both else 1.0)
     # The GPU starts on resident experts; each copied expert runs once its copy has landed.
     gpu, link = gpu_resident, link_busy_ms
     for n in copied_counts:
         link += copy_ms
         gpu = max(gpu, link) + cost.gpu(n)
-    cpu_side = cpu * (cost.cpu_contention if both else 1.0) + (cost.cpu_fixed_ms if cpu else 0.0)
+    fixed = cost.cpu_fixed_ms if cpu or split is not None else 0.0
+    if split is not None:
+        n, share = split
+        cpu += share * cost.cpu(n)
+        link += (1.0 - share) * copy_ms
+        gpu = max(gpu, link) + (1.0 - share) * cost.gpu(n)
+        fixed += cost.cpu_fixed_ms
+    cpu_side = cpu * (cost.cpu_contention if both else 1.0) + fixed
     return max(cpu_side, gpu)
 
 
@@ -78,11 +100,14 @@ def plan_layer(
     cost: CostModel,
     strategy: StrategyName,
     link_busy_ms: float = 0.0,
+    split_below: int = 0,
 ) -> Plan:
     """Assign every expert with routed tokens to RESIDENT, CPU or COPY under `strategy`.
 
     counts[e]: tokens routed to expert e in this step; resident[e]: e's weights are on the fast device;
-    link_busy_ms: how long the link is still busy with copies queued before this layer's (prefetches).
+    link_busy_ms: how long the link is still busy with copies queued before this layer's (prefetches);
+    split_below: an off-GPU expert with fewer tokens than this may be split between the CPU and the GPU, when
+    the strategy splits and that shortens the predicted layer time by `SPLIT_MIN_GAIN` (0: never).
     """
     chosen = STRATEGIES.get(strategy)
     if chosen is None:
@@ -103,7 +128,51 @@ def plan_layer(
     for e in offloaded:
         where[e] = Where.COPY if e in copied else Where.CPU
     predicted = predict_ms(counts, where, to_copy, cost, chosen.overlap, link_busy_ms)
+    if chosen.splits and split_below > 0:
+        split = _best_split(counts, where, offloaded, cost, link_busy_ms, split_below)
+        if split is not None and split[0] < predicted * (1.0 - SPLIT_MIN_GAIN):
+            predicted, expert, share, copies = split
+            for e in offloaded:
+                where[e] = Where.COPY if e in copies else Where.CPU
+            where[expert] = Where.SPLIT
+            return Plan(tuple(where), tuple(copies), True, predicted, share)
     return Plan(tuple(where), tuple(to_copy), chosen.overlap, predicted)
+
+
+SPLIT_SHARES = tuple(i / 16 for i in range(1, 16))
+"""The CPU shares of a split expert the planner weighs."""
+
+SPLIT_MIN_GAIN = 0.03
+"""A split is planned only when it shortens the predicted layer time by at least this fraction."""
+
+
+def _best_split(
+    counts: Sequence[int],
+    where: list[Where],
+    offloaded: list[int],
+    cost: CostModel,
+    link_busy_ms: float,
+    split_below: int,
+) -> tuple[float, int, float, list[int]] | None:
+    """The best plan that splits one expert: (predicted ms, expert, CPU share, experts copied whole).
+
+    As for whole experts, copies go to the experts with the most tokens: the split expert is the boundary
+    between those copied (before it in `offloaded`) and those left to the CPU (after it).
+    """
+    gpu_resident = sum(cost.gpu(counts[e]) for e, w in enumerate(where) if w == Where.RESIDENT)
+    best: tuple[float, int, float, list[int]] | None = None
+    for k, expert in enumerate(offloaded):
+        n = counts[expert]
+        if n >= split_below:
+            continue
+        copies = offloaded[:k]
+        cpu = sum(cost.cpu(counts[e]) for e in offloaded[k + 1 :])
+        copied_counts = [counts[e] for e in copies]
+        for share in SPLIT_SHARES:
+            total = _span(cpu, copied_counts, gpu_resident, cost, link_busy_ms, (n, share))
+            if best is None or total < best[0]:
+                best = (total, expert, share, copies)
+    return best
 
 
 def _balanced_copies(
@@ -148,10 +217,12 @@ class Strategy:
     overlap: bool
     """CPU, link and GPU work at the same time (False: GPU work, then CPU work, as the paper's code does)."""
     copies: CopyChoice
+    splits: bool = False
+    """May split one expert between the CPU and the GPU (see `plan_layer`'s split_below)."""
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "balanced": Strategy("balanced", True, _balanced_copies),
+    "balanced": Strategy("balanced", True, _balanced_copies, splits=True),
     "fiddler-rule": Strategy("fiddler-rule", False, _rule_copies),
     "cpu": Strategy("cpu", True, lambda counts, where, offloaded, cost, busy: []),
     "copy": Strategy("copy", True, lambda counts, where, offloaded, cost, busy: list(offloaded)),

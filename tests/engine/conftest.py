@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fiddler_batch.engine import Engine
+from fiddler_batch.engine.compute import split_points
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.planner import Plan, Where
 from fiddler_batch.spec import EngineSpec
@@ -47,6 +48,31 @@ def forced(rule: Callable[[int, int], Where]) -> Callable:
     return planner
 
 
+def forced_split(share: float) -> Callable:
+    """A planner that splits the first non-resident expert with tokens of every layer call (CPU share `share`,
+    then 1 - share, by layer) where the layer's layout splits, and alternates the others between the CPU and
+    copies."""
+
+    def planner(layer, counts: list[int]) -> Plan:
+        where = []
+        split = split_points(layer.layout, share) is not None
+        for e, n in enumerate(counts):
+            if not n:
+                where.append(Where.IDLE)
+            elif layer.resident_row[e] >= 0 or e in layer.staged:
+                where.append(Where.RESIDENT)
+            elif split:
+                where.append(Where.SPLIT)
+                split = False
+            else:
+                where.append(Where.CPU if (layer.index + e) % 2 else Where.COPY)
+        copies = tuple(e for e, w in enumerate(where) if w == Where.COPY)
+        layer_share = share if layer.index % 2 == 0 else 1.0 - share
+        return Plan(tuple(where), copies, True, 0.0, layer_share if Where.SPLIT in where else 0.0)
+
+    return planner
+
+
 PLANS = {
     "all-cpu": ("cpu-forced", 0.0, forced(lambda layer, e: Where.CPU)),
     "all-copied": ("copy-forced", 0.0, forced(lambda layer, e: Where.COPY)),
@@ -54,6 +80,7 @@ PLANS = {
     "mixed": ("mixed-forced", 0.25, forced(lambda layer, e: Where.CPU if (layer + e) % 2 else Where.COPY)),
     "planner-balanced": ("balanced", 0.25, None),
     "planner-fiddler-rule": ("fiddler-rule", 0.25, None),
+    "split": ("split-forced", 0.25, forced_split(0.25)),
 }
 
 

@@ -57,7 +57,10 @@ def test_stats_count_every_routed_expert_once(mixtral):
     layers = len(engine.executor.layers)
     assert stats["layer_calls"] == layers
     assert stats["tokens_routed"] == layers * PROMPTS.numel() * 2  # top-2
-    assert stats["tokens_cpu"] + stats["tokens_copied"] + stats["tokens_resident"] == stats["tokens_routed"]
+    assert (
+        stats["tokens_cpu"] + stats["tokens_copied"] + stats["tokens_resident"] + stats["tokens_split"]
+        == stats["tokens_routed"]
+    )
     layout = engine.executor.layers[0].layout
     assert stats["bytes_copied"] == stats["experts_copied"] * layout.expert_bytes(engine.executor.layers[0].module)
     engine.reset_stats()

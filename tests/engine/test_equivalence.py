@@ -6,10 +6,16 @@ staging slot, resident experts) runs the same arithmetic as the reference and th
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from .conftest import PLANS, PROMPTS, generate, make_engine
+from fiddler_batch.engine import Engine
+from fiddler_batch.engine.planner import Plan, Where
+from fiddler_batch.spec import EngineSpec
+
+from .conftest import COST, PLANS, PROMPTS, generate, make_engine
 from .families import FAMILIES
 
 
@@ -26,6 +32,13 @@ def test_tokens_match_reference(reference, plan):
 
     stats = engine.stats()
     paths = {"cpu": stats["experts_cpu"], "copied": stats["experts_copied"], "resident": stats["experts_resident"]}
+    if plan in ("split", "planner-balanced"):
+        # Every family but the transposed layout (gpt-oss) splits (the balanced planner too, under COST's CPU of
+        # 1 ms against a copy of 3 ms): gpt-oss's experts go whole to the CPU or a copy.
+        assert (stats["experts_split"] > 0) == (model.config.model_type != "gpt_oss")
+        assert stats["tokens_split"] >= stats["experts_split"]
+    else:
+        assert stats["experts_split"] == 0
     expected = {
         "all-cpu": {"cpu"},
         "all-copied": {"copied"},
@@ -33,6 +46,7 @@ def test_tokens_match_reference(reference, plan):
         "mixed": {"cpu", "copied", "resident"},
         "planner-balanced": {"cpu", "copied", "resident"},
         "planner-fiddler-rule": {"cpu", "copied", "resident"},
+        "split": {"cpu", "copied", "resident"},
     }[plan]
     assert {path for path, count in paths.items() if count} == expected
 
@@ -47,3 +61,48 @@ def test_one_staging_slot_reused_within_a_layer(reference):
     assert torch.equal(generate(model), ref_greedy)
     assert len(engine.executor.slots) == 1
     assert engine.stats()["experts_copied"] > engine.stats()["layer_calls"]  # several per layer
+
+
+@pytest.mark.parametrize("family_model", ["qwen3_moe"], indirect=True)
+def test_splitting_off_or_without_a_spare_slot_keeps_experts_whole(reference):
+    ref_model, ref_logits, ref_greedy, ref_beam = reference
+    for spec in ({"split_experts": False}, {"staging_slots": 1}):
+        model = copy.deepcopy(ref_model)
+        engine = Engine.from_model(model, EngineSpec(device="cpu", resident_share=0.25, **spec), cost=COST)
+        engine.set_strategy("balanced")
+        with torch.no_grad():
+            assert torch.equal(model(PROMPTS).logits, ref_logits)
+        assert torch.equal(generate(model, num_beams=3), ref_beam)
+        stats = engine.stats()
+        assert stats["experts_split"] == 0 and stats["experts_cpu"] > 0, spec
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
+    """Two staging slots: the split holds one, so every whole copy of the layer reuses the other."""
+    ref_model, ref_logits, ref_greedy, _ = reference
+    model, engine = make_engine(ref_model, "split", staging_slots=2)
+    engine.set_planner(forced_split_then_copies)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    assert torch.equal(generate(model), ref_greedy)
+    stats = engine.stats()
+    assert stats["experts_split"] == stats["layer_calls"]
+    assert stats["experts_copied"] > stats["layer_calls"]  # several whole copies per layer besides the split
+
+
+def forced_split_then_copies(layer, counts):
+    """Split the first off-GPU expert with tokens (CPU share 1/2), copy every other one."""
+    where, split = [], True
+    for e, n in enumerate(counts):
+        if not n:
+            where.append(Where.IDLE)
+        elif layer.resident_row[e] >= 0:
+            where.append(Where.RESIDENT)
+        elif split:
+            where.append(Where.SPLIT)
+            split = False
+        else:
+            where.append(Where.COPY)
+    copies = tuple(e for e, w in enumerate(where) if w == Where.COPY)
+    return Plan(tuple(where), copies, True, 0.0, 0.5)

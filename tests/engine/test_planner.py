@@ -123,3 +123,59 @@ def test_balanced_is_within_one_gpu_tail_of_exhaustive_search():
 def test_unknown_strategy_is_rejected():
     with pytest.raises(ValueError, match="unknown strategy"):
         plan_layer([1], [False], COST, "fastest")
+
+
+S = Where.SPLIT
+
+
+def test_balanced_splits_a_lone_expert_between_the_cpu_and_the_link():
+    # Whole, a 1-token expert costs 4 ms on the CPU or 5.2 ms copied. Split, the CPU does a share f (4f ms) while
+    # the link copies the rest (5(1 - f)) and the GPU computes it (0.2(1 - f)): f = 9/16 gives 2.275 ms.
+    whole = plan_layer([1], [False], COST, "balanced")
+    assert whole.where == (C,) and whole.predicted_ms == pytest.approx(4.0)
+    plan = plan_layer([1], [False], COST, "balanced", split_below=16)
+    assert plan.where == (S,) and plan.copy_order == ()
+    assert plan.split_share == pytest.approx(9 / 16)
+    assert plan.predicted_ms == pytest.approx(max(4.0 * 9 / 16, 5.2 * 7 / 16))
+
+
+def test_a_split_takes_a_share_of_one_expert_beside_whole_ones():
+    # Two 1-token experts: whole, one on the CPU and one copied (5.2 ms). Splitting one and leaving the other to
+    # the CPU balances the two sides closer: the CPU does 4 + 4f, the link 5(1 - f).
+    plan = plan_layer([1, 1], [False, False], COST, "balanced", split_below=16)
+    assert sorted(plan.where) == sorted([C, S])
+    assert plan.predicted_ms < 5.2 * 0.97
+    share = plan.split_share
+    assert plan.predicted_ms == pytest.approx(max(4.0 + 4.0 * share, 5.2 * (1 - share)))
+
+
+def test_no_split_at_or_above_split_below_nor_under_other_strategies():
+    assert S not in plan_layer([20], [False], COST, "balanced", split_below=16).where
+    assert S not in plan_layer([16, 16], [False, False], COST, "balanced", split_below=16).where
+    for strategy in ("cpu", "copy", "fiddler-rule"):
+        plan = plan_layer([1, 1, 2], [False] * 3, COST, strategy, split_below=1000)
+        assert S not in plan.where and plan.split_share == 0.0
+    # A gain under SPLIT_MIN_GAIN is not worth the extra transfers: a link that is busy for longer than the
+    # CPU needs for the whole expert leaves nothing to split.
+    plan = plan_layer([1], [False], COST, "balanced", link_busy_ms=20.0, split_below=16)
+    assert plan.where == (C,)
+
+
+def test_splitting_is_never_predicted_slower_than_whole_experts():
+    rng = random.Random(11)
+    for _ in range(300):
+        experts = rng.randint(1, 10)
+        counts = [rng.choice([0, 1, 1, 2, 4, 9, 20, 70]) for _ in range(experts)]
+        resident = [rng.random() < 0.3 for _ in range(experts)]
+        busy = rng.choice([0.0, 0.0, 3.0])
+        whole = plan_layer(counts, resident, COST, "balanced", link_busy_ms=busy)
+        split = plan_layer(counts, resident, COST, "balanced", link_busy_ms=busy, split_below=16)
+        assert split.predicted_ms <= whole.predicted_ms + 1e-9
+        assert list(split.where).count(S) <= 1
+        if S in split.where:
+            assert 0.0 < split.split_share < 1.0
+            assert counts[split.where.index(S)] < 16
+            assert split.predicted_ms < whole.predicted_ms * 0.97
+            assert set(split.copy_order) == {e for e, w in enumerate(split.where) if w == P}
+        else:
+            assert split == whole

@@ -37,7 +37,7 @@ from .tiny import VOCAB, build_tiny, config_class
 PROMPT = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
 NEW_TOKENS = 4
 FORCED_PLAN = "mixed"
-PLANS = (FORCED_PLAN, "planner-balanced")
+PLANS = (FORCED_PLAN, "planner-balanced", "split")
 REFUSAL_HINT = "hybrid: false"
 EXPERT_COUNT_KEYS = (
     "num_local_experts",
@@ -202,6 +202,8 @@ def check_plan(reference: nn.Module, expected: tuple[torch.Tensor, torch.Tensor]
         return "defect", "some MoE layers never reached the engine's executor: they ran whole", {}
     stats = engine.stats()
     paths = {"cpu": stats["experts_cpu"], "copied": stats["experts_copied"], "resident": stats["experts_resident"]}
+    if stats["experts_split"]:
+        paths["split"] = stats["experts_split"]
     if not torch.equal(logits, expected[0]):
         diff = (logits - expected[0]).abs().max().item()
         return "defect", f"logits differ from the eager reference under plan {plan} (max abs diff {diff:.3g})", paths
