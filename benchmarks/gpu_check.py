@@ -3,9 +3,11 @@
     python benchmarks/gpu_check.py
 
 A 4-layer model of Mixtral's shape at a smaller width, float32 (TF32 off), 25% of experts resident:
-for each strategy (balanced, fiddler-rule, cpu, copy) and with 1 and 4 staging slots (one slot makes every
-copied expert of a layer reuse the same buffer, which exposes a missing stream dependency), the logits'
-relative error and whether greedy and beam-search tokens equal the reference. Then, in bf16, the 8-layer
+for each strategy (balanced, fiddler-rule, cpu, copy) and a forced plan that splits one expert per layer
+call between the CPU and the GPU (`split-forced`), with 1 and 4 staging slots (one slot makes every copied
+expert of a layer reuse the same buffer, which exposes a missing stream dependency; a split needs two, so with
+one the forced plan keeps experts whole), the logits' relative error and whether greedy and beam-search tokens
+equal the reference. Then, in bf16, the 8-layer
 Mixtral-8x7B-geometry slice at 25% resident (balanced) against the whole model on the GPU: bf16 results
 differ with the order of operations, so the yardstick is how far transformers' own two experts
 implementations (eager loop and grouped_mm) are from each other on the same prompt. Exits 1 on a mismatch.
@@ -20,6 +22,8 @@ import torch
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.engine import Engine
+from fiddler_batch.engine.compute import split_points
+from fiddler_batch.engine.planner import Plan, Where
 from fiddler_batch.spec import EngineSpec
 
 GEOMETRY = dict(
@@ -105,6 +109,30 @@ def check_continuous(model: torch.nn.Module, reference: list[list[int]], prompts
     return equal == len(prompts)
 
 
+def split_forced(executor):
+    """A planner: the first off-GPU expert with tokens of every call split (CPU share 1/2, when a second staging
+    slot is free), the others alternately on the CPU and copied."""
+
+    def planner(layer, counts: list[int]) -> Plan:
+        free = sum(not slot.held for slot in executor.slots) >= 2
+        split = free and split_points(layer.layout, 0.5) is not None
+        where = []
+        for e, n in enumerate(counts):
+            if not n:
+                where.append(Where.IDLE)
+            elif layer.resident_row[e] >= 0:
+                where.append(Where.RESIDENT)
+            elif split:
+                where.append(Where.SPLIT)
+                split = False
+            else:
+                where.append(Where.CPU if e % 2 else Where.COPY)
+        copies = tuple(e for e, w in enumerate(where) if w == Where.COPY)
+        return Plan(tuple(where), copies, True, 0.0, 0.5 if Where.SPLIT in where else 0.0)
+
+    return planner
+
+
 def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build_model(layers=4, seed=3, geometry=GEOMETRY, dtype=torch.float32)
@@ -114,12 +142,16 @@ def main() -> int:
     ref_logits, ref_greedy, ref_beam = outputs(model, ids)
     model.to("cpu")
     failures = 0
-    print(f"{'slots':>5} {'strategy':<13} {'rel err':>9} greedy beam   cpu copied resident")
+    print(f"{'slots':>5} {'strategy':<13} {'rel err':>9} greedy beam   cpu copied resident split")
     for slots in (1, 4):
         engine = Engine.from_model(model, EngineSpec(resident_share=0.25, staging_slots=slots))
         engine.set_cost_model(cost_model_for(engine, engine.spec))
-        for strategy in ("balanced", "fiddler-rule", "cpu", "copy"):
-            engine.set_strategy(strategy)
+        for strategy in ("balanced", "fiddler-rule", "cpu", "copy", "split-forced"):
+            if strategy == "split-forced":
+                engine.set_strategy("balanced")
+                engine.set_planner(split_forced(engine.executor))
+            else:
+                engine.set_strategy(strategy)
             engine.reset_stats()
             logits, greedy, beam = outputs(model, ids)
             rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
@@ -128,8 +160,9 @@ def main() -> int:
             s = engine.stats()
             print(
                 f"{slots:>5} {strategy:<13} {rel:>9.2e} {str(same[0]):<6} {str(same[1]):<6}"
-                f"{s['experts_cpu']:>4} {s['experts_copied']:>6} {s['experts_resident']:>8}"
+                f"{s['experts_cpu']:>4} {s['experts_copied']:>6} {s['experts_resident']:>8} {s['experts_split']:>5}"
             )
+        engine.set_planner(None)
         engine.close(release_host=False)  # the pinned experts serve the next placement
         model.to("cpu")
     lengths = [5, 40, 17, 90, 3, 64, 28, 11]
