@@ -152,6 +152,12 @@ def test_sizes() -> None:
     assert sizes["d"] == (Case("d", requests=300),)
     assert parse_sizes(("full",), {}) == PROTOCOL_SIZES
     assert parse_sizes(("b=all",), {})["b"] == PROTOCOL_SIZES["b"]
+    # The grid benchmarks/PROTOCOL.md lists (the paper's): a 4 x 4, b four prompts, c four widths.
+    assert {(c.prompt, c.new) for c in PROTOCOL_SIZES["a"]} == {
+        (p, n) for p in (32, 64, 128, 256) for n in (64, 128, 256, 512)
+    }
+    assert [c.prompt for c in PROTOCOL_SIZES["b"]] == [512, 1024, 2048, 4096]
+    assert [c.width for c in PROTOCOL_SIZES["c"]] == [4, 8, 12, 16]
     for bad in ("a=32", "b=0", "e=1", "c"):
         with pytest.raises(ValueError):
             parse_sizes((bad,), {})

@@ -154,9 +154,9 @@ class Mix:
 BEAM_PROMPT, BEAM_NEW = 32, 64
 
 PROTOCOL_SIZES: dict[str, tuple[Case, ...]] = {
-    "a": tuple(Case("a", prompt=p, new=n) for p in (32, 128, 256) for n in (64, 128, 256)),
+    "a": tuple(Case("a", prompt=p, new=n) for p in (32, 64, 128, 256) for n in (64, 128, 256, 512)),
     "b": tuple(Case("b", prompt=p) for p in (512, 1024, 2048, 4096)),
-    "c": tuple(Case("c", prompt=BEAM_PROMPT, new=BEAM_NEW, width=w) for w in (4, 8, 16)),
+    "c": tuple(Case("c", prompt=BEAM_PROMPT, new=BEAM_NEW, width=w) for w in (4, 8, 12, 16)),
     "d": (Case("d", requests=256),),
 }
 """Every size benchmarks/PROTOCOL.md lists (`--sizes full`)."""
