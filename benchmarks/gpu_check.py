@@ -146,8 +146,11 @@ def main() -> int:
     for slots in (1, 4):
         engine = Engine.from_model(model, EngineSpec(resident_share=0.25, staging_slots=slots))
         engine.set_cost_model(cost_model_for(engine, engine.spec))
-        for strategy in ("balanced", "fiddler-rule", "cpu", "copy", "split-forced"):
-            if strategy == "split-forced":
+        for strategy in ("balanced", "fiddler-rule", "cpu", "copy", "balanced-split", "split-forced"):
+            engine.executor.split_experts = strategy == "balanced-split"
+            if strategy == "balanced-split":
+                engine.set_strategy("balanced")
+            elif strategy == "split-forced":
                 engine.set_strategy("balanced")
                 engine.set_planner(split_forced(engine.executor))
             else:

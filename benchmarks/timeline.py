@@ -1,6 +1,6 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
-    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--no-split]
+    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--split]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident, turns on the executor's trace and prints, for the
 last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
@@ -28,12 +28,12 @@ def main() -> None:
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prefetch", type=int, default=0, help="engine.prefetch_experts")
-    parser.add_argument("--no-split", action="store_true", help="engine.split_experts: false")
+    parser.add_argument("--split", action="store_true", help="engine.split_experts: true")
     args = parser.parse_args()
     model = build_model(layers=8, seed=0)
     prompt = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
     engine = Engine.from_model(
-        model, EngineSpec(resident_share=0.25, prefetch_experts=args.prefetch, split_experts=not args.no_split)
+        model, EngineSpec(resident_share=0.25, prefetch_experts=args.prefetch, split_experts=args.split)
     )
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy(args.strategy)

@@ -542,11 +542,12 @@ class EngineSpec(BaseModel):
     model's crossover (decode, beam search) the guessed experts with the most tokens are copied; in larger steps
     (prefill, throughput batches) those that the next layer's plan copies for the guessed counts, so that they
     travel while this layer's CPU experts and the next layer's attention run. 0 turns it off."""
-    split_experts: bool = True
-    """Let a layer split one off-GPU expert with few tokens between the CPU and the GPU when that shortens the
-    layer (balanced strategy only): the CPU computes a share of its units from host memory while the rest is
-    copied and computed on the GPU, so that neither waits for the other in decode and beam-search steps. Every
-    output number is the same as unsplit. false: whole experts only."""
+    split_experts: bool = False
+    """Let a layer split one off-GPU expert with few tokens between the CPU and the GPU when the cost model
+    predicts a shorter layer (balanced strategy only): the CPU computes a share of its units from host memory
+    while the rest is copied and computed on the GPU. Every output number is the same as unsplit. Off by
+    default: on an H200 host it gained nothing in single-request decode and cost 9% in beam search
+    (benchmarks/NOTES.md)."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)

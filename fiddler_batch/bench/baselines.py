@@ -9,9 +9,9 @@
   Algorithm 1: per expert the cheaper of CPU compute and copy + GPU compute, CPU and GPU work serialised).
 - `fiddler-batch`: the engine with the budget's resident experts and its default settings.
 - `fiddler-prefetch`, `fiddler-prefetch-1`: the same with `engine.prefetch_experts: 2` and `1` (the next
-  layer's guessed experts copied during the current one), and `fiddler-nosplit`, the same with whole experts
-  only (`engine.split_experts: false`), so one run measures a lever against the defaults; they run only when
-  `--baselines` names them. Engine settings a baseline
+  layer's guessed experts copied during the current one), and `fiddler-split`, the same with one expert per
+  layer split between the CPU and the GPU where that pays (`engine.split_experts: true`), so one run measures
+  a lever against the defaults; they run only when `--baselines` names them. Engine settings a baseline
   changes are its record's `engine` (bench/settings.py).
 
 Every baseline places the same model object in turn and gives it back in host memory: `accelerate` first,

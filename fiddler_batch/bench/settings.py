@@ -81,13 +81,14 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
-            "fiddler-nosplit",
+            "fiddler-split",
             "engine",
             None,
             True,
             False,
-            "fiddler-batch's defaults with whole experts only (engine.split_experts: false)",
-            engine={"split_experts": False},
+            "fiddler-batch's defaults with one expert per layer split between the CPU and the GPU where the cost "
+            "model predicts a gain (engine.split_experts: true)",
+            engine={"split_experts": True},
             by_default=False,
         ),
         Baseline(

@@ -185,7 +185,7 @@ class HybridExecutor:
         strategy: StrategyName = "balanced",
         cpu_threads: int = 1,
         prefetch_experts: int = 0,
-        split_experts: bool = True,
+        split_experts: bool = False,
     ):
         self.device = device
         self.layers = layers

@@ -81,6 +81,7 @@ PLANS = {
     "planner-balanced": ("balanced", 0.25, None),
     "planner-fiddler-rule": ("fiddler-rule", 0.25, None),
     "split": ("split-forced", 0.25, forced_split(0.25)),
+    "planner-balanced-split": ("balanced-split", 0.25, None),
 }
 
 
@@ -88,13 +89,13 @@ def make_engine(reference: torch.nn.Module, plan: str, staging_slots: int = 2) -
     """A copy of `reference` placed by the engine on the CPU (the fast device), running `plan`."""
     strategy, share, planner = PLANS[plan]
     model = copy.deepcopy(reference)
-    engine = Engine.from_model(
-        model, EngineSpec(device="cpu", resident_share=share, staging_slots=staging_slots), cost=COST
-    )
+    split = strategy == "balanced-split"  # the balanced planner with engine.split_experts on
+    spec = EngineSpec(device="cpu", resident_share=share, staging_slots=staging_slots, split_experts=split)
+    engine = Engine.from_model(model, spec, cost=COST)
     if planner is not None:
         engine.set_planner(planner)
-    elif strategy in ("balanced", "fiddler-rule"):
-        engine.set_strategy(strategy)
+    elif strategy in ("balanced", "fiddler-rule", "balanced-split"):
+        engine.set_strategy(strategy.removesuffix("-split"))
     return model, engine
 
 

@@ -37,7 +37,7 @@ from .tiny import VOCAB, build_tiny, config_class
 PROMPT = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
 NEW_TOKENS = 4
 FORCED_PLAN = "mixed"
-PLANS = (FORCED_PLAN, "planner-balanced", "split")
+PLANS = (FORCED_PLAN, "planner-balanced", "split", "planner-balanced-split")
 REFUSAL_HINT = "hybrid: false"
 EXPERT_COUNT_KEYS = (
     "num_local_experts",
