@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -134,7 +135,7 @@ class Stats:
     prefetch_issued: int = 0  # experts copied ahead for the next layer
     prefetch_hits: int = 0  # of those, computed by the layer they were copied for
     bytes_prefetched: int = 0
-    experts_split: int = 0  # experts computed partly on the CPU and partly on the GPU (also counted nowhere else)
+    experts_split: int = 0  # experts computed partly on the CPU, partly on the GPU (in no other experts_* count)
     tokens_split: int = 0
     forward_s: float = 0.0  # host time inside the experts forward (includes waiting for routing)
     cpu_compute_s: float = 0.0  # host time in CPU experts
@@ -205,8 +206,8 @@ class HybridExecutor:
         self.routing = PinnedBuffer(pin=self.cuda)
         self.prefetch_experts = prefetch_experts  # experts of the next layer copied ahead per call (0: off)
         self.split_experts = split_experts  # plans may split one expert between the CPU and the GPU
-        self.split_in = PinnedBuffer(pin=self.cuda)  # a split expert's GPU activations, to the CPU
-        self.split_out = PinnedBuffer(pin=self.cuda)  # its CPU activations, to the GPU
+        self.split_in = PinnedBuffer(pin=self.cuda)  # a split expert's up output from the GPU, to the CPU
+        self.split_out = PinnedBuffer(pin=self.cuda)  # its CPU columns of the up output, to the GPU
         self.split_result = PinnedBuffer(pin=self.cuda)  # its CPU output units, to the GPU
         self.prefetch_max_tokens: int | None = None  # overrides `prefetch_limit`'s rule (tests, experiments)
         self.predictor: Predictor | None = None
@@ -691,7 +692,7 @@ class HybridExecutor:
         if stream is not None and slot.used:
             stream.wait_event(slot.released)
         offset = 0
-        with torch.cuda.stream(stream) if stream is not None else _no_stream():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for a, b in job.device_ranges:
                 rows = slice(offset, offset + b - a)
                 self._copy(up[rows], source["up"][a:b])
@@ -729,7 +730,7 @@ class HybridExecutor:
         source = layer.host_expert(job.expert)
         rows = layer.layout.hidden - job.outputs
         stream = self.copy_stream
-        with torch.cuda.stream(stream) if stream is not None else _no_stream():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             self._copy(slot.weights["down"][:rows], source["down"][job.outputs :])
             if "down_bias" in slot.weights:
                 self._copy(slot.weights["down_bias"][:rows], source["down_bias"][job.outputs :])
@@ -815,16 +816,6 @@ class _SplitJob:
     device_pre: torch.Tensor | None = None  # [n, up rows] the up output on the fast device
     host_pre: torch.Tensor | None = None  # the same on the host (the device's tensor without CUDA)
     cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
-
-
-class _no_stream:
-    """A context that does nothing (no CUDA stream to enter)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def fiddler_experts_forward(
