@@ -102,7 +102,8 @@ def plan_layer(
     link_busy_ms: float = 0.0,
     split_below: int = 0,
 ) -> Plan:
-    """Assign every expert with routed tokens to RESIDENT, CPU or COPY under `strategy`.
+    """Assign every expert with routed tokens to RESIDENT, CPU or COPY (and at most one to SPLIT) under
+    `strategy`.
 
     counts[e]: tokens routed to expert e in this step; resident[e]: e's weights are on the fast device;
     link_busy_ms: how long the link is still busy with copies queued before this layer's (prefetches);
@@ -135,7 +136,7 @@ def plan_layer(
             for e in offloaded:
                 where[e] = Where.COPY if e in copies else Where.CPU
             where[expert] = Where.SPLIT
-            return Plan(tuple(where), tuple(copies), True, predicted, share)
+            return Plan(tuple(where), tuple(copies), chosen.overlap, predicted, share)
     return Plan(tuple(where), tuple(to_copy), chosen.overlap, predicted)
 
 
