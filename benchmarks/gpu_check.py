@@ -3,11 +3,11 @@
     python benchmarks/gpu_check.py
 
 A 4-layer model of Mixtral's shape at a smaller width, float32 (TF32 off), 25% of experts resident:
-for each strategy (balanced, fiddler-rule, cpu, copy) and a forced plan that splits one expert per layer
-call between the CPU and the GPU (`split-forced`), with 1 and 4 staging slots (one slot makes every copied
-expert of a layer reuse the same buffer, which exposes a missing stream dependency; a split needs two, so with
-one the forced plan keeps experts whole), the logits' relative error and whether greedy and beam-search tokens
-equal the reference. Then, in bf16, the 8-layer
+for each strategy (balanced, fiddler-rule, cpu, copy), the balanced planner with splits on (`balanced-split`)
+and a forced plan that splits one expert per layer call between the CPU and the GPU (`split-forced`), with 1
+and 4 staging slots (one slot makes every copied expert of a layer reuse the same buffer, which exposes a
+missing stream dependency; a split needs two, so with one the plans keep experts whole), the logits' relative
+error and whether greedy and beam-search tokens equal the reference. Then, in bf16, the 8-layer
 Mixtral-8x7B-geometry slice at 25% resident (balanced) against the whole model on the GPU: bf16 results
 differ with the order of operations, so the yardstick is how far transformers' own two experts
 implementations (eager loop and grouped_mm) are from each other on the same prompt. Exits 1 on a mismatch.

@@ -3,9 +3,9 @@
 For each config type transformers maps to a causal LM, decide whether its model has experts; for each one
 that does, build a tiny random model (tests/engine/tiny.py) and check that the engine either drives it
 exactly (logits and greedy tokens equal to transformers' eager experts loop, under a forced plan that uses
-CPU, copied and resident experts and under the cost-model planner) or refuses it with the way out
-(`engine.hybrid: false`). Anything else is a defect: a crash, or a model with experts that the engine runs
-whole without a word.
+CPU, copied and resident experts, a forced plan that splits one expert per layer call, and the cost-model
+planner with and without splits) or refuses it with the way out (`engine.hybrid: false`). Anything else is a
+defect: a crash, or a model with experts that the engine runs whole without a word.
 
 The walk decides "has experts" on its own (the modeling file uses the experts interface, the config routes
 to several experts, or the built model holds modules named *experts), not with the engine's detection, so
