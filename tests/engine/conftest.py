@@ -48,10 +48,15 @@ def forced(rule: Callable[[int, int], Where]) -> Callable:
     return planner
 
 
-def forced_split(share: float) -> Callable:
+def alternate(layer: int, e: int) -> Where:
+    """CPU or COPY by the parity of layer + expert."""
+    return Where.CPU if (layer + e) % 2 else Where.COPY
+
+
+def forced_split(share: float, rule: Callable[[int, int], Where] = alternate) -> Callable:
     """A planner that splits the first non-resident expert with tokens of every layer call (CPU share `share`,
-    then 1 - share, by layer) where the layer's layout splits, and alternates the others between the CPU and
-    copies."""
+    then 1 - share, by layer) where the layer's layout splits, and sends the others where rule(layer, expert)
+    says (by default alternately to the CPU and copies)."""
 
     def planner(layer, counts: list[int]) -> Plan:
         where = []
@@ -65,7 +70,7 @@ def forced_split(share: float) -> Callable:
                 where.append(Where.SPLIT)
                 split = False
             else:
-                where.append(Where.CPU if (layer.index + e) % 2 else Where.COPY)
+                where.append(rule(layer.index, e))
         copies = tuple(e for e, w in enumerate(where) if w == Where.COPY)
         layer_share = share if layer.index % 2 == 0 else 1.0 - share
         return Plan(tuple(where), copies, True, 0.0, layer_share if Where.SPLIT in where else 0.0)
@@ -77,7 +82,7 @@ PLANS = {
     "all-cpu": ("cpu-forced", 0.0, forced(lambda layer, e: Where.CPU)),
     "all-copied": ("copy-forced", 0.0, forced(lambda layer, e: Where.COPY)),
     "all-resident": ("resident", 1.0, None),
-    "mixed": ("mixed-forced", 0.25, forced(lambda layer, e: Where.CPU if (layer + e) % 2 else Where.COPY)),
+    "mixed": ("mixed-forced", 0.25, forced(alternate)),
     "planner-balanced": ("balanced", 0.25, None),
     "planner-fiddler-rule": ("fiddler-rule", 0.25, None),
     "split": ("split-forced", 0.25, forced_split(0.25)),

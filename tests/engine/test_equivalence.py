@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from fiddler_batch.engine import Engine
-from fiddler_batch.engine.planner import Plan, Where
+from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec
 
-from .conftest import COST, PLANS, PROMPTS, generate, make_engine
+from .conftest import COST, PLANS, PROMPTS, forced_split, generate, make_engine
 from .families import FAMILIES
 
 
@@ -83,27 +83,10 @@ def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
     """Two staging slots: the split holds one, so every whole copy of the layer reuses the other."""
     ref_model, ref_logits, ref_greedy, _ = reference
     model, engine = make_engine(ref_model, "split", staging_slots=2)
-    engine.set_planner(forced_split_then_copies)
+    engine.set_planner(forced_split(0.5, rule=lambda layer, e: Where.COPY))  # every other expert copied
     with torch.no_grad():
         assert torch.equal(model(PROMPTS).logits, ref_logits)
     assert torch.equal(generate(model), ref_greedy)
     stats = engine.stats()
     assert stats["experts_split"] == stats["layer_calls"]
     assert stats["experts_copied"] > stats["layer_calls"]  # several whole copies per layer besides the split
-
-
-def forced_split_then_copies(layer, counts):
-    """Split the first off-GPU expert with tokens (CPU share 1/2), copy every other one."""
-    where, split = [], True
-    for e, n in enumerate(counts):
-        if not n:
-            where.append(Where.IDLE)
-        elif layer.resident_row[e] >= 0:
-            where.append(Where.RESIDENT)
-        elif split:
-            where.append(Where.SPLIT)
-            split = False
-        else:
-            where.append(Where.COPY)
-    copies = tuple(e for e, w in enumerate(where) if w == Where.COPY)
-    return Plan(tuple(where), copies, True, 0.0, 0.5)
