@@ -92,6 +92,17 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
+            "fiddler-inline",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with the CPU experts computed on the thread that drives the GPU, which "
+            "queues the rest of the step only after them (engine.cpu_worker: false)",
+            engine={"cpu_worker": False},
+            by_default=False,
+        ),
+        Baseline(
             "fiddler-prefetch-1",
             "engine",
             None,

@@ -43,6 +43,7 @@ from fiddler_batch.bench.scenarios import (
     write_requests,
 )
 from fiddler_batch.bench.settings import BASELINE_TABLE, BASELINES, OURS, Case, Settings
+from fiddler_batch.engine.core import PROCESS_THREADS
 from fiddler_batch.spec import MIN_KV_CACHE_TOKENS
 
 GEOMETRIES = {"mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
@@ -117,12 +118,13 @@ class Suite:
         self.session["popularity"] = {"how": "resident experts spread evenly over the layers (no profile)"}
         if self.cost is not None:
             self._record_cost()
-        threads = torch.get_num_threads()  # engines with cpu_threads set change it for the process
+        threads = torch.get_num_threads()  # engines change it for the process: each baseline starts from it
         try:
             with tempfile.TemporaryDirectory(prefix="fiddler-bench-") as tmp:
                 self.tmp = Path(tmp)
                 for name in BASELINES:
                     if name in s.baselines:
+                        torch.set_num_threads(threads)
                         self.run_baseline(name)
         finally:
             torch.set_num_threads(threads)
@@ -204,8 +206,9 @@ class Suite:
             popularity=self.popularity,
         )
         if self.cost is None:
+            # With every core (or --cpu-threads), whatever the engine computes with: the bound is the hardware's.
             with self.clock.part("calibrate (full ladder)"):
-                self.cost = calibrate_on(placed.engine)
+                self.cost = calibrate_on(placed.engine, s.cpu_threads or PROCESS_THREADS)
             placed.info.update(placed.engine.describe())
             self._record_cost()
         return placed

@@ -35,6 +35,20 @@ from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchKind, EngineSpec, Strat
 
 log = logging.getLogger("fiddler_batch.engine")
 
+PROCESS_THREADS = torch.get_num_threads()
+"""PyTorch's intra-op threads when the engine was imported: the physical cores, or OMP_NUM_THREADS."""
+
+
+def cpu_expert_threads(spec: EngineSpec, device: torch.device, worker: bool | None = None) -> int:
+    """Threads for CPU experts: `cpu_threads` when set; with a GPU and the CPU worker (`worker`: whether it
+    runs; default: as asked), the process's default less one core for the thread that drives the GPU while the
+    worker computes; else PyTorch's current setting."""
+    if spec.cpu_threads:
+        return spec.cpu_threads
+    if (spec.cpu_worker if worker is None else worker) and device.type == "cuda":
+        return max(1, PROCESS_THREADS - 1)
+    return torch.get_num_threads()
+
 
 class WeightSource(Protocol):
     """Where `Engine.from_weights` reads a skeleton's weights from (`checkpoint.Binding`, in practice)."""
@@ -84,6 +98,7 @@ class Engine:
         self.kv_cache_tokens: int | None = None
         """Tokens of KV cache the placement left room for (None: not planned, e.g. on the CPU)."""
         self._previous_experts: str | None = None
+        self._join_hook: Any = None
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -184,17 +199,18 @@ class Engine:
         placement: Placement,
         cost: CostModel | None,
     ) -> Engine:
-        if spec.cpu_threads:
-            torch.set_num_threads(spec.cpu_threads)
         executor = HybridExecutor(
             device,
             layers,
             placement.staging_slots,
             cost,
-            cpu_threads=torch.get_num_threads(),
             prefetch_experts=spec.prefetch_experts,
             split_experts=spec.split_experts,
+            cpu_worker=spec.cpu_worker,
         )
+        executor.cpu_threads = cpu_expert_threads(spec, device, executor.cpu_worker)
+        if executor.cpu_threads != torch.get_num_threads():
+            torch.set_num_threads(executor.cpu_threads)
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
             layer.module._fiddler_layer = layer
@@ -210,6 +226,8 @@ class Engine:
         engine = cls(model, tokenizer, device, spec, executor, placement)
         engine.kv_cache_tokens = placement.report.get("kv_cache_tokens")
         engine._previous_experts = previous
+        # A forward pass returns once its last layer's CPU experts are done (and raises their error).
+        engine._join_hook = model.register_forward_hook(lambda module, args, output: executor.join())
         return engine
 
     # -- the cost model -----------------------------------------------------------------------------
@@ -225,9 +243,10 @@ class Engine:
         if self.executor is not None:
             self.executor.cost = cost
 
-    def measure_cost_model(self, quick: bool = False) -> CostModel:
+    def measure_cost_model(self, quick: bool = False, threads: int | None = None) -> CostModel:
         """Measure the cost model on this machine with the model's own weights (an expert of the first MoE
-        layer that has a host copy) and install it."""
+        layer that has a host copy) and install it. `threads`: CPU threads to measure with (default: the
+        executor's)."""
         if self.executor is None:
             raise EngineError(
                 "model.path", "this model has no experts to calibrate: it runs whole on one device", "nothing to do"
@@ -236,7 +255,7 @@ class Engine:
         e = next((e for e, row in enumerate(layer.host_row) if row >= 0), None)
         host = layer.host_expert(e) if e is not None else None
         cost = measure_cost_model(
-            layer.layout, layer.module, self.device, self.executor.cpu_threads, quick=quick, host=host
+            layer.layout, layer.module, self.device, threads or self.executor.cpu_threads, quick=quick, host=host
         )
         self.executor.cost = cost
         return cost
@@ -299,6 +318,10 @@ class Engine:
         is unusable after. With release_host=False the model can be placed again by another engine
         (the benchmark compares several placements of one model) without pinning its experts again."""
         if self.executor is not None:
+            self.executor.close()
+            if self._join_hook is not None:
+                self._join_hook.remove()
+                self._join_hook = None
             for layer in self.executor.layers:
                 for tensor in layer.host.values():
                     if release_host:
@@ -320,6 +343,7 @@ class Engine:
             info["cpu_threads"] = self.executor.cpu_threads
             info["prefetch_experts"] = self.executor.prefetch_experts
             info["split_experts"] = self.executor.split_experts
+            info["cpu_worker"] = self.executor.cpu_worker
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

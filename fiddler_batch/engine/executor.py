@@ -26,12 +26,22 @@ of the weight while the link copies the rest of those rows and the GPU computes 
 exchanged (a few KB each way), each side gates the whole up output, and the CPU computes output units [0, h)
 from down-weight rows it reads in place while the GPU computes [h, H) from the copied rest. Every output number
 is the same sum as in the unsplit expert (`compute.split_points`).
+
+With `cpu_worker`, a layer's CPU experts run on a worker thread. On CUDA the main thread queues the layer's GPU
+work, then a wait on the worker's flag (`hostwait.StreamGate`) and the copy of the CPU results behind it, and
+returns at once: the layer's sum, the next layer's attention, norms and router are queued while the CPU
+computes, and the GPU runs them as soon as the results land. The host waits only at the next layer's routing
+(after joining the worker, which re-raises its errors there or when the model's forward returns). Without
+CUDA the main thread computes the layer's other experts while the worker computes the CPU ones, then joins it.
+Plans that split an expert, and the paper's serial order (`plan.overlap` false), keep the CPU experts on the
+calling thread.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -47,6 +57,7 @@ from fiddler_batch.engine.compute import (
     up_rows_into,
 )
 from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.hostwait import StreamGate
 from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
@@ -165,7 +176,11 @@ class Timeline:
         self.records.append({"layer": layer, "tokens": tokens, "host": {}, "gpu": {}})
         self.mark("enter")
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str, record: dict | None = None) -> None:
+        """Time `name` in the latest call's record; with `record` (the CPU worker's call), its host time only."""
+        if record is not None:
+            record["host"][name] = time.perf_counter()
+            return
         record = self.records[-1]
         record["host"][name] = time.perf_counter()
         if self.cuda:
@@ -187,6 +202,7 @@ class HybridExecutor:
         cpu_threads: int = 1,
         prefetch_experts: int = 0,
         split_experts: bool = False,
+        cpu_worker: bool = False,
     ):
         self.device = device
         self.layers = layers
@@ -213,6 +229,11 @@ class HybridExecutor:
         self.predictor: Predictor | None = None
         self._staged_for: LayerState | None = None  # the layer whose experts prefetches hold slots for
         self._limit: tuple[CostModel | None, int] = (None, 0)  # prefetch_limit's value for a cost model
+        self.gate = StreamGate.open(device) if cpu_worker and self.cuda else None
+        self.cpu_worker = cpu_worker and (self.gate is not None or not self.cuda)
+        """CPU experts run on a worker thread (asked for, and on CUDA the driver can wait on host memory)."""
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None  # the worker's latest job, until joined
 
     # -- planning ---------------------------------------------------------------------------------
 
@@ -440,6 +461,9 @@ class HybridExecutor:
         split = self._split_job(layer, plan, bounds)
         host_experts = cpu_experts + ([split.expert] if split is not None else [])
         cpu_inputs = self._send_to_host(gathered, weights, host_experts, bounds) if host_experts else None
+        job = None
+        if cpu_inputs is not None and split is None and plan.overlap and self.cpu_worker:
+            job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out)
         if split is not None:
             self._copy_split_up(layer, split)
         for e in plan.experts(Where.RESIDENT):
@@ -468,10 +492,15 @@ class HybridExecutor:
             timeline.mark("gpu_queued")
         if predicted is not None:
             self.prefetch(target, self._prefetch_choice(target, predicted, num_tokens))
-        if cpu_inputs is not None:
+        if job is not None:
+            self._finish_cpu(job, bounds, out)
+        elif cpu_inputs is not None:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
-            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, split, weights)
+            results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
+            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, results, split, weights)
+            if results is not None:
+                self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
 
         result = torch.zeros_like(hidden)
         if top_k <= 2 or not self.cuda:
@@ -504,10 +533,12 @@ class HybridExecutor:
         if guess is not None:
             counts = torch.cat([counts, guess.to(device=counts.device, dtype=counts.dtype)])
         if not self.cuda:
+            self.join()
             values = counts.tolist()
         else:
             host = self.routing.get(tuple(counts.shape), counts.dtype)
             host.copy_(counts, non_blocking=True)
+            self.join()  # the stream waits for the worker's results: wait for it here rather than spin below
             torch.cuda.current_stream(self.device).synchronize()
             values = host.tolist()
         return values[:num_experts], (values[num_experts:] if guess is not None else None)
@@ -600,23 +631,25 @@ class HybridExecutor:
         bounds: list[int],
         inputs: tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None],
         out: torch.Tensor,
+        results: torch.Tensor | None,
         split: _SplitJob | None = None,
         weights: torch.Tensor | None = None,
+        record: dict | None = None,
     ) -> None:
-        """The CPU experts, and a split expert's CPU share, whose rows follow theirs in `inputs` (`weights`: the
-        routing weights of every sorted slot, on the fast device, for the split's GPU share)."""
+        """The CPU experts into `results` (rows as in `inputs`; None: straight into `out`), and a split expert's
+        CPU share, whose rows follow theirs in `inputs` (`weights`: the routing weights of every sorted slot, on
+        the fast device, for the split's GPU share). `record`: the timeline record of a call the worker serves."""
         rows, row_weights, starts, ready = inputs
         if ready is not None:
             ready.synchronize()
         begin = time.perf_counter()
         if self.timeline:
-            self.timeline.mark("cpu_start")
+            self.timeline.mark("cpu_start", record)
         if split is not None:
             s = starts[len(experts)]
             n = split.stop - split.start
             split_rows, split_weights = rows[s : s + n], row_weights[s : s + n]
             self._split_up_on_cpu(layer, split, split_rows, out, weights)
-        results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
             y = expert_forward(
@@ -632,11 +665,79 @@ class HybridExecutor:
             self._split_down_on_cpu(layer, split, split_weights, out)
         self.stats.cpu_compute_s += time.perf_counter() - begin
         if self.timeline:
-            self.timeline.mark("cpu_end")
-        if results is not None:
-            for e, s in zip(experts, starts):
-                n = bounds[e + 1] - bounds[e]
-                out[bounds[e] : bounds[e + 1]].copy_(results[s : s + n], non_blocking=True)
+            self.timeline.mark("cpu_end", record)
+
+    def _results_to_device(
+        self, experts: list[int], bounds: list[int], starts: list[int], results: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Queue the copy of the CPU experts' results into their rows of `out`."""
+        for e, s in zip(experts, starts):
+            n = bounds[e + 1] - bounds[e]
+            out[bounds[e] : bounds[e + 1]].copy_(results[s : s + n], non_blocking=True)
+
+    # -- the CPU worker -----------------------------------------------------------------------------
+
+    def _start_cpu(
+        self,
+        layer: LayerState,
+        experts: list[int],
+        bounds: list[int],
+        inputs: tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None],
+        out: torch.Tensor,
+    ) -> _CpuJob:
+        """Hand the CPU experts to the worker thread; it releases the gate when done, whatever happens."""
+        rows = inputs[0]
+        results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
+        record = self.timeline.records[-1] if self.timeline else None
+        gate = self.gate
+        release = gate.arm() if gate is not None else 0
+
+        inference = torch.is_inference_mode_enabled()  # grad and inference modes are per thread: the caller's
+
+        def work() -> None:
+            try:
+                with torch.inference_mode(inference), torch.no_grad():
+                    self._compute_on_cpu(layer, experts, bounds, inputs, out, results, record=record)
+            finally:
+                if gate is not None:
+                    gate.release(release)
+
+        if self._worker is None:
+            # The thread's own OpenMP and MKL thread counts (MKL's is per thread, and a BLAS call alone does not
+            # set it: the split of a sum over threads, and so its last bits, would differ from the main thread's).
+            self._worker = ThreadPoolExecutor(
+                1,
+                thread_name_prefix="fiddler-cpu-experts",
+                initializer=torch.set_num_threads,
+                initargs=(self.cpu_threads,),
+            )
+        self.join()
+        self._pending = self._worker.submit(work)
+        return _CpuJob(experts, inputs[2], results, release)
+
+    def _finish_cpu(self, job: _CpuJob, bounds: list[int], out: torch.Tensor) -> None:
+        """On CUDA: queue the wait for the worker and the copy of its results, and return (the host joins the
+        worker at the next routing). Without CUDA: join it, its results are in `out`."""
+        if self.gate is None:
+            self.join()
+            return
+        self.gate.hold(torch.cuda.current_stream(self.device), job.release)
+        self._results_to_device(job.experts, bounds, job.starts, job.results, out)
+
+    def join(self) -> None:
+        """Wait for the worker's latest job; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Join and stop the worker thread."""
+        try:
+            self.join()
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
 
     # -- a split expert -----------------------------------------------------------------------------
     #
@@ -795,6 +896,17 @@ class HybridExecutor:
         unsorted = torch.empty_like(out)
         unsorted[order] = out  # back to [K*T] in (top-k position, token) order
         return unsorted.view(top_k, num_tokens, -1).sum(dim=0)
+
+
+@dataclass
+class _CpuJob:
+    """A layer call's CPU experts on the worker thread: their rows' offsets in the inputs, the pinned buffer the
+    worker writes their results into (None without CUDA: it writes `out`), and the gate value it releases."""
+
+    experts: list[int]
+    starts: list[int]
+    results: torch.Tensor | None
+    release: int
 
 
 @dataclass

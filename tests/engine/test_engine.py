@@ -169,3 +169,45 @@ def test_engine_without_calibration_measures_one_and_caches_it(mixtral):
     assert first.executor.cost is not None and first.executor.cost.meta["quick"] and not first.needs_cost_model
     second = Engine.from_model(copy.deepcopy(mixtral), spec)
     assert cost_model_for(second, spec) == first.executor.cost  # read back from the cache, not measured again
+
+
+def test_an_error_in_the_cpu_worker_is_raised_by_the_forward_pass(mixtral, monkeypatch):
+    """The worker's error comes out of the model's forward (its results were never used), the worker is joined,
+    and the next forward runs again."""
+    import threading
+
+    from fiddler_batch.engine import executor as executor_mod
+
+    model, engine = make_engine(mixtral, "all-cpu")
+    real = executor_mod.expert_forward
+
+    def failing(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            raise MemoryError("no memory for the CPU expert")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(executor_mod, "expert_forward", failing)
+    with torch.no_grad(), pytest.raises(MemoryError, match="no memory for the CPU expert"):
+        model(PROMPTS)
+    assert engine.executor._pending is None
+    monkeypatch.setattr(executor_mod, "expert_forward", real)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, mixtral(PROMPTS).logits)
+    assert engine.stats()["experts_cpu"] > 0
+
+
+def test_cpu_expert_threads_leave_a_core_to_the_thread_that_drives_the_gpu():
+    from fiddler_batch.engine.core import PROCESS_THREADS, cpu_expert_threads
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert cpu_expert_threads(EngineSpec(cpu_threads=5), cuda) == 5
+    assert cpu_expert_threads(EngineSpec(), cuda) == max(1, PROCESS_THREADS - 1)
+    assert cpu_expert_threads(EngineSpec(), cuda, worker=False) == torch.get_num_threads()
+    assert cpu_expert_threads(EngineSpec(cpu_worker=False), cuda) == torch.get_num_threads()
+    assert cpu_expert_threads(EngineSpec(), cpu) == torch.get_num_threads()
+
+
+def test_no_stream_gate_without_cuda():
+    from fiddler_batch.engine.hostwait import StreamGate
+
+    assert StreamGate.open(torch.device("cpu")) is None

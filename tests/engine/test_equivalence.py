@@ -15,7 +15,7 @@ from fiddler_batch.engine import Engine
 from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec
 
-from .conftest import COST, PLANS, PROMPTS, forced_split, generate, make_engine
+from .conftest import COST, PLANS, PROMPTS, alternate, forced, forced_split, generate, make_engine
 from .families import FAMILIES
 
 
@@ -90,3 +90,23 @@ def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
     stats = engine.stats()
     assert stats["experts_split"] == stats["layer_calls"]
     assert stats["experts_copied"] > stats["layer_calls"]  # several whole copies per layer besides the split
+
+
+@pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
+def test_cpu_experts_on_the_calling_thread_or_the_worker_give_the_same_tokens(reference):
+    """engine.cpu_worker (on by default, and in every test above) and off: the reference's numbers both ways."""
+    ref_model, ref_logits, ref_greedy, ref_beam = reference
+    for worker in (True, False):
+        model = copy.deepcopy(ref_model)
+        spec = EngineSpec(device="cpu", resident_share=0.25, staging_slots=2, cpu_worker=worker)
+        engine = Engine.from_model(model, spec, cost=COST)
+        engine.set_planner(forced(alternate))
+        with torch.no_grad():
+            assert torch.equal(model(PROMPTS).logits, ref_logits)
+        assert torch.equal(generate(model), ref_greedy)
+        assert torch.equal(generate(model, num_beams=3), ref_beam)
+        assert engine.stats()["experts_cpu"] > 0
+        assert engine.executor.cpu_worker is worker
+        assert (engine.executor._worker is not None) is worker  # the worker thread computed them
+        engine.close()
+        assert engine.executor is None
