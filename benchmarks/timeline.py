@@ -29,14 +29,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prefetch", type=int, default=0, help="engine.prefetch_experts")
     parser.add_argument("--split", action="store_true", help="engine.split_experts: true")
-    parser.add_argument("--inline", action="store_true", help="engine.cpu_worker: false")
+    parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
     args = parser.parse_args()
     model = build_model(layers=8, seed=0)
     prompt = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
     engine = Engine.from_model(
         model,
         EngineSpec(
-            resident_share=0.25, prefetch_experts=args.prefetch, split_experts=args.split, cpu_worker=not args.inline
+            resident_share=0.25, prefetch_experts=args.prefetch, split_experts=args.split, cpu_worker=args.worker
         ),
     )
     engine.set_cost_model(cost_model_for(engine, engine.spec))

@@ -130,7 +130,7 @@ def estimate(spec: JobSpec, config: Any, batches: list[Batch]) -> tuple[float | 
     import torch
 
     from fiddler_batch.assets import calibration_path, load_cost_model
-    from fiddler_batch.engine.core import _place, cpu_expert_threads, resolve_device
+    from fiddler_batch.engine.core import _place, resolve_device
     from fiddler_batch.engine.layout import check_supported, read_layout
 
     model = _weightless_model(config, None if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype))
@@ -141,7 +141,7 @@ def estimate(spec: JobSpec, config: Any, batches: list[Batch]) -> tuple[float | 
         return None, "the model has no experts for the hybrid engine (it runs whole on one device)"
     layouts = [read_layout(module) for _, module in found]
     device = resolve_device(spec.engine.device)
-    threads = cpu_expert_threads(spec.engine, device)
+    threads = spec.engine.cpu_threads or torch.get_num_threads()
     path = (
         Path(spec.engine.calibration)
         if spec.engine.calibration

@@ -548,15 +548,16 @@ class EngineSpec(BaseModel):
     while the rest is copied and computed on the GPU. Every output number is the same as unsplit. Off by
     default: on an H200 host it gained nothing in single-request decode and cost 9% in beam search
     (benchmarks/NOTES.md)."""
-    cpu_worker: bool = True
+    cpu_worker: bool = False
     """Compute a layer's CPU experts on a worker thread while the main thread queues the rest of the step on
-    the GPU (the layer's sum, the next layer's attention and router), behind a wait that the worker releases;
-    the host's launch time then overlaps the CPU experts instead of following them. Needs a CUDA driver that can
-    make a stream wait on host memory (CUDA 11.7 or later); elsewhere, and when false, the CPU experts run on the
-    calling thread. Tokens are the same either way."""
+    the GPU (the layer's sum, the next layer's attention and router) behind a wait that the worker releases, so
+    that the host's launch time overlaps the CPU experts instead of following them. Needs a CUDA driver that can
+    make a stream wait on host memory (CUDA 11.7 or later); elsewhere the CPU experts run on the calling thread.
+    Tokens are the same either way. Off by default: on an H200 host the CPU experts ran 10-25% slower on the
+    worker thread, which cancelled the overlap (single-request decode within 3% either way,
+    benchmarks/NOTES.md)."""
     cpu_threads: int | None = Field(None, ge=1)
-    """Threads for experts computed on the CPU. Default: the physical cores, less one with a GPU and
-    cpu_worker (the core of the thread that drives the GPU meanwhile)."""
+    """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)
     """Execution strategy for each kind of batch."""
     calibration: Path | None = None

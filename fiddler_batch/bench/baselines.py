@@ -10,10 +10,10 @@
 - `fiddler-batch`: the engine with the budget's resident experts and its default settings.
 - `fiddler-prefetch`, `fiddler-prefetch-1`: the same with `engine.prefetch_experts: 2` and `1` (the next
   layer's guessed experts copied during the current one), and `fiddler-split`, the same with one expert per
-  layer split between the CPU and the GPU where that pays (`engine.split_experts: true`), and `fiddler-inline`,
-  the same with the CPU experts on the thread that drives the GPU (`engine.cpu_worker: false`), so one run
-  measures a lever against the defaults; they run only when `--baselines` names them. Engine settings a
-  baseline changes are its record's `engine` (bench/settings.py).
+  layer split between the CPU and the GPU where that pays (`engine.split_experts: true`), so one run measures
+  a lever against the defaults, and `fiddler-worker`, the same with the CPU experts on a worker thread
+  (`engine.cpu_worker: true`); they run only when `--baselines` names them. Engine settings a baseline
+  changes are its record's `engine` (bench/settings.py).
 
 Every baseline places the same model object in turn and gives it back in host memory: `accelerate` first,
 on the freshly built model (its offloaded layers are copied from ordinary pageable memory, as they would be
@@ -182,13 +182,11 @@ def place_engine(
     return Placed(name, engine, info, lambda: engine.close(release_host=False))
 
 
-def calibrate_on(engine: Engine, threads: int) -> CostModel:
-    """A full calibration on the engine's own pinned experts (its first MoE layer's first host expert) with
-    `threads` CPU threads, installed in the engine and returned for the other baselines (and kept in this
-    machine's calibration cache when the engine runs its CPU experts with as many)."""
+def calibrate_on(engine: Engine) -> CostModel:
+    """A full calibration on the engine's own pinned experts (its first MoE layer's first host expert),
+    installed in the engine (and in this machine's calibration cache) and returned for the other baselines."""
     from fiddler_batch.assets import cost_cache_path, save_cost_model
 
-    cost = engine.measure_cost_model(threads=threads)
-    if threads == engine.executor.cpu_threads:
-        save_cost_model(cost, cost_cache_path(engine), engine)
+    cost = engine.measure_cost_model()
+    save_cost_model(cost, cost_cache_path(engine), engine)
     return cost

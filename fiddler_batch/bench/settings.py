@@ -92,14 +92,14 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
-            "fiddler-inline",
+            "fiddler-worker",
             "engine",
             None,
             True,
             False,
-            "fiddler-batch's defaults with the CPU experts computed on the thread that drives the GPU, which "
-            "queues the rest of the step only after them (engine.cpu_worker: false)",
-            engine={"cpu_worker": False},
+            "fiddler-batch's defaults with the CPU experts on a worker thread while the main thread queues the "
+            "rest of the step behind a stream wait for them (engine.cpu_worker: true)",
+            engine={"cpu_worker": True},
             by_default=False,
         ),
         Baseline(

@@ -43,7 +43,6 @@ from fiddler_batch.bench.scenarios import (
     write_requests,
 )
 from fiddler_batch.bench.settings import BASELINE_TABLE, BASELINES, OURS, Case, Settings
-from fiddler_batch.engine.core import PROCESS_THREADS
 from fiddler_batch.spec import MIN_KV_CACHE_TOKENS
 
 GEOMETRIES = {"mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
@@ -206,9 +205,8 @@ class Suite:
             popularity=self.popularity,
         )
         if self.cost is None:
-            # With every core (or --cpu-threads), whatever the engine computes with: the bound is the hardware's.
             with self.clock.part("calibrate (full ladder)"):
-                self.cost = calibrate_on(placed.engine, s.cpu_threads or PROCESS_THREADS)
+                self.cost = calibrate_on(placed.engine)
             placed.info.update(placed.engine.describe())
             self._record_cost()
         return placed

@@ -35,20 +35,6 @@ from fiddler_batch.spec import MIN_KV_CACHE_TOKENS, BatchKind, EngineSpec, Strat
 
 log = logging.getLogger("fiddler_batch.engine")
 
-PROCESS_THREADS = torch.get_num_threads()
-"""PyTorch's intra-op threads when the engine was imported: the physical cores, or OMP_NUM_THREADS."""
-
-
-def cpu_expert_threads(spec: EngineSpec, device: torch.device, worker: bool | None = None) -> int:
-    """Threads for CPU experts: `cpu_threads` when set; with a GPU and the CPU worker (`worker`: whether it
-    runs; default: as asked), the process's default less one core for the thread that drives the GPU while the
-    worker computes; else PyTorch's current setting."""
-    if spec.cpu_threads:
-        return spec.cpu_threads
-    if (spec.cpu_worker if worker is None else worker) and device.type == "cuda":
-        return max(1, PROCESS_THREADS - 1)
-    return torch.get_num_threads()
-
 
 class WeightSource(Protocol):
     """Where `Engine.from_weights` reads a skeleton's weights from (`checkpoint.Binding`, in practice)."""
@@ -199,18 +185,18 @@ class Engine:
         placement: Placement,
         cost: CostModel | None,
     ) -> Engine:
+        if spec.cpu_threads:
+            torch.set_num_threads(spec.cpu_threads)
         executor = HybridExecutor(
             device,
             layers,
             placement.staging_slots,
             cost,
+            cpu_threads=torch.get_num_threads(),
             prefetch_experts=spec.prefetch_experts,
             split_experts=spec.split_experts,
             cpu_worker=spec.cpu_worker,
         )
-        executor.cpu_threads = cpu_expert_threads(spec, device, executor.cpu_worker)
-        if executor.cpu_threads != torch.get_num_threads():
-            torch.set_num_threads(executor.cpu_threads)
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
             layer.module._fiddler_layer = layer
@@ -243,10 +229,9 @@ class Engine:
         if self.executor is not None:
             self.executor.cost = cost
 
-    def measure_cost_model(self, quick: bool = False, threads: int | None = None) -> CostModel:
+    def measure_cost_model(self, quick: bool = False) -> CostModel:
         """Measure the cost model on this machine with the model's own weights (an expert of the first MoE
-        layer that has a host copy) and install it. `threads`: CPU threads to measure with (default: the
-        executor's)."""
+        layer that has a host copy) and install it."""
         if self.executor is None:
             raise EngineError(
                 "model.path", "this model has no experts to calibrate: it runs whole on one device", "nothing to do"
@@ -255,7 +240,7 @@ class Engine:
         e = next((e for e, row in enumerate(layer.host_row) if row >= 0), None)
         host = layer.host_expert(e) if e is not None else None
         cost = measure_cost_model(
-            layer.layout, layer.module, self.device, threads or self.executor.cpu_threads, quick=quick, host=host
+            layer.layout, layer.module, self.device, self.executor.cpu_threads, quick=quick, host=host
         )
         self.executor.cost = cost
         return cost

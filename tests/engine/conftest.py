@@ -83,6 +83,7 @@ PLANS = {
     "all-copied": ("copy-forced", 0.0, forced(lambda layer, e: Where.COPY)),
     "all-resident": ("resident", 1.0, None),
     "mixed": ("mixed-forced", 0.25, forced(alternate)),
+    "mixed-worker": ("mixed-forced-worker", 0.25, forced(alternate)),  # engine.cpu_worker: true
     "planner-balanced": ("balanced", 0.25, None),
     "planner-fiddler-rule": ("fiddler-rule", 0.25, None),
     "split": ("split-forced", 0.25, forced_split(0.25)),
@@ -95,7 +96,10 @@ def make_engine(reference: torch.nn.Module, plan: str, staging_slots: int = 2) -
     strategy, share, planner = PLANS[plan]
     model = copy.deepcopy(reference)
     split = strategy == "balanced-split"  # the balanced planner with engine.split_experts on
-    spec = EngineSpec(device="cpu", resident_share=share, staging_slots=staging_slots, split_experts=split)
+    worker = strategy.endswith("-worker")
+    spec = EngineSpec(
+        device="cpu", resident_share=share, staging_slots=staging_slots, split_experts=split, cpu_worker=worker
+    )
     engine = Engine.from_model(model, spec, cost=COST)
     if planner is not None:
         engine.set_planner(planner)

@@ -14,9 +14,10 @@ from fiddler_batch.assets import cost_model_for, load_cost_model, load_engine, l
 from fiddler_batch.engine import Engine, EngineError
 from fiddler_batch.engine.costmodel import calibrate, random_expert
 from fiddler_batch.engine.layout import read_layout
+from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec, ModelSpec
 
-from .conftest import COST, make_engine
+from .conftest import COST, forced, make_engine
 from .families import build
 
 PROMPTS = torch.randint(0, 160, (3, 9), generator=torch.Generator().manual_seed(2))
@@ -178,7 +179,10 @@ def test_an_error_in_the_cpu_worker_is_raised_by_the_forward_pass(mixtral, monke
 
     from fiddler_batch.engine import executor as executor_mod
 
-    model, engine = make_engine(mixtral, "all-cpu")
+    model = copy.deepcopy(mixtral)
+    spec = EngineSpec(device="cpu", resident_share=0.0, cpu_worker=True)
+    engine = Engine.from_model(model, spec, cost=COST)
+    engine.set_planner(forced(lambda layer, e: Where.CPU))
     real = executor_mod.expert_forward
 
     def failing(*args, **kwargs):
@@ -194,17 +198,6 @@ def test_an_error_in_the_cpu_worker_is_raised_by_the_forward_pass(mixtral, monke
     with torch.no_grad():
         assert torch.equal(model(PROMPTS).logits, mixtral(PROMPTS).logits)
     assert engine.stats()["experts_cpu"] > 0
-
-
-def test_cpu_expert_threads_leave_a_core_to_the_thread_that_drives_the_gpu():
-    from fiddler_batch.engine.core import PROCESS_THREADS, cpu_expert_threads
-
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert cpu_expert_threads(EngineSpec(cpu_threads=5), cuda) == 5
-    assert cpu_expert_threads(EngineSpec(), cuda) == max(1, PROCESS_THREADS - 1)
-    assert cpu_expert_threads(EngineSpec(), cuda, worker=False) == torch.get_num_threads()
-    assert cpu_expert_threads(EngineSpec(cpu_worker=False), cuda) == torch.get_num_threads()
-    assert cpu_expert_threads(EngineSpec(), cpu) == torch.get_num_threads()
 
 
 def test_no_stream_gate_without_cuda():

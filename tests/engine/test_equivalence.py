@@ -44,12 +44,14 @@ def test_tokens_match_reference(reference, plan):
         "all-copied": {"copied"},
         "all-resident": {"resident"},
         "mixed": {"cpu", "copied", "resident"},
+        "mixed-worker": {"cpu", "copied", "resident"},
         "planner-balanced": {"cpu", "copied", "resident"},
         "planner-fiddler-rule": {"cpu", "copied", "resident"},
         "split": {"cpu", "copied", "resident"},
         "planner-balanced-split": {"cpu", "copied", "resident"},
     }[plan]
     assert {path for path, count in paths.items() if count} == expected
+    assert (engine.executor._worker is not None) == (plan == "mixed-worker")  # the worker computed them
 
 
 @pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
@@ -94,7 +96,7 @@ def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
 
 @pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
 def test_cpu_experts_on_the_calling_thread_or_the_worker_give_the_same_tokens(reference):
-    """engine.cpu_worker (on by default, and in every test above) and off: the reference's numbers both ways."""
+    """engine.cpu_worker on and off (the default), with beam search too: the reference's numbers both ways."""
     ref_model, ref_logits, ref_greedy, ref_beam = reference
     for worker in (True, False):
         model = copy.deepcopy(ref_model)
