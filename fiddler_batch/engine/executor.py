@@ -731,13 +731,14 @@ class HybridExecutor:
             pending.result()
 
     def close(self) -> None:
-        """Join and stop the worker thread."""
-        try:
-            self.join()
-        finally:
-            if self._worker is not None:
-                self._worker.shutdown(wait=True)
-                self._worker = None
+        """Wait for the worker thread and stop it. A job still pending here was cut short by an error on the
+        main thread, which is what the caller sees; the job's own error is not raised a second time."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.exception()  # waits, raises nothing
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     # -- a split expert -----------------------------------------------------------------------------
     #

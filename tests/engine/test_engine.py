@@ -198,6 +198,15 @@ def test_an_error_in_the_cpu_worker_is_raised_by_the_forward_pass(mixtral, monke
     with torch.no_grad():
         assert torch.equal(model(PROMPTS).logits, mixtral(PROMPTS).logits)
     assert engine.stats()["experts_cpu"] > 0
+    # A job cut short by an error on the main thread: close waits for it and stops the worker, raising nothing.
+    monkeypatch.setattr(executor_mod, "expert_forward", failing)
+    executor = engine.executor
+    layer = executor.layers[0]
+    hidden = torch.randn(3, layer.layout.hidden)
+    inputs = executor._send_to_host(hidden, torch.ones(3), [0], [0, 3] + [3] * (layer.layout.num_experts - 1))
+    executor._start_cpu(layer, [0], [0, 3] + [3] * (layer.layout.num_experts - 1), inputs, torch.empty_like(hidden))
+    engine.close()
+    assert executor._worker is None and executor._pending is None and engine.executor is None
 
 
 def test_no_stream_gate_without_cuda():
