@@ -75,6 +75,10 @@ Planner = Callable[["LayerState", list[int]], Plan]
 """Overrides the planner (tests force plans with it): (layer, counts) -> plan. An expert may be planned
 RESIDENT only when `layer.on_device()` says it is on the fast device (resident, or staged by a prefetch)."""
 
+HostInputs = tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None]
+"""The CPU experts' rows of a layer call on the host: activations, routing weights, each expert's first row,
+and the event after which they have landed (None without CUDA)."""
+
 Predictor = Callable[["LayerState", torch.Tensor, int], torch.Tensor]
 """Overrides the prefetch guess (tests force guesses with it): (next layer, the hidden states [T, H] this
 layer's experts receive, experts per token) -> predicted tokens per expert of the next layer, [E]."""
@@ -547,7 +551,7 @@ class HybridExecutor:
 
     def _send_to_host(
         self, gathered: torch.Tensor, weights: torch.Tensor, experts: list[int], bounds: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None]:
+    ) -> HostInputs:
         """The CPU experts' rows of `gathered` and `weights`, on the host (copied asynchronously)."""
         starts = []
         if len(experts) == 1:
@@ -629,7 +633,7 @@ class HybridExecutor:
         layer: LayerState,
         experts: list[int],
         bounds: list[int],
-        inputs: tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None],
+        inputs: HostInputs,
         out: torch.Tensor,
         results: torch.Tensor | None,
         split: _SplitJob | None = None,
@@ -682,7 +686,7 @@ class HybridExecutor:
         layer: LayerState,
         experts: list[int],
         bounds: list[int],
-        inputs: tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None],
+        inputs: HostInputs,
         out: torch.Tensor,
     ) -> _CpuJob:
         """Hand the CPU experts to the worker thread; it releases the gate when done, whatever happens."""
@@ -691,7 +695,6 @@ class HybridExecutor:
         record = self.timeline.records[-1] if self.timeline else None
         gate = self.gate
         release = gate.arm() if gate is not None else 0
-
         inference = torch.is_inference_mode_enabled()  # grad and inference modes are per thread: the caller's
 
         def work() -> None:
