@@ -20,6 +20,7 @@ from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.engine import Engine
 from fiddler_batch.engine.executor import Timeline
+from fiddler_batch.generation import static_cache_settings
 from fiddler_batch.spec import EngineSpec
 
 
@@ -30,27 +31,35 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=0, help="engine.prefetch_experts")
     parser.add_argument("--split", action="store_true", help="engine.split_experts: true")
     parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
+    parser.add_argument("--graphs", action="store_true", help="engine.cuda_graphs: true (and the static KV cache)")
     args = parser.parse_args()
     model = build_model(layers=8, seed=0)
     prompt = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
     engine = Engine.from_model(
         model,
         EngineSpec(
-            resident_share=0.25, prefetch_experts=args.prefetch, split_experts=args.split, cpu_worker=args.worker
+            resident_share=0.25,
+            prefetch_experts=args.prefetch,
+            split_experts=args.split,
+            cpu_worker=args.worker,
+            cuda_graphs=args.graphs,
         ),
     )
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy(args.strategy)
     executor = engine.executor
+    cache = static_cache_settings(engine, args.steps)
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **cache)  # warm-up
         torch.cuda.synchronize()
         base = torch.cuda.Event(enable_timing=True)
         base.record()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         executor.timeline = Timeline(engine.device)
-        model.generate(prompt, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, pad_token_id=0)
+        model.generate(
+            prompt, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, pad_token_id=0, **cache
+        )
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     previous_exit = None

@@ -304,6 +304,7 @@ def generate_batch(
         # from ending rows that ignore it.
         eos_token_id=(sorted(eos_ids) or None) if beams else [],
         return_dict_in_generate=True,
+        **static_cache_settings(engine, batch.most_new_tokens),
     )
     hooks = []
     if real_tokens:
@@ -349,6 +350,20 @@ def generate_batch(
             )
         )
     return BatchResult(batch_start, completions)
+
+
+GRAPH_MIN_NEW_TOKENS = 4
+"""Fewest new tokens for which a batch uses the static KV cache that CUDA graphs need: the first decode step runs
+eagerly and the second captures, so shorter batches would pay for the static cache and replay nothing."""
+
+
+def static_cache_settings(engine: BatchEngine, new_tokens: int) -> dict[str, Any]:
+    """Generation settings for an engine whose decode steps run as CUDA graphs (`Engine.static_cache`): the
+    static KV cache, and no automatic `torch.compile` (transformers compiles the forward when it sees a static
+    cache on a GPU; the graphs do that job here, without changing a kernel)."""
+    if not getattr(engine, "static_cache", False) or new_tokens < GRAPH_MIN_NEW_TOKENS:
+        return {}
+    return {"cache_implementation": "static", "disable_compile": True}
 
 
 def _real_token_reporter(stops: RowStops, report: Callable[[torch.Tensor | None], None]) -> Callable[..., None]:

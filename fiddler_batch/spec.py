@@ -556,6 +556,15 @@ class EngineSpec(BaseModel):
     Tokens are the same either way. Off by default: on an H200 host the CPU experts ran 10-25% slower on the
     worker thread, which cancelled the overlap (single-request decode within 3% either way,
     benchmarks/NOTES.md)."""
+    cuda_graphs: bool = True
+    """Run decode steps as CUDA graphs around the experts calls: each layer's attention, norms and router are
+    captured once per batch and replayed with one launch, where transformers' Python code takes the host 1-2 ms
+    per layer to launch them while the GPU waits. Batches of 4 or more new tokens then use transformers' static
+    KV cache (allocated for the prompt and every new token when the batch starts). The graphs launch the same
+    kernels on the same shapes, so tokens are the same as with the static cache without graphs. On an H200
+    host: single-request decode 1.13x, beam search 1.09x, time to first token within 1.3% (benchmarks/NOTES.md).
+    GPU only; models whose cache is not a plain static one (sliding-window attention) or whose code cannot be
+    captured decode without graphs, on the dynamic cache."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)

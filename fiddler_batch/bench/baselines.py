@@ -11,9 +11,10 @@
 - `fiddler-prefetch`, `fiddler-prefetch-1`: the same with `engine.prefetch_experts: 2` and `1` (the next
   layer's guessed experts copied during the current one), and `fiddler-split`, the same with one expert per
   layer split between the CPU and the GPU where that pays (`engine.split_experts: true`), so one run measures
-  a lever against the defaults, and `fiddler-worker`, the same with the CPU experts on a worker thread
-  (`engine.cpu_worker: true`); they run only when `--baselines` names them. Engine settings a baseline
-  changes are its record's `engine` (bench/settings.py).
+  a lever against the defaults, `fiddler-worker`, the same with the CPU experts on a worker thread
+  (`engine.cpu_worker: true`), and `fiddler-eager`, the same with decode steps launched eagerly instead
+  of replayed as CUDA graphs (`engine.cuda_graphs: false`); they run only when `--baselines` names them.
+  Engine settings a baseline changes are its record's `engine` (bench/settings.py).
 
 Every baseline places the same model object in turn and gives it back in host memory: `accelerate` first,
 on the freshly built model (its offloaded layers are copied from ordinary pageable memory, as they would be

@@ -23,6 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from fiddler_batch.bench.model import FIRST_WORD
 from fiddler_batch.bench.settings import Case, Mix
 from fiddler_batch.engine import Engine
+from fiddler_batch.generation import static_cache_settings
 from fiddler_batch.io.atomic import atomic_write_text
 from fiddler_batch.runner import run_job
 from fiddler_batch.spec import BatchingSpec, GenerationSpec, InputSpec, JobSpec, ModelSpec, OutputSpec
@@ -92,6 +93,7 @@ def generate_once(engine: Engine, ids: torch.Tensor, new: int, width: int = 1) -
             num_beams=width,
             pad_token_id=0,
             logits_processor=LogitsProcessorList([clock]),
+            **static_cache_settings(engine, new),
         )
     _sync(device)
     total = time.perf_counter() - start

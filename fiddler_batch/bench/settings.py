@@ -103,6 +103,17 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
+            "fiddler-eager",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with decode steps launched eagerly from transformers' code, on its dynamic "
+            "KV cache, instead of replayed as CUDA graphs (engine.cuda_graphs: false)",
+            engine={"cuda_graphs": False},
+            by_default=False,
+        ),
+        Baseline(
             "fiddler-prefetch-1",
             "engine",
             None,

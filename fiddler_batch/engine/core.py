@@ -26,6 +26,7 @@ from fiddler_batch.engine.budget import Budget, budget_for, kv_cache_bytes, need
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.costmodel import calibrate as measure_cost_model
 from fiddler_batch.engine.executor import HybridExecutor, LayerState, Planner, Stats
+from fiddler_batch.engine.graphs import DecodeGraphs
 from fiddler_batch.engine.layout import ExpertLayout, check_supported, read_layout
 from fiddler_batch.engine.memory import pin_in_place, unpin
 from fiddler_batch.engine.placement import Placement, plan_placement
@@ -214,6 +215,8 @@ class Engine:
         engine._previous_experts = previous
         # A forward pass returns once its last layer's CPU experts are done (and raises their error).
         engine._join_hook = model.register_forward_hook(lambda module, args, output: executor.join())
+        if spec.cuda_graphs and device.type == "cuda":
+            executor.graphs = DecodeGraphs(model, executor, device)
         return engine
 
     # -- the cost model -----------------------------------------------------------------------------
@@ -253,6 +256,13 @@ class Engine:
         return {"geometry": layout.geometry_key(), "threads": self.executor.cpu_threads, "device": str(self.device)}
 
     # -- what the runner uses -----------------------------------------------------------------------
+
+    @property
+    def static_cache(self) -> bool:
+        """Generation should use transformers' static KV cache: decode steps run as CUDA graphs
+        (engine.cuda_graphs), which need its tensors at fixed addresses."""
+        graphs = self.executor.graphs if self.executor is not None else None
+        return graphs is not None and not graphs.disabled
 
     @property
     def max_context(self) -> int | None:
@@ -303,6 +313,9 @@ class Engine:
         is unusable after. With release_host=False the model can be placed again by another engine
         (the benchmark compares several placements of one model) without pinning its experts again."""
         if self.executor is not None:
+            if self.executor.graphs is not None:
+                self.executor.graphs.close()
+                self.executor.graphs = None
             self.executor.close()
             if self._join_hook is not None:
                 self._join_hook.remove()
@@ -329,6 +342,7 @@ class Engine:
             info["prefetch_experts"] = self.executor.prefetch_experts
             info["split_experts"] = self.executor.split_experts
             info["cpu_worker"] = self.executor.cpu_worker
+            info["cuda_graphs"] = self.executor.graphs is not None
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

@@ -57,6 +57,7 @@ from fiddler_batch.engine.compute import (
     up_rows_into,
 )
 from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.graphs import DecodeGraphs
 from fiddler_batch.engine.hostwait import StreamGate
 from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.memory import PinnedBuffer
@@ -156,6 +157,7 @@ class Stats:
     cpu_compute_s: float = 0.0  # host time in CPU experts
     route_wait_s: float = 0.0  # host time from entering the experts to having a plan (waits for the GPU)
     predicted_s: float = 0.0  # the planner's predicted expert time, summed
+    graph_steps: int = 0  # decode steps replayed as CUDA graphs (engine.cuda_graphs)
     copy_events: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -238,6 +240,7 @@ class HybridExecutor:
         """CPU experts run on a worker thread (asked for, and on CUDA the driver can wait on host memory)."""
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the worker's latest job, until joined
+        self.graphs: DecodeGraphs | None = None  # set by the engine with engine.cuda_graphs (graphs.py)
 
     # -- planning ---------------------------------------------------------------------------------
 
@@ -945,6 +948,9 @@ def fiddler_experts_forward(
             "experts implementation 'fiddler' is set on a module the engine did not prepare; "
             "load the model through fiddler_batch.engine.Engine"
         )
+    graphs = executor.graphs
+    if graphs is not None and graphs.capturing is not None:  # capturing a decode step: the graph ends here
+        return graphs.cut(layer, hidden_states, top_k_index, top_k_weights)
     with torch.no_grad():
         return executor.forward(layer, hidden_states, top_k_index, top_k_weights)
 
