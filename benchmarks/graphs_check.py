@@ -1,6 +1,6 @@
 """CUDA graphs for decode steps (`engine.cuda_graphs`) against transformers on the same weights, on a GPU.
 
-    python benchmarks/graphs_check.py [--skip-bf16]
+    python benchmarks/graphs_check.py [--skip-bf16] [--worker]
 
 1. Every tiny family of `tests/engine/families.py`, float32 (TF32 off), 25% resident, balanced, with graphs:
    greedy tokens of a left-padded batch of two prompts and beam-search tokens (3 beams) must equal transformers'
@@ -11,7 +11,8 @@
 3. The 8-layer Mixtral-8x7B-geometry slice in bf16, 25% resident: the engine with graphs against the engine
    without them on the same static cache. The same kernels run on the same shapes, so the tokens must be equal.
 
-Exits 1 on a mismatch.
+With --worker, every engine also computes its CPU experts on the worker thread (`engine.cpu_worker`), whose
+stream wait then sits between replayed graphs. Exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ def padded(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+WORKER = False  # engine.cpu_worker for every engine (--worker)
+
+
 def engine_for(model: torch.nn.Module, graphs: bool, share: float = 0.25) -> Engine:
-    engine = Engine.from_model(model, EngineSpec(resident_share=share, cuda_graphs=graphs))
+    engine = Engine.from_model(model, EngineSpec(resident_share=share, cuda_graphs=graphs, cpu_worker=WORKER))
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy("balanced")
     return engine
@@ -133,7 +137,10 @@ def check_bf16() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
     args = parser.parse_args()
+    global WORKER
+    WORKER = args.worker
     torch.backends.cuda.matmul.allow_tf32 = False
     failures = check_families() + check_strategies()
     if not args.skip_bf16:

@@ -27,7 +27,8 @@ captured tensors before each replay. A call that does not fit (a prefill, anothe
 layer, an argument a graph cannot stand for) runs eagerly. A capture that fails (an operation that cannot be
 captured, such as a host synchronisation or a copy from pageable memory in the model's code) is logged once
 and turns graphs off for the engine: the model's code, not the shape, is what fails. Only the latest chain is
-kept, so its graphs and the cache tensors it holds are freed when the next batch's cache arrives.
+kept, and any call it cannot serve (the next batch's prefill) frees its graphs and the cache tensors it holds
+first, so two batches' caches are never held at once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ import torch
 from torch import nn
 
 log = logging.getLogger("fiddler_batch.engine")
+
+WARM_SIGNATURES = 256
+"""Signatures remembered as warm (a job's batches differ in rows and lengths; the oldest are forgotten)."""
 
 
 @dataclass
@@ -198,7 +202,7 @@ class DecodeGraphs:
         self.disabled = False  # a capture failed: every call runs eagerly
         self._chain: Chain | None = None
         self._key: tuple | None = None
-        self._warm: set[tuple] = set()  # signatures whose first call ran eagerly on the capture stream
+        self._warm: dict[tuple, None] = {}  # signatures whose first call ran on the capture stream, oldest first
         self._graph: torch.cuda.CUDAGraph | None = None  # the graph being captured
         self._pool: Any = None
         self.replays = 0
@@ -230,8 +234,11 @@ class DecodeGraphs:
     # -- the model's forward ------------------------------------------------------------------------
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        shape = None if self.disabled or self.capturing is not None else signature(args, kwargs)
-        if shape is None:
+        if self.disabled or self.capturing is not None:
+            return self._original(*args, **kwargs)
+        shape = signature(args, kwargs)
+        if shape is None:  # a prefill (the next batch's) or a call on another cache: the chain is done with
+            self._drop()
             return self._original(*args, **kwargs)
         cache = find_cache(kwargs)[1]
         # The experts implementation is part of the signature: the benchmark swaps in one that returns zeros.
@@ -245,7 +252,9 @@ class DecodeGraphs:
             return self._original(*args, **kwargs)
         self._drop()  # a new cache or shape: free the old chain, and the cache tensors it holds, first
         if key not in self._warm:
-            self._warm.add(key)
+            self._warm[key] = None
+            if len(self._warm) > WARM_SIGNATURES:
+                del self._warm[next(iter(self._warm))]
             return self._on_capture_stream(kwargs)
         chain = self._capture(key, kwargs)
         if chain is None:

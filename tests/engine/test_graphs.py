@@ -166,8 +166,10 @@ def test_the_forward_warms_once_per_shape_captures_once_per_cache_and_replays(mi
         model.generate(PROMPTS, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
         assert graphs.events == ["capture", "replay", "replay", "replay", "replay"]  # a new cache, a warm shape
         graphs.events.clear()
+        assert graphs._chain is not None
         model.generate(PROMPTS, max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert graphs.events == []  # the dynamic cache: nothing to graph
+        assert graphs._chain is None  # the prefill freed the last batch's chain and the cache it held
     graphs.close()
     assert "forward" not in model.__dict__
     assert torch.equal(first, mixtral.generate(PROMPTS, max_new_tokens=5, do_sample=False, pad_token_id=0))
