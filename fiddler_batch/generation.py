@@ -308,7 +308,8 @@ def generate_batch(
     )
     hooks = []
     if real_tokens:
-        hooks.append(model.register_forward_pre_hook(_real_token_reporter(stops, real_tokens), with_kwargs=True))
+        reporter = _real_token_reporter(stops, attention_mask.bool(), real_tokens)
+        hooks.append(model.register_forward_pre_hook(reporter, with_kwargs=True))
     if chooser is not None:
         hooks.append(model.register_forward_hook(chooser.capture))
     batch_start = time.time()
@@ -366,24 +367,24 @@ def static_cache_settings(engine: BatchEngine, new_tokens: int) -> dict[str, Any
     return {"cache_implementation": "static", "disable_compile": True}
 
 
-def _real_token_reporter(stops: RowStops, report: Callable[[torch.Tensor | None], None]) -> Callable[..., None]:
-    """A forward pre-hook that reports which tokens of the coming forward pass belong to a live request."""
+def _real_token_reporter(
+    stops: RowStops, prompt_mask: torch.Tensor, report: Callable[[torch.Tensor | None], None]
+) -> Callable[..., None]:
+    """A forward pre-hook that reports which tokens of the coming forward pass belong to a live request.
+    `prompt_mask` ([B, P]): the batch's prompt positions that are not left padding. The prefill's own
+    `attention_mask` argument is not used: with the static KV cache transformers passes it already expanded to
+    4-D (or one per layer type in a dict)."""
 
     def before_forward(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)  # [R, S]
-        attention_mask = kwargs.get("attention_mask")  # [R, L]
         if input_ids is None:
             report(None)
             return
         rows, steps = input_ids.shape
+        group = rows // len(stops.done_at)  # beam search runs `group` rows per request
         if not stops.step_times:  # the prefill: every prompt position but the left padding
-            mask = (
-                attention_mask[:, -steps:].bool()
-                if attention_mask is not None
-                else torch.ones_like(input_ids, dtype=torch.bool)
-            )
+            mask = prompt_mask.to(input_ids.device).repeat_interleave(group, dim=0)[:, -steps:]
         else:  # a decode step: the rows still running (beam search: every candidate)
-            group = rows // len(stops.done_at)
             live = [group > 1 or done is None for done in stops.done_at]
             mask = torch.tensor(live, device=input_ids.device).repeat_interleave(group)[:, None].expand(rows, steps)
         report(mask.reshape(-1))  # [R*S]

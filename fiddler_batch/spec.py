@@ -563,8 +563,9 @@ class EngineSpec(BaseModel):
     KV cache (allocated for the prompt and every new token when the batch starts). The graphs launch the same
     kernels on the same shapes, so tokens are the same as with the static cache without graphs. On an H200
     host: single-request decode 1.13x, beam search 1.09x, time to first token within 1.3% (benchmarks/NOTES.md).
-    GPU only; models whose cache is not a plain static one (sliding-window attention) or whose code cannot be
-    captured decode without graphs, on the dynamic cache."""
+    GPU only; models whose static cache is not made of plain full-attention layers (sliding-window,
+    linear-attention or indexed layers), or whose code cannot be captured, decode without graphs, on the
+    dynamic cache."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)

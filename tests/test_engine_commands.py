@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fiddler_batch.assets import load_cost_model
 from fiddler_batch.batching import plan_batches
-from fiddler_batch.generation import generate_batch
+from fiddler_batch.engine import Engine
+from fiddler_batch.generation import GRAPH_MIN_NEW_TOKENS, generate_batch
 from fiddler_batch.io.readers import read_records
 from fiddler_batch.io.requests import to_requests
 from fiddler_batch.jobfile import load_job
@@ -52,17 +55,24 @@ def test_profile_counts_routing_and_places_popular_experts(tmp_path: Path, demo_
     assert "8 of 32 experts resident" in run.stderr
 
 
-def test_profile_counts_real_tokens_only(engine: Any, tmp_path: Path) -> None:
-    """Two prompts of 26 and 64 tokens in one batch: the shorter one's 38 pads count for nothing."""
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_profile_counts_real_tokens_only(
+    engine: Any, tmp_path: Path, static_cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two prompts of 26 and 64 tokens in one batch: the shorter one's 38 pads count for nothing. Also with
+    the static KV cache that CUDA graphs use (transformers then passes the prefill a 4-D mask)."""
+    new = GRAPH_MIN_NEW_TOKENS if static_cache else 2
+    if static_cache:
+        monkeypatch.setattr(Engine, "static_cache", property(lambda self: True))
     records = [{"id": "short", "prompt": "s" * 25}, {"id": "long", "prompt": "l" * 63}]  # + BOS: 26 and 64 tokens
-    spec = load_job(write_job(tmp_path, records, generation={"max_new_tokens": 2}))
-    profile = profile_job(spec, sample=2, max_new_tokens=2, engine=engine)
+    spec = load_job(write_job(tmp_path, records, generation={"max_new_tokens": new}))
+    profile = profile_job(spec, sample=2, max_new_tokens=new, engine=engine)
     requests, _ = to_requests(enumerate(read_records(spec.input)), spec.input, spec.generation)
     items, _ = prepare(requests, engine.tokenizer, engine.max_context)
     assert sorted(item.prompt_tokens for item in items) == [26, 64]
     [batch] = plan_batches(items, spec.batching)
     lengths = [len(c.token_ids) for c in generate_batch(engine, batch).completions]
-    decode_rows = sum(1 for n in lengths if n == 2)  # rows that took the second step (no EOS first)
-    per_layer = 2 * (26 + 64 + decode_rows)  # top-2 routing per real token
+    decode_tokens = sum(n - 1 for n in lengths)  # a row runs a decode step for each token after its first
+    per_layer = 2 * (26 + 64 + decode_tokens)  # top-2 routing per real token
     assert [sum(row) for row in profile["counts"]] == [per_layer] * 4
     assert per_layer < 2 * 2 * 64  # what counting the padded rectangle gave

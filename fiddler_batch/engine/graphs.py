@@ -24,11 +24,13 @@ kernels eager mode launched, on the same shapes, so every number is the same as 
 
 Beam search replaces the cache's tensors with reordered copies between steps; they are copied back into the
 captured tensors before each replay. A call that does not fit (a prefill, another cache type, a sliding-window
-layer, an argument a graph cannot stand for) runs eagerly. A capture that fails (an operation that cannot be
-captured, such as a host synchronisation or a copy from pageable memory in the model's code) is logged once
-and turns graphs off for the engine: the model's code, not the shape, is what fails. Only the latest chain is
-kept, and any call it cannot serve (the next batch's prefill) frees its graphs and the cache tensors it holds
-first, so two batches' caches are never held at once.
+layer, an argument a graph cannot stand for) runs eagerly. A model whose static cache is not made of plain
+StaticLayers alone (`plain_static_cache`, checked when the engine is made) keeps the dynamic cache and decodes
+without graphs. A capture that fails (an operation that cannot be captured, such as a host synchronisation or a
+copy from pageable memory in the model's code) is logged once and turns graphs off for the engine: the model's
+code, not the shape, is what fails. Only the latest chain is kept, and any call it cannot serve (the next
+batch's prefill) frees its graphs and the cache tensors it holds first, so two batches' caches are never held
+at once.
 """
 
 from __future__ import annotations
@@ -119,6 +121,20 @@ def graphable_cache(cache: Any) -> bool:
     return True
 
 
+def plain_static_cache(config: Any) -> bool:
+    """Whether transformers' StaticCache for a model of `config` is made of plain StaticLayers only, all a chain
+    can replay. Many families' static caches are not: sliding-window, linear-attention, indexed or mixed layers,
+    or a cache that cannot be made at all; those decode on the dynamic cache, without graphs. A cache allocates
+    its tensors on first use, so making one here costs nothing."""
+    try:
+        from transformers.cache_utils import StaticCache, StaticLayer
+
+        cache = StaticCache(config=config, max_cache_len=2)
+    except Exception:  # noqa: BLE001 - any family whose static cache cannot be made keeps the dynamic one
+        return False
+    return bool(cache.layers) and all(type(layer) is StaticLayer for layer in cache.layers)
+
+
 def find_cache(kwargs: dict[str, Any]) -> tuple[str, Any] | None:
     """The call's KV cache argument (`past_key_values` or, in later transformers, `cache`)."""
     for name in ("past_key_values", "cache"):
@@ -207,6 +223,12 @@ class DecodeGraphs:
         self._pool: Any = None
         self.replays = 0
         self.captures = 0
+        if not plain_static_cache(model.config):
+            self.disabled = True
+            log.info(
+                "CUDA graphs: this model's static KV cache has layers a graph cannot replay (sliding-window, "
+                "linear-attention or indexed); decode runs without graphs, on the dynamic cache"
+            )
         self._original: Callable[..., Any] = model.forward
 
         @functools.wraps(self._original)  # transformers reads the forward's signature

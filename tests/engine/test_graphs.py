@@ -24,6 +24,7 @@ from fiddler_batch.engine.graphs import (
     describe,
     fill,
     graphable_cache,
+    plain_static_cache,
     signature,
     static_copy,
 )
@@ -86,6 +87,19 @@ def test_sliding_window_and_uninitialised_caches_are_not_graphable() -> None:
     fresh = StaticCache(config=build("mixtral").config, max_cache_len=16)
     assert not graphable_cache(fresh)  # its layers allocate their tensors on first use
     assert not graphable_cache(DynamicCache())
+
+
+def test_models_whose_static_cache_is_not_plain_keep_the_dynamic_cache(mixtral) -> None:
+    assert plain_static_cache(mixtral.config)
+    gpt_oss = build("gpt_oss")
+    assert not plain_static_cache(gpt_oss.config)  # sliding-window layers
+    graphs = DecodeGraphs(gpt_oss, executor=None, device=torch.device("cpu"))
+    assert graphs.disabled  # so Engine.static_cache is false: generation keeps the dynamic cache
+    calls = []
+    graphs._original = lambda *args, **kwargs: calls.append(kwargs) or "eager"
+    assert gpt_oss.forward(input_ids=torch.zeros(1, 1, dtype=torch.long)) == "eager" and len(calls) == 1
+    graphs.close()
+    assert not plain_static_cache(object())  # no config transformers can make a cache for
 
 
 def test_a_dict_of_masks_is_described_copied_and_refilled() -> None:
