@@ -25,13 +25,14 @@ import statistics
 import time
 
 import torch
-from transformers import LogitsProcessorList
+from interleave import rounds, summary
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
-from fiddler_batch.bench.scenarios import StepClock, prompt_ids
+from fiddler_batch.bench.scenarios import generate_once, prompt_ids
 from fiddler_batch.engine import Engine
 from fiddler_batch.engine.graphs import DecodeGraphs
+from fiddler_batch.generation import STATIC_CACHE
 from fiddler_batch.spec import EngineSpec
 
 MODES = ("eager", "static", "graphs", "split")
@@ -39,27 +40,9 @@ CASES = {"a": (32, 64, 1), "c": (32, 64, 4), "b": (1024, 8, 1), "b4k": (4096, 8,
 
 
 def generate(engine: Engine, ids: torch.Tensor, new: int, width: int, static: bool) -> dict[str, float]:
-    clock = StepClock(engine.device)
-    input_ids = ids.to(engine.device)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    extra = {"cache_implementation": "static", "disable_compile": True} if static else {}
-    with torch.inference_mode():
-        output = engine.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new,
-            do_sample=False,
-            num_beams=width,
-            pad_token_id=0,
-            logits_processor=LogitsProcessorList([clock]),
-            **extra,
-        )
-    torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    ttft = clock.stamps[0] - start
-    tokens = output.shape[1] - ids.shape[1]
-    return {"tokens": tokens, "ttft": ttft, "decode": (tokens - 1) / (total - ttft), "out": tokens / total}
+    raw = generate_once(engine, ids, new, width, cache=STATIC_CACHE if static else {})
+    tokens, ttft = raw["new_tokens"], raw["ttft_s"]
+    return {"tokens": tokens, "ttft": ttft, "decode": (tokens - 1) / raw["decode_s"], "out": tokens / raw["total_s"]}
 
 
 def main() -> None:
@@ -102,8 +85,7 @@ def main() -> None:
     for mode in modes:  # warm-up
         for case in cases:
             run(mode, case)
-    for round_ in range(args.reps):
-        order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+    for round_, order in rounds(modes, args.reps):
         for mode in order:
             for case in cases:
                 raw = run(mode, case)
@@ -117,13 +99,11 @@ def main() -> None:
                 )
     print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
     for case in cases:
-        base = statistics.median(results[(modes[0], case)])
         for mode in modes:
             runs = results[(mode, case)]
-            median = statistics.median(runs)
-            slowest = max(runs) / median if metric[case] == "ttft" else min(runs) / median
+            median, ratio, slowest = summary(runs, results[(modes[0], case)], lower_is_better=metric[case] == "ttft")
             print(
-                f"{case} {mode:<7} {metric[case]} {median:.4g} ({median / base:.3f}x {modes[0]}; slowest run "
+                f"{case} {mode:<7} {metric[case]} {median:.4g} ({ratio:.3f}x {modes[0]}; slowest run "
                 f"{slowest:.0%} of median) outside the experts {statistics.median(outside[(mode, case)]):.2f} ms "
                 f"per layer call; runs {[round(r, 4) for r in runs]}"
             )

@@ -27,13 +27,12 @@ import torch
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.engine import Engine
+from fiddler_batch.generation import STATIC_CACHE
 from fiddler_batch.spec import EngineSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
 from families import FAMILIES, build  # noqa: E402
 from gpu_check import GEOMETRY  # noqa: E402
-
-STATIC = {"cache_implementation": "static", "disable_compile": True}
 
 
 def run(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int, beams: int, **kw) -> list:
@@ -76,11 +75,11 @@ def check_families() -> int:
         model = build(family)
         ids, mask = padded(model.config.vocab_size, 1)
         reference = copy.deepcopy(model).cuda()
-        want = run(reference, ids, mask, 10, 1, **STATIC), run(reference, ids[:1], mask[:1], 8, 3, **STATIC)
+        want = run(reference, ids, mask, 10, 1, **STATIC_CACHE), run(reference, ids[:1], mask[:1], 8, 3, **STATIC_CACHE)
         del reference
         engine = engine_for(model, graphs=True)
         engine.reset_stats()
-        got = run(model, ids, mask, 10, 1, **STATIC), run(model, ids[:1], mask[:1], 8, 3, **STATIC)
+        got = run(model, ids, mask, 10, 1, **STATIC_CACHE), run(model, ids[:1], mask[:1], 8, 3, **STATIC_CACHE)
         steps = engine.stats()["graph_steps"]
         same = [g == w for g, w in zip(got, want, strict=True)]
         failures += not all(same)
@@ -95,7 +94,7 @@ def check_strategies() -> int:
     ids, mask = padded(4096, 5)
     model.cuda()
     model.set_experts_implementation("eager")
-    static = run(model, ids, mask, 24, 1, **STATIC), run(model, ids[:1], mask[:1], 12, 4, **STATIC)
+    static = run(model, ids, mask, 24, 1, **STATIC_CACHE), run(model, ids[:1], mask[:1], 12, 4, **STATIC_CACHE)
     dynamic = run(model, ids, mask, 24, 1), run(model, ids[:1], mask[:1], 12, 4)
     model.cpu()
     print(f"static reference equals dynamic: greedy {static[0] == dynamic[0]}, beam {static[1] == dynamic[1]}")
@@ -105,7 +104,7 @@ def check_strategies() -> int:
     for strategy in ("balanced", "fiddler-rule", "cpu", "copy"):
         engine.set_strategy(strategy)
         engine.reset_stats()
-        got = run(model, ids, mask, 24, 1, **STATIC), run(model, ids[:1], mask[:1], 12, 4, **STATIC)
+        got = run(model, ids, mask, 24, 1, **STATIC_CACHE), run(model, ids[:1], mask[:1], 12, 4, **STATIC_CACHE)
         s = engine.stats()
         same = [g == w for g, w in zip(got, static, strict=True)]
         failures += not all(same)
@@ -122,11 +121,11 @@ def check_bf16() -> int:
     ids = torch.randint(100, 32000, (1, 32), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     engine = engine_for(model, graphs=False)
-    eager = run(model, ids, mask, 32, 1, **STATIC), run(model, ids, mask, 16, 4, **STATIC)
+    eager = run(model, ids, mask, 32, 1, **STATIC_CACHE), run(model, ids, mask, 16, 4, **STATIC_CACHE)
     engine.close(release_host=False)
     engine = engine_for(model, graphs=True)
     engine.reset_stats()
-    graphed = run(model, ids, mask, 32, 1, **STATIC), run(model, ids, mask, 16, 4, **STATIC)
+    graphed = run(model, ids, mask, 32, 1, **STATIC_CACHE), run(model, ids, mask, 16, 4, **STATIC_CACHE)
     steps = engine.stats()["graph_steps"]
     engine.close()
     same = [g == e for g, e in zip(graphed, eager, strict=True)]

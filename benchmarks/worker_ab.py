@@ -27,6 +27,7 @@ import statistics
 import sys
 
 import torch
+from interleave import rounds, summary
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -74,8 +75,7 @@ def main() -> None:
         executor.cpu_worker = mode != "inline"
         for width in cases.values():
             generate_once(engine, ids, 64, width)
-    for round_ in range(args.reps):
-        order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
+    for round_, order in rounds(modes, args.reps):
         for mode in order:
             executor.cpu_worker = mode != "inline"
             sys.setswitchinterval(5e-6 if mode == "worker+switch" else interval)
@@ -100,13 +100,12 @@ def main() -> None:
     executor.cpu_worker = True
     print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
     for case in cases:
-        base = statistics.median(results[(modes[0], case)])
         for mode in modes:
             runs = results[(mode, case)]
-            median = statistics.median(runs)
+            median, ratio, slowest = summary(runs, results[(modes[0], case)])
             print(
                 f"{case} {mode:<14} {'decode' if case == 'a' else 'output'} tok/s {median:6.2f} "
-                f"({median / base:.3f}x {modes[0]}; slowest {min(runs) / median:.0%} of median) "
+                f"({ratio:.3f}x {modes[0]}; slowest {slowest:.0%} of median) "
                 f"CPU expert {statistics.mean(cpu_ms[(mode, case)]):.2f} ms; runs {[round(r, 2) for r in runs]}"
             )
 

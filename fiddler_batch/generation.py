@@ -358,13 +358,17 @@ GRAPH_MIN_NEW_TOKENS = 4
 eagerly and the second captures, so shorter batches would pay for the static cache and replay nothing."""
 
 
+STATIC_CACHE = {"cache_implementation": "static", "disable_compile": True}
+"""The static KV cache, and no automatic `torch.compile` (transformers compiles the forward when it sees a static
+cache on a GPU; the graphs do that job here, without changing a kernel)."""
+
+
 def static_cache_settings(engine: BatchEngine, new_tokens: int) -> dict[str, Any]:
-    """Generation settings for an engine whose decode steps run as CUDA graphs (`Engine.static_cache`): the
-    static KV cache, and no automatic `torch.compile` (transformers compiles the forward when it sees a static
-    cache on a GPU; the graphs do that job here, without changing a kernel)."""
+    """Generation settings for an engine whose decode steps run as CUDA graphs (`Engine.static_cache`):
+    STATIC_CACHE for batches of GRAPH_MIN_NEW_TOKENS or more, else none."""
     if not getattr(engine, "static_cache", False) or new_tokens < GRAPH_MIN_NEW_TOKENS:
         return {}
-    return {"cache_implementation": "static", "disable_compile": True}
+    return dict(STATIC_CACHE)
 
 
 def _real_token_reporter(

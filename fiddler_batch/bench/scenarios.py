@@ -77,8 +77,11 @@ def prompt_ids(prompt: int, vocab_size: int, seed: int) -> torch.Tensor:
     return torch.randint(FIRST_WORD, vocab_size, (1, prompt), generator=generator)
 
 
-def generate_once(engine: Engine, ids: torch.Tensor, new: int, width: int = 1) -> dict[str, Any]:
-    """One timed `generate` of `new` tokens after the prompt `ids` ([1, P], on the host)."""
+def generate_once(
+    engine: Engine, ids: torch.Tensor, new: int, width: int = 1, cache: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One timed `generate` of `new` tokens after the prompt `ids` ([1, P], on the host). `cache`: the KV cache's
+    generation settings (default: what the engine's decode needs, `static_cache_settings`)."""
     device = engine.device
     clock = StepClock(device)
     input_ids = ids.to(device)
@@ -93,7 +96,7 @@ def generate_once(engine: Engine, ids: torch.Tensor, new: int, width: int = 1) -
             num_beams=width,
             pad_token_id=0,
             logits_processor=LogitsProcessorList([clock]),
-            **static_cache_settings(engine, new),
+            **(static_cache_settings(engine, new) if cache is None else cache),
         )
     _sync(device)
     total = time.perf_counter() - start

@@ -38,7 +38,8 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,13 +284,20 @@ class DecodeGraphs:
             return self._original(*args, **kwargs)
         return self._replay(chain, kwargs)
 
-    def _on_capture_stream(self, kwargs: dict[str, Any]) -> Any:
+    @contextmanager
+    def _on_side_stream(self) -> Iterator[None]:
+        """Make the capture stream current, ordered after the work queued before and before the work after."""
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            output = self._original(**kwargs)
-        current.wait_stream(self.stream)
-        return output
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
+
+    def _on_capture_stream(self, kwargs: dict[str, Any]) -> Any:
+        with self._on_side_stream():
+            return self._original(**kwargs)
 
     # -- capture --------------------------------------------------------------------------------------
 
@@ -299,12 +307,10 @@ class DecodeGraphs:
         name, cache = find_cache(kwargs)
         inputs = {k: static_copy(v) for k, v in kwargs.items() if k != name}
         chain = Chain(cache, inputs)
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
         self._pool = torch.cuda.graph_pool_handle()
         self.capturing = chain
         try:
-            with torch.cuda.stream(self.stream):  # a capture ends on the stream it began on, failed or not
+            with self._on_side_stream():  # a capture ends on the stream it began on, failed or not
                 try:
                     self._begin()
                     chain.output = self._original(**{**kwargs, **inputs})
@@ -323,7 +329,6 @@ class DecodeGraphs:
             return None
         finally:
             self.capturing = None
-            current.wait_stream(self.stream)
         self.captures += 1
         self._chain, self._key = chain, key
         return chain

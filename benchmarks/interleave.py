@@ -1,0 +1,24 @@
+"""Interleaved A/B rounds for the benchmark scripts that compare engine modes in one process (`worker_ab.py`,
+`graphs_ab.py`): the order of the modes rotates from round to round, so that a drift of the host's speed falls on
+every mode alike, and each mode's runs are summed up against the first mode's."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator, Sequence
+
+
+def rounds(modes: Sequence[str], reps: int) -> Iterator[tuple[int, list[str]]]:
+    """(round, the modes in this round's order), each round starting one mode later than the last."""
+    modes = list(modes)
+    for round_ in range(reps):
+        shift = round_ % len(modes)
+        yield round_, modes[shift:] + modes[:shift]
+
+
+def summary(runs: Sequence[float], base: Sequence[float], lower_is_better: bool = False) -> tuple[float, float, float]:
+    """(median, median / the base mode's median, the slowest run over the median) of one mode's runs: for times
+    (`lower_is_better`) the slowest run is the longest, so that share is above 1."""
+    median = statistics.median(runs)
+    slowest = (max(runs) if lower_is_better else min(runs)) / median
+    return median, median / statistics.median(base), slowest
