@@ -563,6 +563,7 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
     ladder of token counts, the pinned host-to-GPU copy, and how CPU work and copies slow each other."""
     spec = _load(job, overrides, {"engine.calibration": output} if output is not None else None)
     from fiddler_batch.assets import cost_cache_path, load_engine, save_cost_model
+    from fiddler_batch.engine.cpupack import pays
 
     _quiet_transformers()
 
@@ -574,9 +575,12 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
         return cost, path
 
     cost, path = _failures(measure)
-    click.echo(f"{'tokens':>8} {'cpu ms':>10} {'gpu ms':>10}")
-    for n, cpu_ms, gpu_ms in zip(cost.ladder, cost.cpu_ms, cost.gpu_ms):
-        click.echo(f"{n:>8} {cpu_ms:>10.3f} {gpu_ms:>10.3f}")
+    packed = cost.cpu_packed_ms or (None,) * len(cost.ladder)
+    click.echo(
+        f"{'tokens':>8} {'cpu ms':>10} {'gpu ms':>10}" + (f" {'cpu packed ms':>14}" if cost.cpu_packed_ms else "")
+    )
+    for n, cpu_ms, gpu_ms, packed_ms in zip(cost.ladder, cost.cpu_ms, cost.gpu_ms, packed):
+        click.echo(f"{n:>8} {cpu_ms:>10.3f} {gpu_ms:>10.3f}" + (f" {packed_ms:>14.3f}" if packed_ms else ""))
     crossover = cost.crossover()
     click.echo(
         f"copy of one expert: {cost.copy_ms:.3f} ms ({cost.meta.get('copy_gb_per_s')} GB/s); CPU compute "
@@ -588,6 +592,11 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
             f"host memory read {cost.meta['host_read_gb_per_s']} GB/s; one expert on the CPU at {cost.ladder[0]} "
             f"token(s) reads its weights at {cost.meta['cpu_share_of_read']:.0%} of that, its timed runs "
             f"{cost.meta['cpu_spread']:.0%} apart"
+        )
+    if cost.cpu_packed_ms:
+        click.echo(
+            "CPU experts from weights packed for oneDNN: "
+            + ("worth it on this machine (engine.cpu_packed: auto packs them)" if pays(cost) else "not worth it here")
         )
     click.echo(f"wrote {path}")
 

@@ -466,6 +466,9 @@ StrategyName = Literal["balanced", "fiddler-rule", "cpu", "copy"]
 - ``copy``: every off-GPU expert is copied to the GPU and computed there.
 """
 
+CpuPacked = Literal["auto", "on", "off"]
+"""Whether experts computed on the CPU use weights packed for oneDNN (`engine.cpu_packed`)."""
+
 ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -566,6 +569,17 @@ class EngineSpec(BaseModel):
     GPU only; models whose static cache is not made of plain full-attention layers (sliding-window,
     linear-attention or indexed layers), or whose code cannot be captured, decode without graphs, on the
     dynamic cache."""
+    cpu_packed: CpuPacked = "off"
+    """Compute CPU experts from a second copy of their up and down weights packed once for oneDNN (bf16 weights
+    only). 'auto' packs when the calibration measured the packed expert at least 10% faster at some token count the
+    CPU takes (up to the crossover, where copying starts to win) and host memory keeps a tenth of itself (at least 4
+    GiB) free after the packed copies; each CPU expert is then computed with whichever layout the calibration
+    measured faster at its token count, and the planner plans with those times. 'on' packs whatever memory and the
+    calibration say and always computes from the packed copy. The packed copies take as much host memory as the host
+    experts. Off by default: which layout is faster changed from one H200 host to the next (packed 1.4x faster at
+    2-32 tokens in one call, 1.0-1.4x slower at 1-32 tokens in the next four), and a packed product may differ from
+    the plain one in its last bits (benchmarks/NOTES.md). A calibration made by an earlier version has no packed
+    times: 'auto' then does not pack until `fiddler-batch calibrate` runs again."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)
@@ -587,6 +601,12 @@ class EngineSpec(BaseModel):
                 {"fix": "write resident_share: with the same value", "key": "resident_experts"},
             )
         return data
+
+    @field_validator("cpu_packed", mode="before")
+    @classmethod
+    def _packed_switch(cls, value: object) -> object:
+        """YAML reads a bare on / off (and true / false) as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("device")
     @classmethod

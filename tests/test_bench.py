@@ -54,7 +54,14 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_variants_of_ours_run_only_when_named() -> None:
     assert DEFAULT_BASELINES == ("accelerate", "cpu-experts", "fiddler-rule", "fiddler-batch")
     assert Settings().baselines == DEFAULT_BASELINES
-    variants = {"fiddler-prefetch", "fiddler-prefetch-1", "fiddler-split", "fiddler-worker", "fiddler-eager"}
+    variants = {
+        "fiddler-prefetch",
+        "fiddler-prefetch-1",
+        "fiddler-split",
+        "fiddler-worker",
+        "fiddler-eager",
+        "fiddler-packed",
+    }
     assert set(BASELINES) - set(DEFAULT_BASELINES) == variants
     assert all(BASELINE_TABLE[name].engine for name in BASELINES if name not in DEFAULT_BASELINES)
     default = next(p for p in bench.params if p.name == "baselines").default

@@ -12,8 +12,10 @@
   layer's guessed experts copied during the current one), and `fiddler-split`, the same with one expert per
   layer split between the CPU and the GPU where that pays (`engine.split_experts: true`), so one run measures
   a lever against the defaults, `fiddler-worker`, the same with the CPU experts on a worker thread
-  (`engine.cpu_worker: true`), and `fiddler-eager`, the same with decode steps launched eagerly instead
-  of replayed as CUDA graphs (`engine.cuda_graphs: false`); they run only when `--baselines` names them.
+  (`engine.cpu_worker: true`), `fiddler-eager`, the same with decode steps launched eagerly instead
+  of replayed as CUDA graphs (`engine.cuda_graphs: false`), and `fiddler-packed`, the same with CPU experts
+  packed for oneDNN where that was measured faster (`engine.cpu_packed: auto`); they run only when
+  `--baselines` names them.
   Engine settings a baseline changes are its record's `engine` (bench/settings.py).
 
 Every baseline places the same model object in turn and gives it back in host memory: `accelerate` first,

@@ -35,7 +35,8 @@ from fiddler_batch.engine.executor import IMPLEMENTATION
 ZERO_EXPERTS = "bench-zero"
 FORMULA = (
     "bound = time outside the experts (same call, experts replaced by zeros) + sum over MoE layers and steps of "
-    "max(GPU time of the routed experts, T) where T is the least time in which the CPU (cpu(n) per expert) and "
+    "max(GPU time of the routed experts, T) where T is the least time in which the CPU (cpu(n) per expert, the "
+    "faster of its weights as stored and packed for oneDNN) and "
     "PCIe (copy_ms per expert) together serve the off-GPU experts, split fractionally; batch-1 decode: "
     "off-GPU expert bytes / (B_cpu + B_pcie) per step"
 )
@@ -51,7 +52,7 @@ def rates(cost: CostModel, expert: int, hidden: int, intermediate: int) -> dict[
         "pcie_gb_per_s": expert / cost.copy_ms / 1e6,
         "gpu_tflop_per_s": 6 * hidden * intermediate * n / cost.gpu(n) / 1e9,
         "gpu_tflop_at_tokens": n,
-    }
+    } | ({"cpu_packed_gb_per_s": expert / cost.cpu_packed_ms[0] / 1e6} if cost.cpu_packed_ms else {})
 
 
 def split_ms(cpu_costs: Sequence[float], copy_ms: float) -> float:
@@ -70,7 +71,7 @@ def split_ms(cpu_costs: Sequence[float], copy_ms: float) -> float:
 
 def layer_ms(counts: Sequence[int], resident: Sequence[bool], cost: CostModel) -> float:
     """The bound of one MoE layer's experts in one step, in ms (counts[e]: tokens routed to expert e)."""
-    off_gpu = [cost.cpu(n) for n, r in zip(counts, resident) if n and not r]
+    off_gpu = [cost.fastest_cpu(n) for n, r in zip(counts, resident) if n and not r]
     all_on_gpu = sum(cost.gpu(n) for n in counts if n)
     return max(split_ms(off_gpu, cost.copy_ms), all_on_gpu)
 

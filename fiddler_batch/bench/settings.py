@@ -114,6 +114,17 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
+            "fiddler-packed",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with CPU experts computed from weights packed for oneDNN where the calibration "
+            "measured that faster (engine.cpu_packed: auto)",
+            engine={"cpu_packed": "auto"},
+            by_default=False,
+        ),
+        Baseline(
             "fiddler-prefetch-1",
             "engine",
             None,

@@ -1,7 +1,8 @@
 """One expert's forward pass, the same arithmetic as transformers' eager experts loop.
 
 Used on every device and path (CPU compute, resident experts, copied experts), so each path computes
-exactly what the reference computes for the same tokens.
+exactly what the reference computes for the same tokens. On the CPU the up and down weights may come packed for
+oneDNN (`cpupack.py`): the same products, through the packed layout.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fiddler_batch.engine import cpupack
 from fiddler_batch.engine.layout import ExpertLayout
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    out = x @ weight if transposed else F.linear(x, weight)
+    if weight.is_mkldnn:  # packed for the CPU (cpupack.py); never transposed
+        out = cpupack.linear(x, weight)
+    else:
+        out = x @ weight if transposed else F.linear(x, weight)
     return out if bias is None else out + bias
 
 

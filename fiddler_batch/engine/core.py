@@ -197,6 +197,7 @@ class Engine:
             prefetch_experts=spec.prefetch_experts,
             split_experts=spec.split_experts,
             cpu_worker=spec.cpu_worker,
+            cpu_packed=spec.cpu_packed,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -230,7 +231,7 @@ class Engine:
 
     def set_cost_model(self, cost: CostModel) -> None:
         if self.executor is not None:
-            self.executor.cost = cost
+            self.executor.set_cost(cost)
 
     def measure_cost_model(self, quick: bool = False) -> CostModel:
         """Measure the cost model on this machine with the model's own weights (an expert of the first MoE
@@ -245,7 +246,7 @@ class Engine:
         cost = measure_cost_model(
             layer.layout, layer.module, self.device, self.executor.cpu_threads, quick=quick, host=host
         )
-        self.executor.cost = cost
+        self.executor.set_cost(cost)
         return cost
 
     def cost_key(self) -> dict[str, Any]:
@@ -343,6 +344,7 @@ class Engine:
             info["split_experts"] = self.executor.split_experts
             info["cpu_worker"] = self.executor.cpu_worker
             info["cuda_graphs"] = self.executor.graphs is not None
+            info["cpu_packed_experts"] = self.executor.packed_experts()
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

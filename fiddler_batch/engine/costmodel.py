@@ -12,11 +12,12 @@ import bisect
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
+from fiddler_batch.engine import cpupack
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.layout import ExpertLayout
 
@@ -44,9 +45,32 @@ class CostModel:
     cpu_contention: float = 1.0  # CPU expert time multiplier while copies run (shared memory bandwidth)
     copy_contention: float = 1.0  # copy time multiplier while the CPU computes experts
     meta: dict = field(default_factory=dict, compare=False)
+    cpu_packed_ms: tuple[float, ...] | None = None  # one expert on the CPU from weights packed for oneDNN
+    # (cpupack.py), per ladder point; None: not measured (another dtype or layout, or an older calibration)
 
     def cpu(self, n: int) -> float:
         return _interp(self.ladder, self.cpu_ms, n)
+
+    def cpu_packed(self, n: int) -> float | None:
+        return _interp(self.ladder, self.cpu_packed_ms, n) if self.cpu_packed_ms is not None else None
+
+    def packed_faster(self, n: int) -> bool:
+        """The CPU expert at n tokens was measured faster from packed weights than from the weights as stored."""
+        packed = self.cpu_packed(n)
+        return packed is not None and packed < self.cpu(n)
+
+    def fastest_cpu(self, n: int) -> float:
+        """The CPU expert at n tokens with the faster of the two weight layouts measured."""
+        packed = self.cpu_packed(n)
+        return self.cpu(n) if packed is None else min(self.cpu(n), packed)
+
+    def with_packed_cpu(self) -> CostModel:
+        """This model for an engine that computes each CPU expert with the faster layout: cpu(n) is the faster
+        of the two at each ladder point (the planner and the bound read cpu(n))."""
+        if self.cpu_packed_ms is None:
+            return self
+        best = tuple(min(a, b) for a, b in zip(self.cpu_ms, self.cpu_packed_ms))
+        return replace(self, cpu_ms=best)
 
     def gpu(self, n: int) -> float:
         return _interp(self.ladder, self.gpu_ms, n)
@@ -72,6 +96,7 @@ class CostModel:
             cpu_contention=float(data.get("cpu_contention", 1.0)),
             copy_contention=float(data.get("copy_contention", 1.0)),
             meta=dict(data.get("meta", {})),
+            cpu_packed_ms=tuple(data["cpu_packed_ms"]) if data.get("cpu_packed_ms") else None,
         )
 
 
@@ -172,8 +197,9 @@ def calibrate(
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            cpu_ms, gpu_ms = [], []
+            cpu_ms, gpu_ms, packed_ms = [], [], []
             cpu_spread = 0.0
+            packed = cpupack.pack_expert(host) if cpupack.packable(layout) else None
             for n in ladder:
                 x = torch.randn(n, layout.hidden, dtype=layout.dtype)
                 w = torch.rand(n, dtype=layout.dtype)
@@ -182,6 +208,9 @@ def calibrate(
                 cpu_ms.append(statistics.median(times))
                 if n == ladder[0]:
                     cpu_spread = (max(times) - min(times)) / cpu_ms[-1]
+                if packed is not None:
+                    on_packed = lambda x=x, w=w, p=packed: expert_forward(module, layout, p, x, w)  # noqa: E731
+                    packed_ms.append(_median_ms(on_packed, reps, lambda: None))
                 xd, wd = x.to(device), w.to(device)
                 gpu_ms.append(
                     _median_ms(lambda xd=xd, wd=wd: expert_forward(module, layout, fast, xd, wd), reps, sync_dev)
@@ -194,6 +223,7 @@ def calibrate(
             # Fewer tokens never take longer: a point slower than a larger one is a measurement outlier
             # (a first call that paid for warming caches or thread pools), so take the envelope from above.
             cpu_ms, gpu_ms = _non_decreasing(cpu_ms), _non_decreasing(gpu_ms)
+            packed_ms = _non_decreasing(packed_ms) if packed_ms else []
             copy_ms = _median_ms(copy, reps + 1, sync_dev)
             cpu_contention = copy_contention = 1.0
             fixed_ms = 0.0
@@ -223,6 +253,16 @@ def calibrate(
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if packed_ms:
+        meta["cpu_packed_share_of_read"] = round(expert_bytes / packed_ms[0] / 1e6 / read_gb_per_s, 3)
     return CostModel(
-        tuple(ladder), tuple(cpu_ms), tuple(gpu_ms), copy_ms, fixed_ms, cpu_contention, copy_contention, meta
+        tuple(ladder),
+        tuple(cpu_ms),
+        tuple(gpu_ms),
+        copy_ms,
+        fixed_ms,
+        cpu_contention,
+        copy_contention,
+        meta,
+        cpu_packed_ms=tuple(packed_ms) if packed_ms else None,
     )

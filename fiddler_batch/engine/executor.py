@@ -8,10 +8,9 @@ runs, then drives three resources at once:
     main stream   resident experts; copied experts once landed  (RESIDENT, COPY)
     host thread   CPU experts from pinned host weights           (CPU), results copied back
 
-and adds the experts' outputs into the layer's result: in the eager loop's order on the CPU and whenever
-a token has at most two experts, so each path gives the reference's numbers for the same tokens; on CUDA
-with more experts per token, by a deterministic sum over top-k positions (CUDA's index_add_ is not
-deterministic with repeated indices).
+and adds the experts' outputs into the layer's result in the eager loop's order (per token, from zeros, expert
+after expert in ascending order, rounding after each add), so each path gives the reference's numbers for the
+same expert outputs, in every dtype and on every device.
 
 With `prefetch_experts` > 0, a call also guesses the next MoE layer's experts and copies some of the guessed
 off-GPU ones into free staging slots after the layer's own copies (`engine/prefetch.py`): in a decode-sized
@@ -39,15 +38,17 @@ calling thread.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from fiddler_batch.engine import cpupack
 from fiddler_batch.engine.compute import (
     activate,
     expert_forward,
@@ -64,9 +65,11 @@ from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
 from fiddler_batch.engine.prefetch import choose_prefetch, router_guess
 from fiddler_batch.errors import EngineError
-from fiddler_batch.spec import StrategyName
+from fiddler_batch.spec import CpuPacked, StrategyName
 
 IMPLEMENTATION = "fiddler"
+
+log = logging.getLogger(__name__)
 
 BULK_PREFETCH = ("balanced", "copy")
 """Strategies whose calls above `prefetch_limit` tokens prefetch the experts the next layer's plan copies (the
@@ -100,6 +103,8 @@ class LayerState:
     routed: list[int] = field(default_factory=list)  # tokens routed to each expert since the last reset
     router: torch.Tensor | None = None  # [E, H] the layer's router weight on the fast device (None: not found)
     staged: dict[int, StagingSlot] = field(default_factory=dict)  # expert -> slot a prefetch copied it into
+    packed: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # expert -> its weights packed for
+    # the CPU (cpupack.py), for the host experts engine.cpu_packed packs
 
     def is_resident(self) -> list[bool]:
         return [row >= 0 for row in self.resident_row]
@@ -112,6 +117,10 @@ class LayerState:
         row = self.host_row[e]
         return {role: t[row] for role, t in self.host.items()}
 
+    def cpu_expert(self, e: int, packed: bool) -> dict[str, torch.Tensor]:
+        """Expert e's host weights for computing it on the CPU: packed when asked for and packed."""
+        return self.packed[e] if packed and e in self.packed else self.host_expert(e)
+
     def expert_template(self) -> dict[str, torch.Tensor]:
         """One tensor per role with an expert's shape and dtype in its trailing dimensions."""
         return self.host if self.host_row.count(-1) < len(self.host_row) else self.resident
@@ -119,6 +128,11 @@ class LayerState:
     def resident_expert(self, e: int) -> dict[str, torch.Tensor]:
         row = self.resident_row[e]
         return {role: t[row] for role, t in self.resident.items()}
+
+
+def _host_experts(layer: LayerState) -> list[int]:
+    """The experts the CPU may compute: those with a host copy that are not resident on the fast device."""
+    return [e for e, (row, res) in enumerate(zip(layer.host_row, layer.resident_row)) if row >= 0 and res < 0]
 
 
 class StagingSlot:
@@ -143,6 +157,7 @@ class Stats:
     tokens_routed: int = 0
     experts_resident: int = 0
     experts_cpu: int = 0
+    experts_cpu_packed: int = 0  # of those, computed from weights packed for the CPU (engine.cpu_packed)
     experts_copied: int = 0
     tokens_resident: int = 0
     tokens_cpu: int = 0
@@ -209,10 +224,11 @@ class HybridExecutor:
         prefetch_experts: int = 0,
         split_experts: bool = False,
         cpu_worker: bool = False,
+        cpu_packed: CpuPacked = "off",
     ):
         self.device = device
         self.layers = layers
-        self.cost = cost
+        self.cost = cost  # what the planner reads: with packed CPU experts, the faster layout's CPU times
         self.strategy = strategy
         self.cpu_threads = cpu_threads
         self.planner: Planner | None = None
@@ -241,6 +257,87 @@ class HybridExecutor:
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the worker's latest job, until joined
         self.graphs: DecodeGraphs | None = None  # set by the engine with engine.cuda_graphs (graphs.py)
+        self.cpu_packed: CpuPacked = cpu_packed
+        self._measured: CostModel | None = None  # the cost model as installed: both CPU layouts' times
+        self.set_cost(cost)
+
+    # -- the cost model and packed CPU experts -------------------------------------------------------
+
+    def set_cost(self, cost: CostModel | None) -> None:
+        """Install a cost model. With `cpu_packed` 'on', or 'auto' when the model says packing pays
+        (`cpupack.pays`) and host memory holds the packed copies, the host experts are packed for the CPU first
+        (once), and the planner plans with the packed layout's CPU times ('on') or the faster layout's at each
+        token count ('auto'); otherwise packed copies made for an earlier cost model are dropped."""
+        self._measured = cost
+        reason = self._packing_refused(cost)
+        if reason is None:
+            self._pack_host_experts()
+        elif any(layer.packed for layer in self.layers):
+            self._drop_packed()
+        if reason:
+            log.info("CPU experts use their weights as stored: %s", reason)
+        if cost is not None and self.packed_experts():
+            cost = replace(cost, cpu_ms=cost.cpu_packed_ms) if self._always_packed(cost) else cost.with_packed_cpu()
+        self.cost = cost
+
+    def _always_packed(self, cost: CostModel) -> bool:
+        return self.cpu_packed == "on" and cost.cpu_packed_ms is not None
+
+    def packed_for(self, n: int) -> bool:
+        """A packed CPU expert with n tokens is computed from its packed weights (the faster layout at n as
+        measured; always with cpu_packed 'on')."""
+        if self.cpu_packed == "on":
+            return True
+        return self._measured is not None and self._measured.packed_faster(n)
+
+    def packed_experts(self) -> int:
+        return sum(len(layer.packed) for layer in self.layers)
+
+    def _packing_refused(self, cost: CostModel | None) -> str | None:
+        """None when the host experts should be packed; else why not ('' when there is nothing to say: the
+        setting is off, or no layer can be packed)."""
+        if self.cpu_packed == "off":
+            return ""
+        host = [layer for layer in self.layers if _host_experts(layer)]
+        if not host or not all(cpupack.packable(layer.layout) for layer in host):
+            return ""
+        if self.cpu_packed == "on":
+            return None
+        if cost is None:
+            return ""  # decided when a cost model is installed
+        if cost.cpu_packed_ms is None:
+            return "the calibration did not measure packed weights (`fiddler-batch calibrate` measures them)"
+        if not cpupack.pays(cost):
+            return (
+                f"the calibration measured them less than {cpupack.MIN_GAIN:.0%} faster packed for oneDNN at every "
+                "token count the CPU takes"
+            )
+        if self.packed_experts():
+            return None  # packed for an earlier cost model: the memory is taken already
+        nbytes = sum(cpupack.expert_bytes(layer.host_expert(e)) for layer in host for e in _host_experts(layer))
+        fits, line = cpupack.room_for(nbytes)
+        return None if fits else f"host memory cannot hold packed copies ({line})"
+
+    def _pack_host_experts(self) -> None:
+        if self.packed_experts():
+            return
+        started = time.perf_counter()
+        nbytes = 0
+        for layer in self.layers:
+            for e in _host_experts(layer):
+                weights = layer.host_expert(e)
+                layer.packed[e] = cpupack.pack_expert(weights)
+                nbytes += cpupack.expert_bytes(weights)
+        log.info(
+            "packed %d host experts for the CPU (%.1f GB more host memory) in %.1f s",
+            self.packed_experts(),
+            nbytes / 1e9,
+            time.perf_counter() - started,
+        )
+
+    def _drop_packed(self) -> None:
+        for layer in self.layers:
+            layer.packed.clear()
 
     # -- planning ---------------------------------------------------------------------------------
 
@@ -509,12 +606,11 @@ class HybridExecutor:
             if results is not None:
                 self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
 
-        result = torch.zeros_like(hidden)
-        if top_k <= 2 or not self.cuda:
-            # Sorted slots are in the eager loop's order, so this adds in the same order it does.
-            result.index_add_(0, tokens, out)
+        if top_k <= 2:
+            # At most two adds per row, which round alike in either order: one call, deterministic on CUDA too.
+            result = torch.zeros_like(hidden).index_add_(0, tokens, out)
         else:
-            result.copy_(self._sum_over_top_k(out, order, num_tokens, top_k))
+            result = self._sum_in_expert_order(out, tokens, num_tokens, top_k)
         stats.forward_s += time.perf_counter() - start
         if timeline:
             timeline.mark("exit")
@@ -659,9 +755,11 @@ class HybridExecutor:
             self._split_up_on_cpu(layer, split, split_rows, out, weights)
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
+            use_packed = e in layer.packed and self.packed_for(n)
             y = expert_forward(
-                layer.module, layer.layout, layer.host_expert(e), rows[s : s + n], row_weights[s : s + n]
+                layer.module, layer.layout, layer.cpu_expert(e, use_packed), rows[s : s + n], row_weights[s : s + n]
             )
+            self.stats.experts_cpu_packed += use_packed
             if results is None:
                 out[bounds[e] : bounds[e + 1]] = y
             else:
@@ -737,8 +835,10 @@ class HybridExecutor:
             pending.result()
 
     def close(self) -> None:
-        """Wait for the worker thread and stop it. A job still pending here was cut short by an error on the
-        main thread, which is what the caller sees; the job's own error is not raised a second time."""
+        """Wait for the worker thread and stop it, and drop the packed CPU experts. A job still pending here was
+        cut short by an error on the main thread, which is what the caller sees; the job's own error is not raised
+        a second time."""
+        self._drop_packed()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.exception()  # waits, raises nothing
@@ -898,11 +998,17 @@ class HybridExecutor:
         self.stats.tokens_split += b - a
 
     @staticmethod
-    def _sum_over_top_k(out: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
-        """Deterministic on CUDA (index_add_ with repeated indices is not when top_k > 2)."""
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out  # back to [K*T] in (top-k position, token) order
-        return unsorted.view(top_k, num_tokens, -1).sum(dim=0)
+    def _sum_in_expert_order(out: torch.Tensor, tokens: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+        """Each token's expert outputs added as the eager loop adds them: from zeros, one expert after another
+        in ascending order, rounding to the dtype after each add. `out` holds the sorted slots (expert-major) and
+        `tokens` their tokens. One index_add_ would not do: on CUDA its order with repeated indices is not
+        fixed, and on the CPU it sums a half-precision call's repeated indices in float and rounds once."""
+        by_token = torch.sort(tokens, stable=True).indices  # each token's slots, still in expert order
+        per_token = out[by_token].view(num_tokens, top_k, out.shape[-1])
+        result = torch.zeros_like(per_token[:, 0])
+        for k in range(top_k):
+            result = result + per_token[:, k]
+        return result
 
 
 @dataclass

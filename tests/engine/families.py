@@ -88,10 +88,13 @@ FAMILIES = {
 DENSE = ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=128))
 
 
-def build(family: str, seed: int = 0) -> torch.nn.Module:
-    """A seeded random model with the eager experts loop as its implementation (the reference)."""
+def build(family: str, seed: int = 0, top_k: int | None = None) -> torch.nn.Module:
+    """A seeded random model with the eager experts loop as its implementation (the reference); `top_k`: experts
+    per token instead of the family's (num_experts_per_tok), the same weights either way."""
     config_name, model_name, extra = DENSE if family == "dense" else FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**COMMON, **extra})
+    config = getattr(transformers, config_name)(
+        **{**COMMON, **extra, **({"num_experts_per_tok": top_k} if top_k else {})}
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():

@@ -17,6 +17,7 @@ from fiddler_batch.spec import EngineSpec
 
 from .conftest import COST, PLANS, PROMPTS, alternate, forced, forced_split, generate, make_engine
 from .families import FAMILIES
+from .families import build as build_family
 
 
 @pytest.mark.parametrize("family_model", list(FAMILIES), indirect=True)
@@ -112,3 +113,41 @@ def test_cpu_experts_on_the_calling_thread_or_the_worker_give_the_same_tokens(re
         assert (engine.executor._worker is not None) is worker  # the worker thread computed them
         engine.close()
         assert engine.executor is None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("top_k", [None, 6])
+def test_half_precision_sums_match_the_reference(family, top_k):
+    """In bf16 the CPU's index_add_ rounds a call's repeated indices once, the eager loop once per expert:
+    the layer's sum must round as the loop does (with more than 2 experts per token; 2 round alike)."""
+    ref_model = build_family(family, top_k=top_k).to(torch.bfloat16)
+    with torch.no_grad():
+        ref_logits = ref_model(PROMPTS).logits
+    ref_greedy, ref_beam = generate(ref_model), generate(ref_model, num_beams=3)
+    model, _ = make_engine(ref_model, "mixed")
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    assert torch.equal(generate(model), ref_greedy)
+    assert torch.equal(generate(model, num_beams=3), ref_beam)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top_k", [3, 8])
+def test_layer_sum_rounds_as_the_eager_loop(dtype, top_k):
+    """The sum used for more than two experts per token (on every device) equals the eager loop's: one
+    index_add_ per expert, in ascending order, from zeros."""
+    from fiddler_batch.engine.executor import HybridExecutor
+
+    generator = torch.Generator().manual_seed(top_k)
+    num_tokens, num_experts, hidden = 9, 16, 32
+    chosen = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+    flat = chosen.t().reshape(-1)
+    order = torch.sort(flat, stable=True).indices  # the executor's sorted slots: expert-major
+    tokens = order % num_tokens
+    out = (torch.randn(num_tokens * top_k, hidden, generator=generator) * 8).to(dtype)
+    expected = torch.zeros(num_tokens, hidden, dtype=dtype)
+    sorted_experts = flat[order]
+    for e in range(num_experts):
+        rows = sorted_experts == e
+        expected.index_add_(0, tokens[rows], out[rows])
+    assert torch.equal(HybridExecutor._sum_in_expert_order(out, tokens, num_tokens, top_k), expected)

@@ -1,0 +1,111 @@
+"""How fast one expert runs on the CPU, against what the host's memory can be read at.
+
+    python benchmarks/cpu_expert_probe.py [--hidden 4096] [--intermediate 14336] [--threads 16,12,8]
+
+One random bf16 expert of Mixtral's geometry (gate and up halves concatenated, SiLU gate), pinned when there
+is a GPU. For each thread count and token count it times the expert three ways and prints one line each:
+
+- `plain`: `F.linear` on the weights as stored (what the engine's CPU experts do by default);
+- `packed`: the same weights reordered once for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`), then
+  `torch.ops.mkldnn._linear_pointwise`;
+- `packed+copy` (with a GPU): `packed` while the link copies another expert to the GPU in a loop.
+
+Each line gives the median ms of 7 runs, GB/s of weights read, that as a share of the host's read bandwidth
+(a float32 sum over 1 GB with the same threads), the spread (max - min over the median) and whether the output
+equals `plain`'s bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.nn import functional as F
+
+
+def times_ms(fn, reps: int = 7) -> list[float]:
+    fn()
+    fn()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--threads", default=str(torch.get_num_threads()))
+    parser.add_argument("--tokens", default="1,2,4,8,16,32")
+    args = parser.parse_args()
+    h, i = args.hidden, args.intermediate
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    up = torch.empty(2 * i, h, dtype=torch.bfloat16, pin_memory=cuda).uniform_(-0.05, 0.05)
+    down = torch.empty(h, i, dtype=torch.bfloat16, pin_memory=cuda).uniform_(-0.05, 0.05)
+    nbytes = (up.numel() + down.numel()) * 2
+    print(f"expert {nbytes / 1e6:.0f} MB, torch {torch.__version__}, mkldnn {torch.backends.mkldnn.is_available()}")
+    ring = [(up.clone().pin_memory(), down.clone().pin_memory()) for _ in range(2)] if cuda else []
+    slot = (torch.empty_like(up, device="cuda"), torch.empty_like(down, device="cuda")) if cuda else None
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        gate, upv = F.linear(x, up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * upv, down)
+
+    with torch.no_grad():
+        for threads in [int(t) for t in args.threads.split(",")]:
+            torch.set_num_threads(threads)
+            buffer = torch.ones(1 << 28, dtype=torch.float32)
+            read = buffer.numel() * 4 / statistics.median(times_ms(buffer.sum, 5)) / 1e6
+            del buffer
+            print(f"threads {threads}: host read {read:.1f} GB/s")
+            for n in [int(t) for t in args.tokens.split(",")]:
+                start = time.perf_counter()
+                up_p = torch.ops.mkldnn._reorder_linear_weight(up, n)
+                down_p = torch.ops.mkldnn._reorder_linear_weight(down, n)
+                pack_ms = (time.perf_counter() - start) * 1e3
+
+                def packed(x: torch.Tensor, up_p: torch.Tensor = up_p, down_p: torch.Tensor = down_p) -> torch.Tensor:
+                    gate, upv = torch.ops.mkldnn._linear_pointwise(x, up_p, None, "none", [], "").chunk(2, dim=-1)
+                    return torch.ops.mkldnn._linear_pointwise(F.silu(gate) * upv, down_p, None, "none", [], "")
+
+                x = torch.randn(n, h, dtype=torch.bfloat16)
+                ref = plain(x)
+                variants = {"plain": plain, "packed": packed}
+                for name, fn in variants.items():
+                    equal = torch.equal(fn(x), ref)
+                    t = times_ms(lambda fn=fn, x=x: fn(x))
+                    med = statistics.median(t)
+                    print(
+                        f"  n={n:<3} {name:<12} {med:7.2f} ms  {nbytes / med / 1e6:6.1f} GB/s  "
+                        f"{nbytes / med / 1e6 / read:5.0%} of read  spread {(max(t) - min(t)) / med:4.0%}  "
+                        f"equal {equal}" + (f"  (pack {pack_ms:.0f} ms)" if name == "packed" else "")
+                    )
+                if cuda and n in (1, 4):
+                    for name, fn in variants.items():
+                        stream = torch.cuda.Stream()
+                        done = torch.cuda.Event()
+                        torch.cuda.synchronize()
+                        with torch.cuda.stream(stream):
+                            for k in range(24):
+                                a, b = ring[k % 2]
+                                slot[0].copy_(a, non_blocking=True)
+                                slot[1].copy_(b, non_blocking=True)
+                            done.record(stream)
+                        t = []
+                        while not done.query() or len(t) < 3:
+                            s = time.perf_counter()
+                            fn(x)
+                            t.append((time.perf_counter() - s) * 1e3)
+                        torch.cuda.synchronize()
+                        med = statistics.median(t[:-1] or t)
+                        print(f"  n={n:<3} {name + '+copy':<12} {med:7.2f} ms  {nbytes / med / 1e6:6.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
