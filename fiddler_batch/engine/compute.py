@@ -2,7 +2,8 @@
 
 Used on every device and path (CPU compute, resident experts, copied experts), so each path computes
 exactly what the reference computes for the same tokens. On the CPU the up and down weights may come packed for
-oneDNN (`cpupack.py`): the same products, through the packed layout.
+oneDNN (`cpupack.py`, `engine.cpu_packed`): the same products through the packed layout, whose kernel may round
+their last bits differently.
 """
 
 from __future__ import annotations
