@@ -275,7 +275,8 @@ class HybridExecutor:
         elif any(layer.packed for layer in self.layers):
             self._drop_packed()
         if reason:
-            log.info("CPU experts use their weights as stored: %s", reason)
+            level = logging.WARNING if self.cpu_packed == "on" else logging.INFO
+            log.log(level, "CPU experts use their weights as stored: %s", reason)
         if cost is not None and self.packed_experts():
             cost = replace(cost, cpu_ms=cost.cpu_packed_ms) if self._always_packed(cost) else cost.with_packed_cpu()
         self.cost = cost
@@ -299,8 +300,16 @@ class HybridExecutor:
         if self.cpu_packed == "off":
             return ""
         host = [layer for layer in self.layers if _host_experts(layer)]
-        if not host or not all(cpupack.packable(layer.layout) for layer in host):
+        if not host:
             return ""
+        if not all(cpupack.packable(layer.layout) for layer in host):
+            # Said only when asked for outright: auto leaves other dtypes and layouts as they are.
+            return (
+                "engine.cpu_packed is on, but only bf16 experts stored [out, in] can be packed, with a PyTorch "
+                "that has oneDNN"
+                if self.cpu_packed == "on"
+                else ""
+            )
         if self.cpu_packed == "on":
             return None
         if cost is None:

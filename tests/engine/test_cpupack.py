@@ -153,10 +153,15 @@ def test_a_cost_model_installed_later_decides_the_packing(bf16_reference):
     assert engine.executor.packed_experts() == 0 and engine.executor.cost.cpu(8) == COST.cpu(8)
 
 
-def test_float32_experts_are_never_packed():
-    model = build("mixtral")
-    engine = Engine.from_model(model, EngineSpec(device="cpu", resident_share=0.25, cpu_packed="on"), cost=COST)
+def test_float32_experts_are_never_packed(caplog):
+    caplog.set_level(logging.INFO, logger="fiddler_batch.engine.executor")
+    spec = {"device": "cpu", "resident_share": 0.25}
+    engine = Engine.from_model(build("mixtral"), EngineSpec(**spec, cpu_packed="auto"), cost=PACKED_COST)
+    assert engine.executor.packed_experts() == 0 and not caplog.records  # auto: nothing to say
+    engine = Engine.from_model(build("mixtral"), EngineSpec(**spec, cpu_packed="on"), cost=COST)
     assert engine.executor.packed_experts() == 0 and not cpupack.packable(engine.executor.layers[0].layout)
+    [record] = caplog.records  # asked for outright: a warning says why not
+    assert record.levelno == logging.WARNING and "only bf16 experts" in record.getMessage()
 
 
 def test_calibration_measures_the_packed_layout_for_bf16_only():
