@@ -1,4 +1,5 @@
-"""Facts about this machine that several parts need: where built artefacts are cached, the CPU's name."""
+"""Facts about this machine that several parts need: where built artefacts are cached, the CPU's name, its
+memory."""
 
 from __future__ import annotations
 
@@ -21,3 +22,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def host_memory(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, int] | None:
+    """(available, total) host memory in bytes, from /proc/meminfo; None where it cannot be read."""
+    fields = {}
+    try:
+        lines = meminfo.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, rest = line.partition(":")
+        value = rest.split()
+        if value and value[0].isdigit():
+            fields[name] = int(value[0]) * 1024
+    if "MemAvailable" not in fields or "MemTotal" not in fields:
+        return None
+    return fields["MemAvailable"], fields["MemTotal"]

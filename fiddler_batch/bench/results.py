@@ -27,7 +27,7 @@ import torch
 
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.io.atomic import atomic_write_text
-from fiddler_batch.machine import cpu_name
+from fiddler_batch.machine import cpu_name, host_memory
 
 FORMAT = "fiddler-batch-bench/1"
 PACKAGES = ("transformers", "accelerate", "fiddler-batch", "matplotlib")
@@ -41,13 +41,8 @@ def _version(package: str) -> str | None:
 
 
 def _ram_gb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) * 1024 / 1e9, 1)
-    except OSError:
-        pass
-    return None
+    memory = host_memory()
+    return round(memory[1] / 1e9, 1) if memory is not None else None
 
 
 def environment() -> dict[str, Any]:

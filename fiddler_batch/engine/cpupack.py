@@ -18,18 +18,16 @@ GPU's. Biases stay plain and are added after the product, as `compute._project` 
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from fiddler_batch import machine
 from fiddler_batch.engine.layout import ExpertLayout
 
 if TYPE_CHECKING:
     from fiddler_batch.engine.costmodel import CostModel
-
-log = logging.getLogger(__name__)
 
 PACKED_ROLES = ("up", "down")
 """The roles whose weights are packed (biases and norms stay as they are)."""
@@ -94,21 +92,9 @@ def expert_bytes(weights: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for role, t in weights.items() if role in PACKED_ROLES)
 
 
-def host_memory(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, int] | None:
-    """(available, total) host memory in bytes, from /proc/meminfo; None where it cannot be read."""
-    try:
-        fields = {}
-        for line in meminfo.read_text().splitlines():
-            name, _, rest = line.partition(":")
-            fields[name] = int(rest.split()[0]) * 1024
-        return fields["MemAvailable"], fields["MemTotal"]
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
-
-
 def room_for(nbytes: int, meminfo: Path = Path("/proc/meminfo")) -> tuple[bool, str]:
     """Whether `nbytes` more host memory leaves the margin available, and a line saying why."""
-    memory = host_memory(meminfo)
+    memory = machine.host_memory(meminfo)
     if memory is None:
         return False, "host memory could not be read (/proc/meminfo)"
     available, total = memory

@@ -18,6 +18,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fiddler_batch import machine
 from fiddler_batch.bench.bounds import layer_ms
 from fiddler_batch.engine import Engine, cpupack
 from fiddler_batch.engine.compute import expert_forward
@@ -134,7 +135,7 @@ def test_auto_leaves_the_weights_as_stored_when_packing_does_not_pay_or_fit(bf16
         assert engine.executor.packed_experts() == 0 and "less than 10% faster" in caplog.text, packed_ms
         assert engine.executor.cost.cpu_ms == COST.cpu_ms
     # No room: the margin would not stay free.
-    monkeypatch.setattr(cpupack, "host_memory", lambda meminfo=None: (3 << 30, 16 << 30))  # under the 4 GiB kept
+    monkeypatch.setattr(machine, "host_memory", lambda meminfo=None: (3 << 30, 16 << 30))  # under the 4 GiB kept
     _, engine = _engine(ref_model, cpu_packed="auto")
     assert engine.executor.packed_experts() == 0 and "host memory cannot hold" in caplog.text
     # Off, the default, never packs, whatever the calibration says.
@@ -197,8 +198,8 @@ def test_the_bound_takes_the_faster_cpu_layout():
 
 def test_room_for_reads_meminfo(tmp_path):
     meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       134217728 kB\nMemFree:  1 kB\nMemAvailable:   67108864 kB\n")
-    assert cpupack.host_memory(meminfo) == (64 << 30, 128 << 30)
+    meminfo.write_text("MemTotal:       134217728 kB\nOdd:\n\nHugePages_Total: 0\nMemAvailable:   67108864 kB\n")
+    assert machine.host_memory(meminfo) == (64 << 30, 128 << 30)
     fits, line = cpupack.room_for(40 << 30, meminfo)  # 64 GiB available, 12.8 GiB kept: 40 fits, 52 does not
     assert fits and "available 68.7 GB" in line
     assert not cpupack.room_for(52 << 30, meminfo)[0]
