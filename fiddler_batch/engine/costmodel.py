@@ -9,6 +9,7 @@ point extrapolated from the last two.
 from __future__ import annotations
 
 import bisect
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ import torch
 from fiddler_batch.engine import cpupack
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.layout import ExpertLayout
+
+log = logging.getLogger(__name__)
 
 FULL_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_LADDER = (1, 8, 32, 128, 512)
@@ -141,6 +144,17 @@ def random_expert(layout: ExpertLayout, device: torch.device | str, pin: bool = 
     return out
 
 
+def _packed_or_none(host: dict[str, torch.Tensor], layout: ExpertLayout) -> dict[str, torch.Tensor] | None:
+    """The expert packed for oneDNN when its layout packs, else (or when packing it fails) None."""
+    if not cpupack.packable(layout):
+        return None
+    try:
+        return cpupack.pack_expert(host)
+    except RuntimeError as exc:
+        log.warning("packing an expert for oneDNN failed (%s): the CPU expert is measured as stored only", exc)
+        return None
+
+
 def _non_decreasing(values: list[float]) -> list[float]:
     """Each value capped by every value after it (times over an increasing ladder of token counts)."""
     out = list(values)
@@ -199,7 +213,7 @@ def calibrate(
         with torch.no_grad():
             cpu_ms, gpu_ms, packed_ms = [], [], []
             cpu_spread = 0.0
-            packed = cpupack.pack_expert(host) if cpupack.packable(layout) else None
+            packed = _packed_or_none(host, layout)
             for n in ladder:
                 x = torch.randn(n, layout.hidden, dtype=layout.dtype)
                 w = torch.rand(n, dtype=layout.dtype)
@@ -210,7 +224,11 @@ def calibrate(
                     cpu_spread = (max(times) - min(times)) / cpu_ms[-1]
                 if packed is not None:
                     on_packed = lambda x=x, w=w, p=packed: expert_forward(module, layout, p, x, w)  # noqa: E731
-                    packed_ms.append(_median_ms(on_packed, reps, lambda: None))
+                    try:
+                        packed_ms.append(_median_ms(on_packed, reps, lambda: None))
+                    except RuntimeError as exc:  # the packed layout is optional: measure without it
+                        log.warning("the CPU expert from packed weights failed (%s): not measured", exc)
+                        packed, packed_ms = None, []
                 xd, wd = x.to(device), w.to(device)
                 gpu_ms.append(
                     _median_ms(lambda xd=xd, wd=wd: expert_forward(module, layout, fast, xd, wd), reps, sync_dev)

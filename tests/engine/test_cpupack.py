@@ -212,3 +212,19 @@ def test_yaml_switch_words_set_the_mode():
         assert EngineSpec(cpu_packed=value).cpu_packed == mode
     with pytest.raises(ValueError, match="cpu_packed"):
         EngineSpec(cpu_packed="sometimes")
+
+
+def test_a_calibration_whose_packing_fails_measures_the_weights_as_stored(monkeypatch, caplog):
+    module = build("mixtral").to(torch.bfloat16).model.layers[0].mlp.experts
+    layout = read_layout(module)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("oneDNN says no")
+
+    for target in ("pack_expert", "linear"):  # packing fails, or the packed product does
+        monkeypatch.setattr(cpupack, target, fails)
+        caplog.clear()
+        cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True)
+        assert cost.cpu_packed_ms is None and len(cost.cpu_ms) == len(cost.ladder)
+        assert "oneDNN says no" in caplog.text and "cpu_packed_share_of_read" not in cost.meta
+        monkeypatch.undo()
