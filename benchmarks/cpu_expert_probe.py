@@ -24,16 +24,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-
-def times_ms(fn, reps: int = 7) -> list[float]:
-    fn()
-    fn()
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
+from fiddler_batch.engine.costmodel import _times_ms, host_read_gb_per_s
+from fiddler_batch.engine.cpupack import linear
 
 
 def main() -> None:
@@ -60,9 +52,7 @@ def main() -> None:
     with torch.no_grad():
         for threads in [int(t) for t in args.threads.split(",")]:
             torch.set_num_threads(threads)
-            buffer = torch.ones(1 << 28, dtype=torch.float32)
-            read = buffer.numel() * 4 / statistics.median(times_ms(buffer.sum, 5)) / 1e6
-            del buffer
+            read = host_read_gb_per_s(1 << 30, 5)
             print(f"threads {threads}: host read {read:.1f} GB/s")
             for n in [int(t) for t in args.tokens.split(",")]:
                 start = time.perf_counter()
@@ -71,15 +61,15 @@ def main() -> None:
                 pack_ms = (time.perf_counter() - start) * 1e3
 
                 def packed(x: torch.Tensor, up_p: torch.Tensor = up_p, down_p: torch.Tensor = down_p) -> torch.Tensor:
-                    gate, upv = torch.ops.mkldnn._linear_pointwise(x, up_p, None, "none", [], "").chunk(2, dim=-1)
-                    return torch.ops.mkldnn._linear_pointwise(F.silu(gate) * upv, down_p, None, "none", [], "")
+                    gate, upv = linear(x, up_p).chunk(2, dim=-1)
+                    return linear(F.silu(gate) * upv, down_p)
 
                 x = torch.randn(n, h, dtype=torch.bfloat16)
                 ref = plain(x)
                 variants = {"plain": plain, "packed": packed}
                 for name, fn in variants.items():
                     equal = torch.equal(fn(x), ref)
-                    t = times_ms(lambda fn=fn, x=x: fn(x))
+                    t = _times_ms(lambda fn=fn, x=x: fn(x), 7, lambda: None)
                     med = statistics.median(t)
                     print(
                         f"  n={n:<3} {name:<12} {med:7.2f} ms  {nbytes / med / 1e6:6.1f} GB/s  "

@@ -117,10 +117,6 @@ class LayerState:
         row = self.host_row[e]
         return {role: t[row] for role, t in self.host.items()}
 
-    def cpu_expert(self, e: int, packed: bool) -> dict[str, torch.Tensor]:
-        """Expert e's host weights for computing it on the CPU: packed when asked for and packed."""
-        return self.packed[e] if packed and e in self.packed else self.host_expert(e)
-
     def expert_template(self) -> dict[str, torch.Tensor]:
         """One tensor per role with an expert's shape and dtype in its trailing dimensions."""
         return self.host if self.host_row.count(-1) < len(self.host_row) else self.resident
@@ -765,9 +761,8 @@ class HybridExecutor:
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
             use_packed = e in layer.packed and self.packed_for(n)
-            y = expert_forward(
-                layer.module, layer.layout, layer.cpu_expert(e, use_packed), rows[s : s + n], row_weights[s : s + n]
-            )
+            expert = layer.packed[e] if use_packed else layer.host_expert(e)
+            y = expert_forward(layer.module, layer.layout, expert, rows[s : s + n], row_weights[s : s + n])
             self.stats.experts_cpu_packed += use_packed
             if results is None:
                 out[bounds[e] : bounds[e + 1]] = y
