@@ -7,7 +7,8 @@ for each strategy (balanced, fiddler-rule, cpu, copy), the balanced planner with
 and a forced plan that splits one expert per layer call between the CPU and the GPU (`split-forced`), with 1
 and 4 staging slots (one slot makes every copied expert of a layer reuse the same buffer, which exposes a
 missing stream dependency; a split needs two, so with one the plans keep experts whole), with the CPU worker
-(a stream waiting for host results exposes a missing wait) and with 4 slots without it, the logits' relative
+(a stream waiting for host results exposes a missing wait), with 4 slots without it, and with 4 slots and two
+experts of the next layer prefetched per call (`pf`; `staged`: prefetched experts computed), the logits' relative
 error and whether greedy and beam-search tokens equal the reference. Then, in bf16, the 8-layer
 Mixtral-8x7B-geometry slice at 25% resident (balanced) against the whole model on the GPU: bf16 results
 differ with the order of operations, so the yardstick is how far transformers' own two experts
@@ -143,9 +144,12 @@ def main() -> int:
     ref_logits, ref_greedy, ref_beam = outputs(model, ids)
     model.to("cpu")
     failures = 0
-    print(f"{'slots':>5} {'worker':<6} {'strategy':<13} {'rel err':>9} greedy beam   cpu copied resident split")
-    for slots, worker in ((1, True), (4, True), (4, False)):
-        spec = EngineSpec(resident_share=0.25, staging_slots=slots, cpu_worker=worker)
+    print(
+        f"{'slots':>5} {'worker':<6} {'pf':>2} {'strategy':<13} {'rel err':>9} greedy beam   cpu copied resident "
+        "split staged"
+    )
+    for slots, worker, prefetch in ((1, True, 0), (4, True, 0), (4, False, 0), (4, False, 2)):
+        spec = EngineSpec(resident_share=0.25, staging_slots=slots, cpu_worker=worker, prefetch_experts=prefetch)
         engine = Engine.from_model(model, spec)
         if engine.executor.cpu_worker != worker:
             print("the CUDA driver cannot make a stream wait on host memory: CPU experts run on the calling thread")
@@ -166,9 +170,10 @@ def main() -> int:
             failures += rel > 1e-4 or not all(same)
             s = engine.stats()
             print(
-                f"{slots:>5} {str(engine.executor.cpu_worker):<6} {strategy:<13} {rel:>9.2e} "
+                f"{slots:>5} {str(engine.executor.cpu_worker):<6} {prefetch:>2} {strategy:<13} {rel:>9.2e} "
                 f"{str(same[0]):<6} {str(same[1]):<6}"
-                f"{s['experts_cpu']:>4} {s['experts_copied']:>6} {s['experts_resident']:>8} {s['experts_split']:>5}"
+                f"{s['experts_cpu']:>4} {s['experts_copied']:>6} {s['experts_resident']:>8} {s['experts_split']:>5} "
+                f"{s['prefetch_hits']:>6}"
             )
         engine.set_planner(None)
         engine.close(release_host=False)  # the pinned experts serve the next placement

@@ -1,8 +1,8 @@
 """The hybrid experts executor, registered with transformers' experts interface.
 
-One call per MoE layer per forward step. The router has run on the fast device; from its choices the
-executor counts tokens per expert (one small device-to-host copy), asks the planner where each expert
-runs, then drives three resources at once:
+One call per MoE layer per forward step. The router has run on the fast device; the executor brings its choices
+to the host (with the layer's input, in a small call: one wait for the GPU), sorts them and counts tokens per
+expert there, asks the planner where each expert runs, then drives three resources at once, the link first:
 
     copy stream   pinned host weights -> staging slots           (COPY experts, in plan order)
     main stream   resident experts; copied experts once landed  (RESIDENT, COPY)
@@ -74,6 +74,10 @@ log = logging.getLogger(__name__)
 BULK_PREFETCH = ("balanced", "copy")
 """Strategies whose calls above `prefetch_limit` tokens prefetch the experts the next layer's plan copies (the
 overlapping ones that copy by cost; `cpu` copies nothing and `fiddler-rule` keeps the paper's serial order)."""
+
+HIDDEN_WITH_ROUTING_BYTES = 256 * 1024
+"""A layer call whose input is at most this large (32 tokens of a 4096-wide model in bf16) brings it to the host
+with the routing, so its CPU experts start without waiting for the GPU a second time."""
 
 Planner = Callable[["LayerState", list[int]], Plan]
 """Overrides the planner (tests force plans with it): (layer, counts) -> plan. An expert may be planned
@@ -237,7 +241,7 @@ class HybridExecutor:
         self.next_slot = 0
         self.inbound = PinnedBuffer(pin=self.cuda)  # activations to the CPU
         self.outbound = PinnedBuffer(pin=self.cuda)  # CPU results back
-        self.routing = PinnedBuffer(pin=self.cuda)
+        self._pinned: dict[str, PinnedBuffer] = {}  # the routing's pinned buffers, by role (`_route`)
         self.prefetch_experts = prefetch_experts  # experts of the next layer copied ahead per call (0: off)
         self.split_experts = split_experts  # plans may split one expert between the CPU and the GPU
         self.split_in = PinnedBuffer(pin=self.cuda)  # a split expert's up output from the GPU, to the CPU
@@ -528,12 +532,6 @@ class HybridExecutor:
         num_experts = layer.layout.num_experts
         stats = self.stats
 
-        # Slots in the order the eager loop visits them: expert-major, then top-k position, then token.
-        flat = top_k_index.t().reshape(-1)  # [K*T]
-        order = torch.sort(flat, stable=True).indices  # [K*T]
-        tokens = order % num_tokens  # [K*T] token of each sorted slot
-        weights = top_k_weights.t().reshape(-1)[order]  # [K*T]
-
         start = time.perf_counter()
         timeline = self.timeline
         if timeline:
@@ -542,7 +540,8 @@ class HybridExecutor:
             self._release_staged()  # staged for a layer that did not run next: never used
         target = self._prefetch_target(layer, num_tokens)
         guess = self._guess(target, hidden, top_k) if target is not None else None
-        counts, predicted = self._counts(flat, num_experts, guess)
+        routing = self._route(hidden, top_k_index, top_k_weights, num_experts, guess)
+        counts = routing.counts
         if timeline:
             timeline.mark("routed")
         plan = self._as_run(layer, self.plan(layer, counts))
@@ -552,7 +551,7 @@ class HybridExecutor:
         stats.tokens_routed += num_tokens * top_k
         if not layer.routed:
             layer.routed = [0] * num_experts
-        counted = counts if self.count_mask is None else self._masked_counts(top_k_index, num_experts)
+        counted = counts if self.count_mask is None else self._masked_counts(routing.host_index, num_experts)
         for e, n in enumerate(counted):
             layer.routed[e] += n
         if timeline:
@@ -563,18 +562,20 @@ class HybridExecutor:
         bounds = [0] * (num_experts + 1)  # expert e owns sorted slots bounds[e]:bounds[e+1]
         for e, n in enumerate(counts):
             bounds[e + 1] = bounds[e] + n
+        tokens, weights = routing.tokens, routing.weights
+        split = self._split_job(layer, plan, bounds)
+        if split is not None:
+            self._copy_split_up(layer, split)
+        started = self._start_copies(layer, plan)  # the link starts before anything else is queued
         out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         gathered = hidden[tokens]  # [K*T, H]
 
         cpu_experts = plan.experts(Where.CPU)
-        split = self._split_job(layer, plan, bounds)
         host_experts = cpu_experts + ([split.expert] if split is not None else [])
-        cpu_inputs = self._send_to_host(gathered, weights, host_experts, bounds) if host_experts else None
+        cpu_inputs = self._send_to_host(routing, gathered, host_experts, bounds) if host_experts else None
         job = None
         if cpu_inputs is not None and split is None and plan.overlap and self.cpu_worker:
             job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out)
-        if split is not None:
-            self._copy_split_up(layer, split)
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
             slot = layer.staged.get(e)
@@ -592,15 +593,15 @@ class HybridExecutor:
             stats.tokens_resident += b - a
         if split is not None:
             self._split_up_on_device(layer, split, gathered)
-        self._run_copied(layer, plan, gathered, weights, bounds, out)
+        self._run_copied(layer, plan, gathered, weights, bounds, out, started)
         if split is not None:
             self._copy_split_down(layer, split)
         if self._staged_for is layer:
             self._release_staged()  # its computes are queued; a later copy into these slots waits for them
         if timeline:
             timeline.mark("gpu_queued")
-        if predicted is not None:
-            self.prefetch(target, self._prefetch_choice(target, predicted, num_tokens))
+        if routing.predicted is not None:
+            self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
         if job is not None:
             self._finish_cpu(job, bounds, out)
         elif cpu_inputs is not None:
@@ -615,69 +616,151 @@ class HybridExecutor:
             # At most two adds per row, which round alike in either order: one call, deterministic on CUDA too.
             result = torch.zeros_like(hidden).index_add_(0, tokens, out)
         else:
-            result = self._sum_in_expert_order(out, tokens, num_tokens, top_k)
+            result = self._sum_in_expert_order(out, tokens, num_tokens, top_k, routing.by_token)
         stats.forward_s += time.perf_counter() - start
         if timeline:
             timeline.mark("exit")
         return result
 
-    def _masked_counts(self, top_k_index: torch.Tensor, num_experts: int) -> list[int]:
-        """Tokens routed to each expert among the tokens of `count_mask` (padding and finished rows left out)."""
+    def _masked_counts(self, host_index: torch.Tensor, num_experts: int) -> list[int]:
+        """Tokens routed to each expert among the tokens of `count_mask` (padding and finished rows left out);
+        `host_index` [T, K] is the router's choice on the host."""
         mask = self.count_mask
-        if mask is None or mask.shape[0] != top_k_index.shape[0]:
+        if mask is None or mask.shape[0] != host_index.shape[0]:
             raise RuntimeError(
                 f"count_mask covers {None if mask is None else mask.shape[0]} tokens, "
-                f"the layer got {top_k_index.shape[0]}"
+                f"the layer got {host_index.shape[0]}"
             )
-        chosen = top_k_index[mask.to(top_k_index.device)].reshape(-1)  # [T' * K]
+        chosen = host_index[mask.to("cpu")].reshape(-1)  # [T' * K]
         return torch.bincount(chosen, minlength=num_experts).tolist()
 
-    def _counts(
-        self, flat: torch.Tensor, num_experts: int, guess: torch.Tensor | None = None
-    ) -> tuple[list[int], list[int] | None]:
-        """Tokens routed to each expert, on the host: the one point where the host waits for the GPU. With
-        `guess` (the next layer's predicted counts), those come back in the same copy."""
-        counts = torch.bincount(flat, minlength=num_experts)  # [E]
-        if guess is not None:
-            counts = torch.cat([counts, guess.to(device=counts.device, dtype=counts.dtype)])
-        if not self.cuda:
-            self.join()
-            values = counts.tolist()
-        else:
-            host = self.routing.get(tuple(counts.shape), counts.dtype)
-            host.copy_(counts, non_blocking=True)
-            self.join()  # the stream waits for the worker's results: wait for it here rather than spin below
+    def _pinned_copy(self, role: str, values: torch.Tensor) -> torch.Tensor:
+        """`values` copied into this role's pinned host buffer: queued on the stream from the device, at once from
+        the host. A buffer is written again only after the next routing's wait, by which time the stream has done
+        every copy from or into it."""
+        pool = self._pinned.get(role)
+        if pool is None:
+            pool = self._pinned[role] = PinnedBuffer(pin=True)
+        host = pool.get(tuple(values.shape), values.dtype)
+        host.copy_(values, non_blocking=values.is_cuda)
+        return host
+
+    def _route(
+        self,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        num_experts: int,
+        guess: torch.Tensor | None,
+    ) -> _Routing:
+        """The router's choices on the host, sorted into the eager loop's order there: the one point where the
+        host waits for the GPU. One wait brings back the choices, their weights, the next layer's guessed counts
+        (`guess`, for a prefetch) and, in a call small enough (`HIDDEN_WITH_ROUTING_BYTES`), the layer's input,
+        so that the CPU experts can start without a second round trip. The order goes back to the device with
+        one copy each way, where sorting there would queue several small kernels before the routing is known."""
+        num_tokens, top_k = top_k_index.shape
+        self.join()  # on CUDA the stream waits for the worker's results: wait for it here rather than spin below
+        small = hidden.numel() * hidden.element_size() <= HIDDEN_WITH_ROUTING_BYTES
+        if self.cuda:
+            index = self._pinned_copy("index", top_k_index)
+            choice_weights = self._pinned_copy("choice_weights", top_k_weights)
+            host_hidden = self._pinned_copy("hidden", hidden) if small else None
+            guessed = self._pinned_copy("guess", guess) if guess is not None else None
             torch.cuda.current_stream(self.device).synchronize()
-            values = host.tolist()
-        return values[:num_experts], (values[num_experts:] if guess is not None else None)
+        else:  # the same two ways to the CPU experts' rows as on CUDA, so that the tests cover both
+            index, choice_weights, guessed = top_k_index, top_k_weights, guess
+            host_hidden = hidden if small else None
+        # Slots in the order the eager loop visits them: expert-major, then top-k position, then token.
+        flat = index.t().reshape(-1)  # [K*T]
+        order = torch.sort(flat, stable=True).indices
+        tokens = order % num_tokens  # [K*T] the token of each sorted slot
+        weights = choice_weights.t().reshape(-1)[order]  # [K*T]
+        # Each token's slots, still in expert order (the sum's order when a token has more than two experts).
+        by_token = torch.sort(tokens, stable=True).indices if top_k > 2 else None
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        predicted = [int(n) for n in guessed.tolist()] if guessed is not None else None
+        if not self.cuda:
+            return _Routing(counts, predicted, tokens, weights, by_token, index, tokens, weights, host_hidden)
+        slots = torch.stack([tokens, by_token]) if by_token is not None else tokens[None]
+        staged_slots = self._pinned_copy("slots_out", slots)
+        staged_weights = self._pinned_copy("weights_out", weights)
+        device_slots = staged_slots.to(self.device, non_blocking=True)
+        device_weights = staged_weights.to(self.device, non_blocking=True)
+        return _Routing(
+            counts,
+            predicted,
+            device_slots[0],
+            device_weights,
+            device_slots[1] if by_token is not None else None,
+            index,
+            tokens,
+            weights,
+            host_hidden,
+        )
 
     # -- pieces -------------------------------------------------------------------------------------
 
     def _send_to_host(
-        self, gathered: torch.Tensor, weights: torch.Tensor, experts: list[int], bounds: list[int]
+        self, routing: _Routing, gathered: torch.Tensor, experts: list[int], bounds: list[int]
     ) -> HostInputs:
-        """The CPU experts' rows of `gathered` and `weights`, on the host (copied asynchronously)."""
+        """The rows of `experts` (activations and routing weights) on the host: gathered there from the layer's
+        input when the routing brought it back, else copied from `gathered` (asynchronously, with an event)."""
+        pieces = [(bounds[e], bounds[e + 1]) for e in experts]
         starts = []
-        if len(experts) == 1:
-            a, b = bounds[experts[0]], bounds[experts[0] + 1]
-            rows, row_weights = gathered[a:b], weights[a:b]
-        else:
-            pieces = [(bounds[e], bounds[e + 1]) for e in experts]
-            rows = torch.cat([gathered[a:b] for a, b in pieces])
-            row_weights = torch.cat([weights[a:b] for a, b in pieces])
         offset = 0
-        for e in experts:
+        for a, b in pieces:
             starts.append(offset)
-            offset += bounds[e + 1] - bounds[e]
+            offset += b - a
+
+        def rows_of(values: torch.Tensor) -> torch.Tensor:
+            if len(pieces) == 1:
+                return values[pieces[0][0] : pieces[0][1]]
+            return torch.cat([values[a:b] for a, b in pieces])
+
+        row_weights = rows_of(routing.host_weights)
+        if routing.host_hidden is not None:
+            return routing.host_hidden[rows_of(routing.host_tokens)], row_weights, starts, None
+        rows = rows_of(gathered)
         if not self.cuda:
             return rows, row_weights, starts, None
         host_rows = self.inbound.get(tuple(rows.shape), rows.dtype)
-        host_weights = self.routing.get(tuple(row_weights.shape), row_weights.dtype)
         host_rows.copy_(rows, non_blocking=True)
-        host_weights.copy_(row_weights, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
-        return host_rows, host_weights, starts, ready
+        return host_rows, row_weights, starts, ready
+
+    def _issue_copy(self, layer: LayerState, e: int, stream: torch.cuda.Stream | None) -> StagingSlot:
+        """Queue expert e's copy into the next free staging slot: on `stream` (after the compute that last read
+        the slot), or on the main stream in order (None)."""
+        slot = self._take_slot()
+        source = layer.host_expert(e)
+        if stream is not None:
+            if slot.used:
+                stream.wait_event(slot.released)
+            with torch.cuda.stream(stream):
+                for role, t in slot.weights.items():
+                    t.copy_(source[role], non_blocking=True)
+            slot.landed.record(stream)
+        else:
+            if self.cuda and slot.used:
+                # a prefetch the copy stream wrote into it, left unused
+                torch.cuda.current_stream(self.device).wait_event(slot.landed)
+            for role, t in slot.weights.items():
+                t.copy_(source[role], non_blocking=self.cuda)
+        slot.used = True
+        return slot
+
+    def _start_copies(self, layer: LayerState, plan: Plan) -> _Started | None:
+        """With overlap on CUDA, queue on the copy stream the copies of the plan's first COPY experts, as many as
+        there are free staging slots (each into its own slot, so no compute of this call has to be queued
+        between them), before the layer's other work is queued."""
+        if not (self.cuda and plan.overlap and plan.copy_order):
+            return None
+        free = sum(not slot.held for slot in self.slots)
+        experts = plan.copy_order[:free]
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(self.copy_stream)
+        return _Started([(e, self._issue_copy(layer, e, self.copy_stream)) for e in experts], start)
 
     def _run_copied(
         self,
@@ -687,8 +770,10 @@ class HybridExecutor:
         weights: torch.Tensor,
         bounds: list[int],
         out: torch.Tensor,
+        started: _Started | None = None,
     ) -> None:
-        """Copy each COPY expert into a staging slot and compute it there once it has landed.
+        """Compute each COPY expert in a staging slot once its copy has landed; `started`: those whose copies
+        `_start_copies` queued already. The others are copied here.
 
         With overlap the copies run on their own stream while the main stream computes; each expert's
         compute is queued right after its copy, so a slot reused within the layer is only overwritten
@@ -699,26 +784,17 @@ class HybridExecutor:
         stream = self.copy_stream if (self.cuda and plan.overlap) else None
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream or main)
-        for e in plan.copy_order:
-            slot = self._take_slot()
-            if stream is not None:
-                if slot.used:
-                    stream.wait_event(slot.released)
-                source = layer.host_expert(e)
-                with torch.cuda.stream(stream):
-                    for role, t in slot.weights.items():
-                        t.copy_(source[role], non_blocking=True)
-                slot.landed.record(stream)
-                main.wait_event(slot.landed)
+            end = torch.cuda.Event(enable_timing=True)
+            if started is not None:
+                start = started.start
             else:
-                source = layer.host_expert(e)
-                if main is not None and slot.used:
-                    main.wait_event(slot.landed)  # a prefetch the copy stream wrote into it, left unused
-                for role, t in slot.weights.items():
-                    t.copy_(source[role], non_blocking=self.cuda)
-            slot.used = True
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(stream or main)
+        slots = dict(started.copies) if started is not None else {}
+        for e in plan.copy_order:
+            slot = slots.get(e) or self._issue_copy(layer, e, stream)
+            if stream is not None:
+                main.wait_event(slot.landed)
             a, b = bounds[e], bounds[e + 1]
             out[a:b] = expert_forward(layer.module, layer.layout, slot.weights, gathered[a:b], weights[a:b])
             if slot.released is not None:
@@ -1002,17 +1078,46 @@ class HybridExecutor:
         self.stats.tokens_split += b - a
 
     @staticmethod
-    def _sum_in_expert_order(out: torch.Tensor, tokens: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    def _sum_in_expert_order(
+        out: torch.Tensor, tokens: torch.Tensor, num_tokens: int, top_k: int, by_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each token's expert outputs added as the eager loop adds them: from zeros, one expert after another
         in ascending order, rounding to the dtype after each add. `out` holds the sorted slots (expert-major) and
-        `tokens` their tokens. One index_add_ would not do: on CUDA its order with repeated indices is not
-        fixed, and on the CPU it sums a half-precision call's repeated indices in float and rounds once."""
-        by_token = torch.sort(tokens, stable=True).indices  # each token's slots, still in expert order
+        `tokens` their tokens; `by_token`, when given, is `tokens`' stable sort (each token's slots, still in
+        expert order). One index_add_ would not do: on CUDA its order with repeated indices is not fixed, and on
+        the CPU it sums a half-precision call's repeated indices in float and rounds once."""
+        if by_token is None:
+            by_token = torch.sort(tokens, stable=True).indices
         per_token = out[by_token].view(num_tokens, top_k, out.shape[-1])
         result = torch.zeros_like(per_token[:, 0])
         for k in range(top_k):
             result = result + per_token[:, k]
         return result
+
+
+@dataclass
+class _Routing:
+    """A layer call's routing, sorted into the eager loop's order (expert-major, then top-k position, then token):
+    `HybridExecutor._route`."""
+
+    counts: list[int]  # tokens per expert
+    predicted: list[int] | None  # the next layer's guessed tokens per expert (a prefetch), else None
+    tokens: torch.Tensor  # [K*T] the token of each sorted slot, on the experts' device
+    weights: torch.Tensor  # [K*T] its routing weight, on the experts' device
+    by_token: torch.Tensor | None  # [K*T] each token's slots in expert order, on the device (top_k > 2 only)
+    host_index: torch.Tensor  # [T, K] the router's choices, on the host
+    host_tokens: torch.Tensor  # `tokens` and `weights` on the host
+    host_weights: torch.Tensor
+    host_hidden: torch.Tensor | None  # [T, H] the layer's input on the host (None: the call is too large)
+
+
+@dataclass
+class _Started:
+    """Copies `_start_copies` queued ahead of a layer call's other work: (expert, slot) in copy order, and the
+    event recorded on the copy stream before them."""
+
+    copies: list[tuple[int, StagingSlot]]
+    start: torch.cuda.Event
 
 
 @dataclass

@@ -203,7 +203,7 @@ def test_an_error_in_the_cpu_worker_is_raised_by_the_forward_pass(mixtral, monke
     executor = engine.executor
     layer = executor.layers[0]
     hidden = torch.randn(3, layer.layout.hidden)
-    inputs = executor._send_to_host(hidden, torch.ones(3), [0], [0, 3] + [3] * (layer.layout.num_experts - 1))
+    inputs = (hidden, torch.ones(3), [0], None)  # the rows of expert 0 on the host, as _send_to_host gives them
     executor._start_cpu(layer, [0], [0, 3] + [3] * (layer.layout.num_experts - 1), inputs, torch.empty_like(hidden))
     engine.close()
     assert executor._worker is None and executor._pending is None and engine.executor is None

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fiddler_batch.engine import Engine
+from fiddler_batch.engine import executor as executor_mod
 from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec
 
@@ -113,6 +114,23 @@ def test_cpu_experts_on_the_calling_thread_or_the_worker_give_the_same_tokens(re
         assert (engine.executor._worker is not None) is worker  # the worker thread computed them
         engine.close()
         assert engine.executor is None
+
+
+@pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
+@pytest.mark.parametrize("plan", ["mixed", "mixed-worker", "split", "planner-balanced"])
+def test_cpu_rows_from_the_routings_copy_or_gathered_on_the_device(reference, plan, monkeypatch):
+    """A small call's CPU experts take their rows from the layer's input brought back with the routing; a large
+    one's are gathered on the device and copied (HIDDEN_WITH_ROUTING_BYTES 0 sends every call that way)."""
+    ref_model, ref_logits, ref_greedy, ref_beam = reference
+    for limit in (0, executor_mod.HIDDEN_WITH_ROUTING_BYTES):
+        monkeypatch.setattr(executor_mod, "HIDDEN_WITH_ROUTING_BYTES", limit)
+        model, engine = make_engine(ref_model, plan)
+        with torch.no_grad():
+            assert torch.equal(model(PROMPTS).logits, ref_logits)
+        assert torch.equal(generate(model), ref_greedy)
+        assert torch.equal(generate(model, num_beams=3), ref_beam)
+        assert engine.stats()["experts_cpu"] + engine.stats()["experts_split"] > 0
+        engine.close()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -1,0 +1,114 @@
+"""This tree's engine against another commit's, runs interleaved in one process.
+
+    git archive <commit> fiddler_batch | tar -x -C /tmp/other
+    python benchmarks/commit_ab.py --other /tmp/other [--cases a,c,b] [--reps 6] [--layers 8] [--resident 0.25]
+
+Separate processes drift too much for a change of a few percent (the same code gave 15.8 and 18.2 tok/s in a two
+processes apart), so both engines live in one process: the other tree's package is copied under another name
+(`fiddler_other`, its imports rewritten), each engine gets its own copy of the same seeded model (the 8-layer
+Mixtral-8x7B-geometry slice, bf16) and the same cost model (this tree's calibration of this machine), and runs
+with its defaults. Each round runs both once per case, in an order that alternates from round to round. transformers
+keeps the experts function registered first (this tree's), which hands each call to the executor of the engine
+that prepared the module, so each engine runs its own executor. Cases as in `graphs_ab.py`: a (prompt 32, 64 new
+tokens, greedy: decode tok/s), c (beam width 4: output tok/s), b (prompt 1024, 8 new tokens: time to the first
+token). Prints every run as it ends, then per case the medians, the ratio to the other tree, and the slowest run
+as a share of the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from interleave import rounds, summary
+
+from fiddler_batch.assets import cost_model_for
+from fiddler_batch.bench.model import build_model
+from fiddler_batch.bench.scenarios import generate_once, prompt_ids
+from fiddler_batch.engine import Engine
+from fiddler_batch.spec import EngineSpec
+
+CASES = {"a": (32, 64, 1), "c": (32, 64, 4), "b": (1024, 8, 1)}  # prompt, new tokens, width
+METRIC = {"a": "decode", "c": "out", "b": "ttft"}
+
+
+def import_other(tree: Path) -> str:
+    """Copy `tree`/fiddler_batch as package `fiddler_other` (imports rewritten) and put it on the path."""
+    source = tree / "fiddler_batch"
+    if not (source / "__init__.py").is_file():
+        raise SystemExit(f"{tree} has no fiddler_batch package (make it with git archive <commit> fiddler_batch)")
+    root = Path(tempfile.mkdtemp(prefix="fiddler-other-"))
+    target = root / "fiddler_other"
+    shutil.copytree(source, target)
+    for path in target.rglob("*.py"):
+        path.write_text(path.read_text().replace("fiddler_batch", "fiddler_other"))
+    sys.path.insert(0, str(root))
+    return "fiddler_other"
+
+
+def metrics(raw: dict) -> dict[str, float]:
+    tokens = raw["new_tokens"]
+    return {"decode": (tokens - 1) / raw["decode_s"], "out": tokens / raw["total_s"], "ttft": raw["ttft_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--other", type=Path, required=True, help="a tree holding the other commit's fiddler_batch")
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--resident", type=float, default=0.25)
+    parser.add_argument("--cases", default="a,c,b")
+    args = parser.parse_args()
+    name = import_other(args.other)
+    other_engine = importlib.import_module(f"{name}.engine")
+    other_spec = importlib.import_module(f"{name}.spec")
+    other_cost = importlib.import_module(f"{name}.engine.costmodel")
+    other_scenarios = importlib.import_module(f"{name}.bench.scenarios")
+
+    this = Engine.from_model(build_model(layers=args.layers, seed=0), EngineSpec(resident_share=args.resident))
+    cost = cost_model_for(this, this.spec)
+    this.set_cost_model(cost)
+    other = other_engine.Engine.from_model(
+        build_model(layers=args.layers, seed=0), other_spec.EngineSpec(resident_share=args.resident)
+    )
+    other.set_cost_model(other_cost.CostModel.from_json(cost.to_json()))
+    engines = {"this": (this, generate_once), "other": (other, other_scenarios.generate_once)}
+    print(f"cost model: cpu(1) {cost.cpu(1):.2f} ms, copy {cost.copy_ms:.2f} ms, crossover {cost.crossover()}")
+
+    cases = args.cases.split(",")
+    results = {(mode, case): [] for mode in engines for case in cases}
+
+    def run(mode: str, case: str) -> float:
+        engine, generate = engines[mode]
+        prompt, new, width = CASES[case]
+        ids = prompt_ids(prompt, engine.model.config.vocab_size, 0)
+        return metrics(generate(engine, ids, new, width))[METRIC[case]]
+
+    for mode in engines:  # warm-up: a first call of each case (graph capture, the static cache)
+        for case in cases:
+            run(mode, case)
+    for round_, order in rounds(list(engines), args.reps):
+        for mode in order:
+            for case in cases:
+                value = run(mode, case)
+                results[(mode, case)].append(value)
+                print(f"round {round_} {case} {mode:<5} {METRIC[case]} {value:.4g}", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
+    for case in cases:
+        for mode in engines:
+            runs = results[(mode, case)]
+            median, ratio, slowest = summary(runs, results[("other", case)], lower_is_better=case == "b")
+            print(
+                f"{case} {mode:<5} {METRIC[case]} {median:.4g} ({ratio:.3f}x other; slowest run {slowest:.0%} of "
+                f"median); runs {[round(r, 4) for r in runs]}"
+            )
+
+
+if __name__ == "__main__":
+    main()
