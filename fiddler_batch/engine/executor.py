@@ -635,9 +635,10 @@ class HybridExecutor:
         return torch.bincount(chosen, minlength=num_experts).tolist()
 
     def _pinned_copy(self, role: str, values: torch.Tensor) -> torch.Tensor:
-        """`values` copied into this role's pinned host buffer: queued on the stream from the device, at once from
-        the host. A buffer is written again only after the next routing's wait, by which time the stream has done
-        every copy from or into it."""
+        """`values` copied into this role's pinned host buffer: queued on the current stream from the device, at once
+        from the host. A buffer is written again only after the next routing's wait for the stream, by which time
+        every copy from or into it has been done: the calls of a forward share a stream, and the side stream of
+        `DecodeGraphs` is ordered after the work before it and before the work after it."""
         pool = self._pinned.get(role)
         if pool is None:
             pool = self._pinned[role] = PinnedBuffer(pin=True)
