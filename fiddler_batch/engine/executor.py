@@ -752,16 +752,17 @@ class HybridExecutor:
         return slot
 
     def _start_copies(self, layer: LayerState, plan: Plan) -> _Started | None:
-        """With overlap on CUDA, queue on the copy stream the copies of the plan's first COPY experts, as many as
+        """With overlap, queue the copies of the plan's first COPY experts (on CUDA on the copy stream), as many as
         there are free staging slots (each into its own slot, so no compute of this call has to be queued
         between them), before the layer's other work is queued."""
-        if not (self.cuda and plan.overlap and plan.copy_order):
+        if not (plan.overlap and plan.copy_order):
             return None
         free = sum(not slot.held for slot in self.slots)
-        experts = plan.copy_order[:free]
-        start = torch.cuda.Event(enable_timing=True)
-        start.record(self.copy_stream)
-        return _Started([(e, self._issue_copy(layer, e, self.copy_stream)) for e in experts], start)
+        start = None
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.copy_stream)
+        return _Started([(e, self._issue_copy(layer, e, self.copy_stream)) for e in plan.copy_order[:free]], start)
 
     def _run_copied(
         self,
@@ -1118,7 +1119,7 @@ class _Started:
     event recorded on the copy stream before them."""
 
     copies: list[tuple[int, StagingSlot]]
-    start: torch.cuda.Event
+    start: torch.cuda.Event | None  # None without CUDA
 
 
 @dataclass

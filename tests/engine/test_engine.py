@@ -172,6 +172,58 @@ def test_engine_without_calibration_measures_one_and_caches_it(mixtral):
     assert cost_model_for(second, spec) == first.executor.cost  # read back from the cache, not measured again
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_a_layers_first_copies_are_queued_before_its_computes_and_each_expert_is_copied_once(
+    mixtral, monkeypatch, slots
+):
+    """Each layer call copies its COPY experts once each; the first ones, one per free staging slot, before any
+    expert of the call is computed; a slot is refilled only after the compute that read it."""
+    from fiddler_batch.engine import executor as executor_mod
+
+    model, engine = make_engine(mixtral, "all-copied", staging_slots=slots)
+    executor = engine.executor
+    events = []
+    issue, compute, forward = executor._issue_copy, executor_mod.expert_forward, executor.forward
+
+    def logged_issue(layer, e, stream):
+        slot = issue(layer, e, stream)
+        events.append(("copy", e, id(slot)))
+        return slot
+
+    def logged_compute(module, layout, weights, x, routing_weights):
+        events.append(("compute", id(weights)))
+        return compute(module, layout, weights, x, routing_weights)
+
+    def logged_forward(layer, hidden, top_k_index, top_k_weights):
+        events.append(("call", sorted(set(top_k_index.reshape(-1).tolist()))))
+        return forward(layer, hidden, top_k_index, top_k_weights)
+
+    monkeypatch.setattr(executor, "_issue_copy", logged_issue)
+    monkeypatch.setattr(executor_mod, "expert_forward", logged_compute)
+    monkeypatch.setattr(executor, "forward", logged_forward)
+    with torch.no_grad():
+        model(PROMPTS)
+    calls = [i for i, event in enumerate(events) if event[0] == "call"]
+    assert len(calls) == len(executor.layers)
+    slot_of = {id(slot.weights): id(slot) for slot in executor.slots}
+    for start, end in zip(calls, calls[1:] + [len(events)]):
+        call = events[start + 1 : end]
+        routed = events[start][1]
+        copied = [event[1] for event in call if event[0] == "copy"]
+        assert sorted(copied) == routed  # every routed expert copied, once
+        first = min(slots, len(routed))
+        assert [event[0] for event in call[:first]] == ["copy"] * first
+        read = set()  # slots whose contents a compute has read since they were filled
+        filled = {}
+        for event in call:
+            if event[0] == "copy":
+                assert event[2] not in filled or event[2] in read, "a slot refilled before its compute"
+                filled[event[2]] = event[1]
+                read.discard(event[2])
+            else:
+                read.add(slot_of[event[1]])
+
+
 def test_an_error_in_the_cpu_worker_is_raised_by_the_forward_pass(mixtral, monkeypatch):
     """The worker's error comes out of the model's forward (its results were never used), the worker is joined,
     and the next forward runs again."""
