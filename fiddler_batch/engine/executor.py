@@ -85,7 +85,8 @@ RESIDENT only when `layer.on_device()` says it is on the fast device (resident, 
 
 HostInputs = tuple[torch.Tensor, torch.Tensor, list[int], torch.cuda.Event | None]
 """The CPU experts' rows of a layer call on the host: activations, routing weights, each expert's first row,
-and the event after which they have landed (None without CUDA)."""
+and the event after which the activations have landed (None when they are on the host already: without CUDA, or
+gathered from the layer's input that came back with the routing)."""
 
 Predictor = Callable[["LayerState", torch.Tensor, int], torch.Tensor]
 """Overrides the prefetch guess (tests force guesses with it): (next layer, the hidden states [T, H] this
