@@ -496,19 +496,8 @@ class HybridExecutor:
                 continue
             if sum(slot.held for slot in self.slots) >= len(self.slots) - 1:
                 break
-            slot = self._take_slot()
-            source = target.host_expert(e)
-            if stream is not None:
-                if slot.used:
-                    stream.wait_event(slot.released)
-                with torch.cuda.stream(stream):
-                    for role, t in slot.weights.items():
-                        t.copy_(source[role], non_blocking=True)
-                slot.landed.record(stream)
-            else:
-                for role, t in slot.weights.items():
-                    t.copy_(source[role])
-            slot.used = slot.held = True
+            slot = self._issue_copy(target, e, stream)
+            slot.held = True
             target.staged[e] = slot
             staged.append(e)
             self.stats.prefetch_issued += 1
