@@ -6,6 +6,9 @@ One random bf16 expert of Mixtral's geometry (gate and up halves concatenated, S
 is a GPU. For each thread count and token count it times the expert three ways and prints one line each:
 
 - `plain`: `F.linear` on the weights as stored (what the engine's CPU experts do by default);
+- `native`: `F.linear` with oneDNN turned off (`torch.backends.mkldnn.flags(enabled=False)`), so PyTorch's own
+  reduced-precision kernels run (a GEMV with float32 sums at one token);
+- `own`: the project's own kernel (`engine/cpugemv.py`, built here on first use);
 - `packed`: the same weights reordered once for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`), then
   `torch.ops.mkldnn._linear_pointwise`;
 - `packed+copy` (with a GPU): `packed` while the link copies another expert to the GPU in a loop.
@@ -18,13 +21,17 @@ equals `plain`'s bit for bit.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from fiddler_batch.engine import cpugemv
 from fiddler_batch.engine.costmodel import _times_ms, host_read_gb_per_s
+from fiddler_batch.engine.cpugemv import SOURCE
 from fiddler_batch.engine.cpupack import linear
 
 
@@ -34,6 +41,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=14336)
     parser.add_argument("--threads", default=str(torch.get_num_threads()))
     parser.add_argument("--tokens", default="1,2,4,8,16,32")
+    parser.add_argument("--source", action="append", default=[], help="another C source of the kernel to time too")
     args = parser.parse_args()
     h, i = args.hidden, args.intermediate
     cuda = torch.cuda.is_available()
@@ -49,6 +57,20 @@ def main() -> None:
         gate, upv = F.linear(x, up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * upv, down)
 
+    kernels = {}
+    for path in args.source:  # each built as the package builds its own, then loaded beside it
+        cpugemv.SOURCE = Path(path)
+        kernels[path] = cpugemv._load()
+    cpugemv.SOURCE = SOURCE
+
+    def other(kernel, x: torch.Tensor) -> torch.Tensor:
+        gate, upv = cpugemv.linear(x, up, kernel).chunk(2, dim=-1)
+        return cpugemv.linear(F.silu(gate) * upv, down, kernel)
+
+    if cpugemv.available():
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        runtimes = sorted({line.split()[-1] for line in maps if "gomp" in line or "iomp" in line})
+        print("OpenMP runtimes loaded:", runtimes)
     with torch.no_grad():
         for threads in [int(t) for t in args.threads.split(",")]:
             torch.set_num_threads(threads)
@@ -66,7 +88,20 @@ def main() -> None:
 
                 x = torch.randn(n, h, dtype=torch.bfloat16)
                 ref = plain(x)
-                variants = {"plain": plain, "packed": packed}
+
+                def native(x: torch.Tensor) -> torch.Tensor:
+                    with torch.backends.mkldnn.flags(enabled=False):
+                        return plain(x)
+
+                def own(x: torch.Tensor) -> torch.Tensor:
+                    gate, upv = cpugemv.linear(x, up).chunk(2, dim=-1)
+                    return cpugemv.linear(F.silu(gate) * upv, down)
+
+                variants = {"plain": plain, "native": native, "packed": packed}
+                if cpugemv.available():
+                    variants["own"] = own
+                for path in args.source:
+                    variants[Path(path).stem] = functools.partial(other, kernels[path])
                 for name, fn in variants.items():
                     equal = torch.equal(fn(x), ref)
                     t = _times_ms(lambda fn=fn, x=x: fn(x), 7, lambda: None)
@@ -76,7 +111,7 @@ def main() -> None:
                         f"{nbytes / med / 1e6 / read:5.0%} of read  spread {(max(t) - min(t)) / med:4.0%}  "
                         f"equal {equal}" + (f"  (pack {pack_ms:.0f} ms)" if name == "packed" else "")
                     )
-                if cuda and n in (1, 4):
+                if cuda and n in (1, 2, 4):
                     for name, fn in variants.items():
                         stream = torch.cuda.Stream()
                         done = torch.cuda.Event()

@@ -12,7 +12,9 @@ experts of the next layer prefetched per call (`pf`; `staged`: prefetched expert
 error and whether greedy and beam-search tokens equal the reference. Then, in bf16, the 8-layer
 Mixtral-8x7B-geometry slice at 25% resident (balanced) against the whole model on the GPU: bf16 results
 differ with the order of operations, so the yardstick is how far transformers' own two experts
-implementations (eager loop and grouped_mm) are from each other on the same prompt. Exits 1 on a mismatch.
+implementations (eager loop and grouped_mm) are from each other on the same prompt; the same on 32 tokens
+with every off-GPU expert computed on the CPU by the project's own kernel (`engine.cpu_gemv: on`). Exits 1 on
+a mismatch.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ def outputs(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, to
     return logits, greedy, beam.cpu()
 
 
-def check_bf16() -> bool:
-    """The engine's bf16 logits are as close to the reference as transformers' two implementations are."""
+def check_bf16(tokens: int = 256, **spec) -> bool:
+    """The engine's bf16 logits are as close to the reference as transformers' two implementations are (`spec`:
+    engine settings beyond the 25% resident share; with cpu_gemv 'on', every CPU expert must use the own kernel)."""
     model = build_model(layers=8, seed=0)
-    ids = torch.randint(0, 32000, (1, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(0, 32000, (1, tokens), generator=torch.Generator().manual_seed(0)).cuda()
     model.to("cuda")
     with torch.no_grad():
         model.set_experts_implementation("grouped_mm")
@@ -61,7 +64,7 @@ def check_bf16() -> bool:
         eager = model(ids).logits.float()
     model.to("cpu")
     torch.cuda.empty_cache()
-    engine = Engine.from_model(model, EngineSpec(resident_share=0.25))
+    engine = Engine.from_model(model, EngineSpec(resident_share=0.25, **spec))
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     with torch.no_grad():
         ours = model(ids).logits.float()
@@ -74,11 +77,13 @@ def check_bf16() -> bool:
 
     (noise, noise_top1), (rel, top1) = compare(eager), compare(ours)
     print(
-        f"bf16, 8 layers, 256 tokens: eager vs grouped_mm rel err {noise:.4f} (top-1 agree {noise_top1:.3f}); "
-        f"engine vs grouped_mm rel err {rel:.4f} (top-1 agree {top1:.3f}); engine experts cpu "
-        f"{stats['experts_cpu']} copied {stats['experts_copied']} resident {stats['experts_resident']}"
+        f"bf16, 8 layers, {tokens} tokens{f', {spec}' if spec else ''}: eager vs grouped_mm rel err {noise:.4f} "
+        f"(top-1 agree {noise_top1:.3f}); engine vs grouped_mm rel err {rel:.4f} (top-1 agree {top1:.3f}); engine "
+        f"experts cpu {stats['experts_cpu']} (own kernel {stats['experts_cpu_gemv']}) copied "
+        f"{stats['experts_copied']} resident {stats['experts_resident']}"
     )
-    return rel <= 2 * noise and top1 >= noise_top1 - 0.05
+    kernel = spec.get("cpu_gemv") != "on" or stats["experts_cpu_gemv"] == stats["experts_cpu"] > 0
+    return rel <= 2 * noise and top1 >= noise_top1 - 0.05 and kernel
 
 
 def check_continuous(model: torch.nn.Module, reference: list[list[int]], prompts: list[list[int]]) -> bool:
@@ -191,6 +196,8 @@ def main() -> int:
     del model
     torch.cuda.empty_cache()
     failures += not check_bf16()
+    cpu = {"prefill_heavy": "cpu", "decode_heavy": "cpu"}
+    failures += not check_bf16(32, cpu_gemv="on", strategy=cpu)  # every off-GPU expert from the own kernel
     print("all paths match the reference" if not failures else f"{failures} mismatches")
     return 1 if failures else 0
 

@@ -194,17 +194,31 @@ def cost_model_for(engine: Any, settings: EngineSpec) -> Any:
         return load_cost_model(Path(settings.calibration))
     path = cost_cache_path(engine)
     if path.is_file():
-        return load_cost_model(path)
-    log.warning(
-        "no calibration for this machine and expert shape (%s): measuring a quick one now; "
-        "`fiddler-batch calibrate` makes a full one",
-        path,
-    )
+        cost = load_cost_model(path)
+        if not _lacks_gemv(engine, settings, cost):
+            return cost
+        log.warning(
+            "the cached calibration %s has no times for the CPU's own kernel (engine.cpu_gemv), which this "
+            "machine can build: measuring a quick one now; `fiddler-batch calibrate` makes a full one",
+            path,
+        )
+    else:
+        log.warning(
+            "no calibration for this machine and expert shape (%s): measuring a quick one now; "
+            "`fiddler-batch calibrate` makes a full one",
+            path,
+        )
     started = time.perf_counter()
     cost = engine.measure_cost_model(quick=True)
     save_cost_model(cost, path, engine)
     log.warning("quick calibration took %.1f s (saved to %s)", time.perf_counter() - started, path)
     return cost
+
+
+def _lacks_gemv(engine: Any, settings: EngineSpec, cost: Any) -> bool:
+    """A cached calibration from before the own CPU kernel, for an engine that would use it."""
+    executor = getattr(engine, "executor", None)
+    return settings.cpu_gemv != "off" and cost.cpu_gemv_ms is None and executor is not None and executor.gemv_possible()
 
 
 def save_cost_model(cost: Any, path: Path, engine: Any) -> None:

@@ -575,12 +575,12 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
         return cost, path
 
     cost, path = _failures(measure)
-    packed = cost.cpu_packed_ms or (None,) * len(cost.ladder)
-    click.echo(
-        f"{'tokens':>8} {'cpu ms':>10} {'gpu ms':>10}" + (f" {'cpu packed ms':>14}" if cost.cpu_packed_ms else "")
-    )
-    for n, cpu_ms, gpu_ms, packed_ms in zip(cost.ladder, cost.cpu_ms, cost.gpu_ms, packed):
-        click.echo(f"{n:>8} {cpu_ms:>10.3f} {gpu_ms:>10.3f}" + (f" {packed_ms:>14.3f}" if packed_ms else ""))
+    columns = (("cpu packed ms", cost.cpu_packed_ms), ("cpu own ms", cost.cpu_gemv_ms))
+    extra = [(title, times) for title, times in columns if times]
+    click.echo(f"{'tokens':>8} {'cpu ms':>10} {'gpu ms':>10}" + "".join(f" {title:>14}" for title, _ in extra))
+    for i, (n, cpu_ms, gpu_ms) in enumerate(zip(cost.ladder, cost.cpu_ms, cost.gpu_ms)):
+        cells = "".join(f" {times[i]:>14.3f}" if i < len(times) else f" {'':>14}" for _, times in extra)
+        click.echo(f"{n:>8} {cpu_ms:>10.3f} {gpu_ms:>10.3f}" + cells)
     crossover = cost.crossover()
     click.echo(
         f"copy of one expert: {cost.copy_ms:.3f} ms ({cost.meta.get('copy_gb_per_s')} GB/s); CPU compute "
@@ -597,6 +597,12 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
         click.echo(
             "CPU experts from weights packed for oneDNN: "
             + ("worth it on this machine (engine.cpu_packed: auto packs them)" if pays(cost) else "not worth it here")
+        )
+    if cost.cpu_gemv_ms:
+        faster = [n for n, t in zip(cost.ladder, cost.cpu_gemv_ms) if t <= cost.fastest_cpu(n)]
+        click.echo(
+            "CPU experts from the own kernel (engine.cpu_gemv: auto): "
+            + (f"the fastest way at {', '.join(map(str, faster))} token(s)" if faster else "slower here at every count")
         )
     click.echo(f"wrote {path}")
 

@@ -469,6 +469,9 @@ StrategyName = Literal["balanced", "fiddler-rule", "cpu", "copy"]
 CpuPacked = Literal["auto", "on", "off"]
 """Whether experts computed on the CPU use weights packed for oneDNN (`engine.cpu_packed`)."""
 
+CpuGemv = Literal["auto", "on", "off"]
+"""Whether experts computed on the CPU use the project's own kernel at few tokens (`engine.cpu_gemv`)."""
+
 ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -580,6 +583,18 @@ class EngineSpec(BaseModel):
     2-32 tokens in one call, 1.0-1.4x slower at 1-32 tokens in the next four), and a packed product may differ from
     the plain one in its last bits (benchmarks/NOTES.md). A calibration made by an earlier version has no packed
     times: 'auto' then does not pack until `fiddler-batch calibrate` runs again."""
+    cpu_gemv: CpuGemv = "auto"
+    """Compute CPU experts with few tokens (up to 32) with the project's own matrix-vector kernel: bf16 weights as
+    stored, read once, summed in float32 (`engine/gemv.c`, compiled for the host's CPU with its C compiler and
+    OpenMP on first use, into the cache folder). 'auto' uses it at each token count where the calibration measured
+    it faster than the other ways (the planner plans with those times), except where cpu_packed 'on' asks for
+    packed weights; 'on' at every count up to 32; 'off' never. Where the kernel cannot be built (no C compiler)
+    experts use `F.linear`, and the log says why. A product from the kernel may differ from `F.linear`'s in its
+    last bits, as the CPU's bits already differ from the GPU's. On H200 hosts' 16-core Xeons a Mixtral expert at
+    one token took 3.0-4.0 ms against 3.9-7.2 ms with `F.linear`; single-request decode ran 1.13-1.27x faster,
+    beam search 1.06-1.19x (benchmarks/NOTES.md). A cached calibration from an earlier version, which has no times
+    for it, is measured again (quickly) by the first run that would use it; an `engine.calibration` file is not:
+    run `fiddler-batch calibrate` again."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)
@@ -602,7 +617,7 @@ class EngineSpec(BaseModel):
             )
         return data
 
-    @field_validator("cpu_packed", mode="before")
+    @field_validator("cpu_packed", "cpu_gemv", mode="before")
     @classmethod
     def _packed_switch(cls, value: object) -> object:
         """YAML reads a bare on / off (and true / false) as a boolean."""

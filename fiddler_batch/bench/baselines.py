@@ -13,9 +13,10 @@
   layer split between the CPU and the GPU where that pays (`engine.split_experts: true`), so one run measures
   a lever against the defaults, `fiddler-worker`, the same with the CPU experts on a worker thread
   (`engine.cpu_worker: true`), `fiddler-eager`, the same with decode steps launched eagerly instead
-  of replayed as CUDA graphs (`engine.cuda_graphs: false`), and `fiddler-packed`, the same with CPU experts
-  packed for oneDNN where that was measured faster (`engine.cpu_packed: auto`); they run only when
-  `--baselines` names them.
+  of replayed as CUDA graphs (`engine.cuda_graphs: false`), `fiddler-packed`, the same with CPU experts
+  packed for oneDNN where that was measured faster (`engine.cpu_packed: auto`), and `fiddler-linear`, the same
+  with every CPU expert through `F.linear` (`engine.cpu_gemv: off`); they run only when `--baselines` names
+  them.
   Engine settings a baseline changes are its record's `engine` (bench/settings.py).
 
 Every baseline places the same model object in turn and gives it back in host memory: `accelerate` first,

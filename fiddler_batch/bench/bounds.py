@@ -52,7 +52,11 @@ def rates(cost: CostModel, expert: int, hidden: int, intermediate: int) -> dict[
         "pcie_gb_per_s": expert / cost.copy_ms / 1e6,
         "gpu_tflop_per_s": 6 * hidden * intermediate * n / cost.gpu(n) / 1e9,
         "gpu_tflop_at_tokens": n,
-    } | ({"cpu_packed_gb_per_s": expert / cost.cpu_packed_ms[0] / 1e6} if cost.cpu_packed_ms else {})
+    } | {
+        f"cpu_{way}_gb_per_s": expert / times[0] / 1e6
+        for way, times in (("packed", cost.cpu_packed_ms), ("gemv", cost.cpu_gemv_ms))
+        if times
+    }
 
 
 def split_ms(cpu_costs: Sequence[float], copy_ms: float) -> float:

@@ -125,6 +125,17 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
+            "fiddler-linear",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with every CPU expert computed by F.linear (oneDNN), never by the project's own "
+            "kernel (engine.cpu_gemv: off)",
+            engine={"cpu_gemv": "off"},
+            by_default=False,
+        ),
+        Baseline(
             "fiddler-prefetch-1",
             "engine",
             None,

@@ -167,6 +167,14 @@ class Suite:
                 f"{n}: {a:.2f}/{b:.2f}" for n, a, b in zip(self.cost.ladder, self.cost.cpu_ms, self.cost.cpu_packed_ms)
             )
             self.log(f"CPU expert ms as stored / packed for oneDNN, by tokens: {ladder}")
+        if self.cost.cpu_gemv_ms:
+            ladder = ", ".join(
+                f"{n}: {a:.2f}/{b:.2f}" for n, a, b in zip(self.cost.ladder, self.cost.cpu_ms, self.cost.cpu_gemv_ms)
+            )
+            self.log(
+                f"CPU expert ms as stored / own kernel, by tokens: {ladder} (the own kernel reads at "
+                f"{meta.get('cpu_gemv_share_of_read', 0):.0%} of the host's read rate at 1 token)"
+            )
 
     # -- baselines ------------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 Used on every device and path (CPU compute, resident experts, copied experts), so each path computes
 exactly what the reference computes for the same tokens. On the CPU the up and down weights may come packed for
-oneDNN (`cpupack.py`, `engine.cpu_packed`): the same products through the packed layout, whose kernel may round
-their last bits differently.
+oneDNN (`cpupack.py`, `engine.cpu_packed`), or the products may come from the project's own kernel (`cpugemv.py`,
+`engine.cpu_gemv`): the same products, whose last bits may be rounded differently.
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fiddler_batch.engine import cpupack
+from fiddler_batch.engine import cpugemv, cpupack
 from fiddler_batch.engine.layout import ExpertLayout
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+def _project(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool, gemv: bool = False
+) -> torch.Tensor:
     if weight.is_mkldnn:  # packed for the CPU (cpupack.py); never transposed
         out = cpupack.linear(x, weight)
+    elif gemv and not transposed and cpugemv.usable(weight):
+        out = cpugemv.linear(x, weight)
     else:
         out = x @ weight if transposed else F.linear(x, weight)
     return out if bias is None else out + bias
@@ -30,14 +34,16 @@ def expert_forward(
     weights: dict[str, torch.Tensor],
     x: torch.Tensor,
     routing_weights: torch.Tensor,
+    gemv: bool = False,
 ) -> torch.Tensor:
     """x: [n, H] tokens routed to this expert; routing_weights: [n]; weights: one expert's tensors by role.
+    `gemv`: the products from the project's own CPU kernel (`cpugemv.py`) where it takes the weights.
 
     Returns [n, H], already scaled by the routing weights.
     """
-    h = _project(x, weights["up"], weights.get("up_bias"), layout.is_transposed)  # [n, 2I] or [n, I]
+    h = _project(x, weights["up"], weights.get("up_bias"), layout.is_transposed, gemv)  # [n, 2I] or [n, I]
     h = module._apply_gate(h) if layout.has_gate else module.act_fn(h)  # [n, I]
-    out = _project(h, weights["down"], weights.get("down_bias"), layout.is_transposed)  # [n, H]
+    out = _project(h, weights["down"], weights.get("down_bias"), layout.is_transposed, gemv)  # [n, H]
     if layout.has_post_expert_norm:
         out = module.post_expert_norm(out)
     return out * routing_weights[:, None]

@@ -198,6 +198,7 @@ class Engine:
             split_experts=spec.split_experts,
             cpu_worker=spec.cpu_worker,
             cpu_packed=spec.cpu_packed,
+            cpu_gemv=spec.cpu_gemv,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -345,6 +346,7 @@ class Engine:
             info["cpu_worker"] = self.executor.cpu_worker
             info["cuda_graphs"] = self.executor.graphs is not None
             info["cpu_packed_experts"] = self.executor.packed_experts()
+            info["cpu_gemv"] = self.executor.gemv_ready
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fiddler_batch.engine import cpupack
+from fiddler_batch.engine import cpugemv, cpupack
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.layout import ExpertLayout
 
@@ -50,6 +50,8 @@ class CostModel:
     meta: dict = field(default_factory=dict, compare=False)
     cpu_packed_ms: tuple[float, ...] | None = None  # one expert on the CPU from weights packed for oneDNN
     # (cpupack.py), per ladder point; None: not measured (another dtype or layout, or an older calibration)
+    cpu_gemv_ms: tuple[float, ...] | None = None  # one expert on the CPU from the project's own kernel
+    # (cpugemv.py), per ladder point up to cpugemv.MAX_TOKENS (shorter than the ladder); None: not measured
 
     def cpu(self, n: int) -> float:
         return _interp(self.ladder, self.cpu_ms, n)
@@ -62,18 +64,31 @@ class CostModel:
         packed = self.cpu_packed(n)
         return packed is not None and packed < self.cpu(n)
 
-    def fastest_cpu(self, n: int) -> float:
-        """The CPU expert at n tokens with the faster of the two weight layouts measured."""
-        packed = self.cpu_packed(n)
-        return self.cpu(n) if packed is None else min(self.cpu(n), packed)
+    def cpu_gemv(self, n: int) -> float | None:
+        """The CPU expert at n tokens from the project's own kernel; None beyond the last point measured."""
+        measured = self.cpu_gemv_ms
+        if not measured or n > self.ladder[len(measured) - 1]:
+            return None
+        return _interp(self.ladder[: len(measured)], measured, n)
 
-    def with_packed_cpu(self) -> CostModel:
-        """This model for an engine that computes each CPU expert with the faster layout: cpu(n) is the faster
-        of the two at each ladder point (the planner and the bound read cpu(n))."""
-        if self.cpu_packed_ms is None:
-            return self
-        best = tuple(min(a, b) for a, b in zip(self.cpu_ms, self.cpu_packed_ms))
-        return replace(self, cpu_ms=best)
+    def gemv_faster(self, n: int, than: float | None = None) -> bool:
+        """The own kernel was measured faster at n tokens than `than` (default: the weights as stored)."""
+        gemv = self.cpu_gemv(n)
+        return gemv is not None and gemv < (self.cpu(n) if than is None else than)
+
+    def fastest_cpu(self, n: int) -> float:
+        """The CPU expert at n tokens with the fastest of the ways measured (as stored, packed, own kernel)."""
+        return min(t for t in (self.cpu(n), self.cpu_packed(n), self.cpu_gemv(n)) if t is not None)
+
+    def with_fastest_cpu(self, packed: bool = True, gemv: bool = True) -> CostModel:
+        """This model for an engine that computes each CPU expert the fastest way measured among those it has
+        (weights as stored; `packed`: packed for oneDNN; `gemv`: the own kernel): cpu(n) is the fastest at each
+        ladder point (the planner and the bound read cpu(n))."""
+        best = list(self.cpu_ms)
+        for times, used in ((self.cpu_packed_ms, packed), (self.cpu_gemv_ms, gemv)):
+            if used and times:
+                best[: len(times)] = [min(a, b) for a, b in zip(best, times)]
+        return self if tuple(best) == self.cpu_ms else replace(self, cpu_ms=tuple(best))
 
     def gpu(self, n: int) -> float:
         return _interp(self.ladder, self.gpu_ms, n)
@@ -100,6 +115,7 @@ class CostModel:
             copy_contention=float(data.get("copy_contention", 1.0)),
             meta=dict(data.get("meta", {})),
             cpu_packed_ms=tuple(data["cpu_packed_ms"]) if data.get("cpu_packed_ms") else None,
+            cpu_gemv_ms=tuple(data["cpu_gemv_ms"]) if data.get("cpu_gemv_ms") else None,
         )
 
 
@@ -211,9 +227,10 @@ def calibrate(
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            cpu_ms, gpu_ms, packed_ms = [], [], []
+            cpu_ms, gpu_ms, packed_ms, gemv_ms = [], [], [], []
             cpu_spread = 0.0
             packed = _packed_or_none(host, layout)
+            gemv = cpugemv.usable_layout(layout) and cpugemv.available()
             for n in ladder:
                 x = torch.randn(n, layout.hidden, dtype=layout.dtype)
                 w = torch.rand(n, dtype=layout.dtype)
@@ -229,6 +246,9 @@ def calibrate(
                     except RuntimeError as exc:  # the packed layout is optional: measure without it
                         log.warning("the CPU expert from packed weights failed (%s): not measured", exc)
                         packed, packed_ms = None, []
+                if gemv and n <= cpugemv.MAX_TOKENS:
+                    on_gemv = lambda x=x, w=w: expert_forward(module, layout, host, x, w, gemv=True)  # noqa: E731
+                    gemv_ms.append(_median_ms(on_gemv, reps, lambda: None))
                 xd, wd = x.to(device), w.to(device)
                 gpu_ms.append(
                     _median_ms(lambda xd=xd, wd=wd: expert_forward(module, layout, fast, xd, wd), reps, sync_dev)
@@ -242,6 +262,7 @@ def calibrate(
             # (a first call that paid for warming caches or thread pools), so take the envelope from above.
             cpu_ms, gpu_ms = _non_decreasing(cpu_ms), _non_decreasing(gpu_ms)
             packed_ms = _non_decreasing(packed_ms) if packed_ms else []
+            gemv_ms = _non_decreasing(gemv_ms) if gemv_ms else []
             copy_ms = _median_ms(copy, reps + 1, sync_dev)
             cpu_contention = copy_contention = 1.0
             fixed_ms = 0.0
@@ -249,10 +270,15 @@ def calibrate(
                 small = torch.randn(8, layout.hidden, dtype=layout.dtype, device=device)
                 fixed_ms = _median_ms(lambda: small.to("cpu").to(device), reps + 1, sync_dev)
                 x1, w1 = torch.randn(1, layout.hidden, dtype=layout.dtype), torch.ones(1, dtype=layout.dtype)
+                # The slowdown of the way the executor computes one token: the own kernel where it was faster.
+                own = bool(gemv_ms) and gemv_ms[0] < cpu_ms[0]
                 busy_cpu, busy_copy = _contention(
-                    lambda: expert_forward(module, layout, host, x1, w1), copy, device, copies=8 if quick else 16
+                    lambda: expert_forward(module, layout, host, x1, w1, gemv=own),
+                    copy,
+                    device,
+                    copies=8 if quick else 16,
                 )
-                cpu_contention = max(1.0, busy_cpu / cpu_ms[0])
+                cpu_contention = max(1.0, busy_cpu / (gemv_ms[0] if own else cpu_ms[0]))
                 copy_contention = max(1.0, busy_copy / copy_ms)
             read_gb_per_s = host_read_gb_per_s(expert_bytes, reps)
     finally:
@@ -273,6 +299,8 @@ def calibrate(
     }
     if packed_ms:
         meta["cpu_packed_share_of_read"] = round(expert_bytes / packed_ms[0] / 1e6 / read_gb_per_s, 3)
+    if gemv_ms:
+        meta["cpu_gemv_share_of_read"] = round(expert_bytes / gemv_ms[0] / 1e6 / read_gb_per_s, 3)
     return CostModel(
         tuple(ladder),
         tuple(cpu_ms),
@@ -283,4 +311,5 @@ def calibrate(
         copy_contention,
         meta,
         cpu_packed_ms=tuple(packed_ms) if packed_ms else None,
+        cpu_gemv_ms=tuple(gemv_ms) if gemv_ms else None,
     )

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from fiddler_batch.engine import cpupack
+from fiddler_batch.engine import cpugemv, cpupack
 from fiddler_batch.engine.compute import (
     activate,
     expert_forward,
@@ -65,7 +65,7 @@ from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
 from fiddler_batch.engine.prefetch import choose_prefetch, router_guess
 from fiddler_batch.errors import EngineError
-from fiddler_batch.spec import CpuPacked, StrategyName
+from fiddler_batch.spec import CpuGemv, CpuPacked, StrategyName
 
 IMPLEMENTATION = "fiddler"
 
@@ -159,6 +159,7 @@ class Stats:
     experts_resident: int = 0
     experts_cpu: int = 0
     experts_cpu_packed: int = 0  # of those, computed from weights packed for the CPU (engine.cpu_packed)
+    experts_cpu_gemv: int = 0  # of those, computed with the project's own kernel (engine.cpu_gemv)
     experts_copied: int = 0
     tokens_resident: int = 0
     tokens_cpu: int = 0
@@ -226,6 +227,7 @@ class HybridExecutor:
         split_experts: bool = False,
         cpu_worker: bool = False,
         cpu_packed: CpuPacked = "off",
+        cpu_gemv: CpuGemv = "off",
     ):
         self.device = device
         self.layers = layers
@@ -259,6 +261,8 @@ class HybridExecutor:
         self._pending: Future | None = None  # the worker's latest job, until joined
         self.graphs: DecodeGraphs | None = None  # set by the engine with engine.cuda_graphs (graphs.py)
         self.cpu_packed: CpuPacked = cpu_packed
+        self.cpu_gemv: CpuGemv = cpu_gemv
+        self.gemv_ready = False  # CPU experts may use the own kernel (set with the cost model)
         self._measured: CostModel | None = None  # the cost model as installed: both CPU layouts' times
         self.set_cost(cost)
 
@@ -279,11 +283,31 @@ class HybridExecutor:
             level = logging.WARNING if self.cpu_packed == "on" else logging.INFO
             log.log(level, "CPU experts use their weights as stored: %s", reason)
         if cost is not None and self.packed_experts():
-            cost = replace(cost, cpu_ms=cost.cpu_packed_ms) if self._always_packed(cost) else cost.with_packed_cpu()
+            cost = (
+                replace(cost, cpu_ms=cost.cpu_packed_ms)
+                if self._always_packed(cost)
+                else cost.with_fastest_cpu(packed=True, gemv=False)
+            )
+        self.gemv_ready = self._gemv_allowed(self._measured)
+        if self.gemv_ready and cost is not None and cost.cpu_gemv_ms:
+            gemv_ms = cost.cpu_gemv_ms
+            if self.cpu_gemv == "on":
+                cost = replace(cost, cpu_ms=gemv_ms + cost.cpu_ms[len(gemv_ms) :])
+            elif not (self.packed_experts() and self._always_packed(cost)):
+                faster = tuple(min(a, b) for a, b in zip(cost.cpu_ms, gemv_ms))
+                cost = replace(cost, cpu_ms=faster + cost.cpu_ms[len(gemv_ms) :])
         self.cost = cost
 
     def _always_packed(self, cost: CostModel) -> bool:
         return self.cpu_packed == "on" and cost.cpu_packed_ms is not None
+
+    def _cpu_ms(self, n: int, packed: bool) -> float:
+        """The calibration's time for a CPU expert with n tokens the way chosen without the own kernel."""
+        cost = self._measured
+        if cost is None:
+            return float("inf")
+        packed_ms = cost.cpu_packed(n) if packed else None
+        return cost.cpu(n) if packed_ms is None else packed_ms
 
     def packed_for(self, n: int) -> bool:
         """A packed CPU expert with n tokens is computed from its packed weights (the faster layout at n as
@@ -291,6 +315,36 @@ class HybridExecutor:
         if self.cpu_packed == "on":
             return True
         return self._measured is not None and self._measured.packed_faster(n)
+
+    def gemv_for(self, n: int, packed: bool = False) -> bool:
+        """A CPU expert with n tokens (`packed`: one that would otherwise be computed from packed weights) is
+        computed with the own kernel: always up to cpugemv.MAX_TOKENS with cpu_gemv 'on'; with 'auto' where the
+        calibration measured it faster than the other way, unless cpu_packed 'on' asked for packed weights."""
+        if not self.gemv_ready or n > cpugemv.MAX_TOKENS:
+            return False
+        if self.cpu_gemv == "on":
+            return True
+        if packed and self.cpu_packed == "on":
+            return False
+        return self._measured is not None and self._measured.gemv_faster(n, self._cpu_ms(n, packed))
+
+    def gemv_possible(self) -> bool:
+        """The CPU experts' weights are ones the own kernel takes (bf16, stored [out, in]), and it is built here."""
+        host = [layer for layer in self.layers if _host_experts(layer)]
+        return bool(host) and all(cpugemv.usable_layout(layer.layout) for layer in host) and cpugemv.available()
+
+    def _gemv_allowed(self, cost: CostModel | None) -> bool:
+        """CPU experts may use the own kernel: asked for ('on'), or 'auto' with a calibration that measured it."""
+        if self.cpu_gemv == "off" or not self.gemv_possible():
+            return False  # other dtypes and layouts keep F.linear (cpugemv logs a kernel it cannot build)
+        if self.cpu_gemv == "auto" and (cost is None or not cost.cpu_gemv_ms):
+            if cost is not None:
+                log.info(
+                    "CPU experts use F.linear: the calibration did not measure the own kernel "
+                    "(`fiddler-batch calibrate` measures it)"
+                )
+            return False
+        return True
 
     def packed_experts(self) -> int:
         return sum(len(layer.packed) for layer in self.layers)
@@ -829,9 +883,13 @@ class HybridExecutor:
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
             use_packed = e in layer.packed and self.packed_for(n)
-            expert = layer.packed[e] if use_packed else layer.host_expert(e)
-            y = expert_forward(layer.module, layer.layout, expert, rows[s : s + n], row_weights[s : s + n])
-            self.stats.experts_cpu_packed += use_packed
+            use_gemv = self.gemv_for(n, use_packed)
+            expert = layer.packed[e] if use_packed and not use_gemv else layer.host_expert(e)
+            y = expert_forward(
+                layer.module, layer.layout, expert, rows[s : s + n], row_weights[s : s + n], gemv=use_gemv
+            )
+            self.stats.experts_cpu_packed += use_packed and not use_gemv
+            self.stats.experts_cpu_gemv += use_gemv
             if results is None:
                 out[bounds[e] : bounds[e + 1]] = y
             else:

@@ -1,0 +1,149 @@
+"""The CPU expert's products at a few tokens from the project's own kernel (`gemv.c`), built on this host.
+
+At one token an expert's product is a matrix-vector product bounded by how fast the host reads the weight. On the
+Xeons of the GPU hosts `F.linear` on bf16 weights (oneDNN) read a Mixtral expert at 51-63 GB/s where a float32 sum
+read 91-106 GB/s (benchmarks/NOTES.md), and no other layout PyTorch offers was faster at one token. `gemv.c` reads
+each weight row once, converts it to float32 in registers, and sums in float32 as the reference does; each output
+is one thread's sum in a fixed order, so its value does not depend on the thread count, but its last bits may
+differ from oneDNN's, as the CPU's bits already differ from the GPU's.
+
+The library is compiled for this host's CPU (`-march=native`) the first time it is needed, with the C compiler
+(`$CC`, else `cc`, `gcc`, `clang`) and OpenMP, into the cache folder under a name that holds the source's hash,
+the compiler's version and the CPU's flags, so hosts of another kind sharing one cache folder each build their
+own. Where it cannot be built (no compiler, no OpenMP), the CPU experts use `F.linear` and the log says why.
+Whether it is used at all is the calibration's finding (`CostModel.cpu_gemv_ms`, `engine.cpu_gemv`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fiddler_batch.engine.layout import ExpertLayout
+from fiddler_batch.machine import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_TOKENS = 32
+"""The calibration measures the kernel up to this many tokens; beyond it the CPU expert never uses it (the kernel
+reads each weight once per call, but its arithmetic per weight grows with the tokens, where oneDNN's blocked
+kernels do better)."""
+
+
+def _compiler() -> list[str] | None:
+    """The C compiler's command: `$CC` (which may carry flags), else the first of cc, gcc, clang on the path."""
+    for command in (shlex.split(os.environ.get("CC", "")), ["cc"], ["gcc"], ["clang"]):
+        if command and shutil.which(command[0]):
+            return command
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cc: list[str]) -> Path:
+    """The library for this host, compiled once into the cache folder (concurrent builders each write their own
+    temporary file and rename it into place)."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    flags = " ".join([*cc[1:], *FLAGS]).encode()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), flags, _cpu_flags().encode()]))
+    folder = cache_root() / "kernels"
+    target = folder / f"gemv-{platform.machine()}-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=target.stem, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise OSError(f"{shlex.join(cc)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> Callable[..., int] | None:
+    """The kernel's entry point from SOURCE, built for this host when needed; None (and a log line saying why)
+    where it cannot be built or loaded."""
+    cc = _compiler()
+    if cc is None:
+        log.info("the CPU's own matrix-vector kernel is not built: no C compiler (set CC): F.linear is used")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("the CPU's own matrix-vector kernel could not be built (%s): F.linear is used", exc)
+        return None
+    fn = library.fb_gemv_bf16
+    fn.restype = ctypes.c_int
+    c_long, c_ptr, c_int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_int, c_ptr, c_long, c_int]
+    return fn
+
+
+@functools.cache
+def _kernel() -> Callable[..., int] | None:
+    return _load()
+
+
+def available() -> bool:
+    """The kernel is built (or can be) and loaded on this host."""
+    return _kernel() is not None
+
+
+def usable_layout(layout: ExpertLayout) -> bool:
+    """Experts of `layout` have weights the kernel takes: bf16, stored [out, in] (`F.linear`'s layout)."""
+    return layout.dtype == torch.bfloat16 and not layout.is_transposed
+
+
+def usable(weight: torch.Tensor) -> bool:
+    """The kernel can compute `F.linear(x, weight)`: a bf16 matrix on the CPU, [out, in] with contiguous rows."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and not weight.is_mkldnn
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., int] | None = None) -> torch.Tensor:
+    """`F.linear(x, weight)` (no bias) for x [..., in] and a weight `usable` accepts, from the kernel (`kernel`: another
+    build's entry point, for benchmarks): sums in float32, one rounding to bf16 per output."""
+    fn = kernel or _kernel()
+    if fn is None:
+        raise RuntimeError("the CPU's own matrix-vector kernel is not available on this host")
+    m, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
+    xf = x.reshape(-1, k).to(torch.float32).contiguous()
+    n = xf.shape[0]
+    y = torch.empty(n, m, dtype=torch.bfloat16)
+    if n and fn(weight.data_ptr(), m, k, weight.stride(0), xf.data_ptr(), n, y.data_ptr(), m, torch.get_num_threads()):
+        raise MemoryError("the CPU's own matrix-vector kernel could not allocate its copy of the tokens")
+    return y.reshape(*x.shape[:-1], m)

@@ -1,0 +1,139 @@
+/* y = x @ w.T for bf16 weights and a few tokens, summed in float32: the CPU expert's matrix products at one or two
+   tokens, where they are bounded by how fast the host reads the weights (cpugemv.py builds and loads this).
+
+   Each step loads 32 consecutive bf16 weights as 16 32-bit words: shifted left by 16 bits a word is its even
+   element as a float32, masked its odd one, so no other conversion is needed; the token's values are split the
+   same way (even and odd elements) once per call. Every output is summed in one order whatever block or thread
+   computes it: the products of elements 32j + 2i and 32j + 2i + 1 go to lane i of the even and the odd
+   accumulator, in order of j; then the two accumulators are added, then the 16 lanes by halving (lane i + 8 into
+   lane i, and so on), then the elements past the last whole step one by one. So the value of an output does not
+   depend on the thread count. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LANES 16
+#define STEP (2 * LANES)
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+
+static inline vu load_words(const uint16_t *p) {
+    vu v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vf load_f32(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch rounds */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float hsum(vf v) {
+    float a[LANES];
+    memcpy(a, &v, sizeof a);
+    for (int s = LANES / 2; s > 0; s /= 2)
+        for (int j = 0; j < s; j++) a[j] += a[j + s];
+    return a[0];
+}
+
+/* R weight rows against T tokens: each weight step loaded once for the T tokens, each token's step once for
+   the R rows. xs: per token, its even elements then its odd ones (kv / 2 each); x: the tokens as given. */
+#define BLOCK(R, T)                                                                                              \
+    static inline void block_##R##_##T(const uint16_t *w, long ldw, const float *xs, const float *x, long k,    \
+                                       long kv, uint16_t *y, long ldy) {                                         \
+        const long half = kv / 2;                                                                                \
+        vf even[R][T], odd[R][T];                                                                                \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int t = 0; t < T; t++) even[r][t] = odd[r][t] = (vf){0};                                        \
+        for (long i = 0; i < kv; i += STEP) {                                                                    \
+            vf xe[T], xo[T];                                                                                     \
+            for (int t = 0; t < T; t++) {                                                                        \
+                xe[t] = load_f32(xs + t * kv + i / 2);                                                           \
+                xo[t] = load_f32(xs + t * kv + half + i / 2);                                                    \
+            }                                                                                                    \
+            for (int r = 0; r < R; r++) {                                                                        \
+                vu words = load_words(w + r * ldw + i);                                                          \
+                vf we = (vf)(words << 16), wo = (vf)(words & 0xffff0000u);                                       \
+                for (int t = 0; t < T; t++) {                                                                    \
+                    even[r][t] += we * xe[t];                                                                    \
+                    odd[r][t] += wo * xo[t];                                                                     \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int t = 0; t < T; t++) {                                                                        \
+                float s = hsum(even[r][t] + odd[r][t]);                                                          \
+                for (long i = kv; i < k; i++) s += bf16_to_f32(w[r * ldw + i]) * x[t * k + i];                   \
+                y[t * ldy + r] = f32_to_bf16(s);                                                                 \
+            }                                                                                                    \
+    }
+BLOCK(4, 1)
+BLOCK(4, 2)
+BLOCK(1, 1)
+BLOCK(1, 2)
+
+/* Rows [r0, r1) for n tokens: one row at a time for one token (a single stream of weights per thread), else blocks
+   of 4 rows against pairs of tokens and a last lone token, then the rows left over one at a time. */
+static void rows(const uint16_t *w, long ldw, const float *xs, const float *x, long k, int n, uint16_t *y, long ldy,
+                 long r0, long r1) {
+    const long kv = k - k % STEP;
+    long r = r0;
+    if (n > 1)
+        for (; r + 4 <= r1; r += 4) {
+            int t = 0;
+            for (; t + 2 <= n; t += 2)
+                block_4_2(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
+            if (t < n) block_4_1(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
+        }
+    for (; r < r1; r++) {
+        int t = 0;
+        for (; t + 2 <= n; t += 2) block_1_2(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
+        if (t < n) block_1_1(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
+    }
+}
+
+/* y[t, r] = bf16(sum_i x[t, i] * w[r, i]) for t < n, r < m: w bf16 [m, k] with row stride ldw, x float32 [n, k]
+   contiguous, y bf16 [n, ldy]. Returns 0, or -1 when memory for the split tokens could not be had. */
+int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, int n, uint16_t *y, long ldy,
+                 int threads) {
+    const long kv = k - k % STEP, half = kv / 2;
+    float *xs = malloc(sizeof(float) * (size_t)(n * kv + 1));
+    if (xs == NULL) return -1;
+    for (int t = 0; t < n; t++)
+        for (long i = 0; i < half; i++) {
+            xs[t * kv + i] = x[t * k + 2 * i];
+            xs[t * kv + half + i] = x[t * k + 2 * i + 1];
+        }
+    #pragma omp parallel num_threads(threads)
+    {
+        int nth = 1, id = 0;
+#ifdef _OPENMP
+        nth = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        rows(w, ldw, xs, x, k, n, y, ldy, m * id / nth, m * (id + 1) / nth);
+    }
+    free(xs);
+    return 0;
+}

@@ -1,0 +1,320 @@
+"""The CPU's own matrix-vector kernel (engine.cpu_gemv): its numbers, its build, and the executor's use of it.
+
+The kernel sums in float32 in its own order, so its products may differ from `F.linear`'s in the last bits. The
+kernel is checked against float64 within one bf16 rounding, and for the same bits whatever the thread count; the
+model is checked against a reference whose every bf16 product on the CPU goes through the kernel (`gemv_products`):
+there the engine must match exactly, which checks that each expert gets its own tokens and weights.
+
+The kernel is compiled by the test run (a C compiler with OpenMP is a test requirement, installed by `.ci/run`);
+without one these tests fail rather than skip, unless FIDDLER_BATCH_KERNEL_TEST=optional.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fiddler_batch import assets
+from fiddler_batch.bench.bounds import layer_ms
+from fiddler_batch.engine import Engine, cpugemv, cpupack
+from fiddler_batch.engine.compute import expert_forward
+from fiddler_batch.engine.costmodel import CostModel, calibrate, random_expert
+from fiddler_batch.engine.layout import read_layout
+from fiddler_batch.engine.planner import Where
+from fiddler_batch.spec import EngineSpec
+
+from .conftest import COST, PROMPTS, forced, generate
+from .families import build
+
+if os.environ.get("FIDDLER_BATCH_KERNEL_TEST") == "optional" and not cpugemv.available():
+    pytest.skip("no C compiler with OpenMP here (FIDDLER_BATCH_KERNEL_TEST=optional)", allow_module_level=True)
+
+# The own kernel measured faster at 1 token and slower from 8 on (ladder 1, 8, 64; measured up to 8 only).
+GEMV_COST = replace(COST, cpu_gemv_ms=(0.5, 4.0))
+ALL_CPU = forced(lambda layer, e: Where.CPU)
+
+
+@contextmanager
+def gemv_products() -> Iterator[None]:
+    """Every bf16 `F.linear` on the CPU computed by the own kernel, as the executor computes its CPU experts."""
+    plain = torch.nn.functional.linear
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device.type != "cpu" or not cpugemv.usable(weight):
+            return plain(x, weight, bias)
+        out = cpugemv.linear(x, weight)
+        return out if bias is None else out + bias
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = plain
+
+
+def _exact(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.double() @ weight.double().T
+
+
+def _check_close_to_exact(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Within one bf16 rounding of the exact product (2^-8 of it) plus float32 summation error."""
+    exact = _exact(x, weight)
+    scale = x.double().abs() @ weight.double().abs().T
+    err = (y.double() - exact).abs()
+    assert torch.all(err <= exact.abs() * 2.0**-8 + scale * 1e-6 + 1e-30), float((err - exact.abs() * 2**-8).max())
+
+
+def test_the_kernel_is_a_bf16_rounding_of_the_exact_product():
+    torch.manual_seed(0)
+    # Sizes with and without a tail past the last step of 32, row counts with and without a tail past the last
+    # block of 4, 1-5 tokens (pairs and a lone one), and rows of a wider tensor (a row stride over the width).
+    for m, k in ((37, 100), (8, 64), (130, 96), (5, 31), (3, 1)):
+        wide = torch.randn(m, k + 9, dtype=torch.bfloat16)
+        for weight in (wide[:, :k].contiguous(), wide[:, 3 : 3 + k]):
+            assert cpugemv.usable(weight)
+            for n in (1, 2, 3, 5):
+                x = torch.randn(n, k, dtype=torch.bfloat16)
+                y = cpugemv.linear(x, weight)
+                assert y.shape == (n, m) and y.dtype == torch.bfloat16
+                _check_close_to_exact(y, x, weight)
+                # Each output within one bf16 step of F.linear's.
+                torch.testing.assert_close(y, torch.nn.functional.linear(x, weight), rtol=2**-7, atol=1e-6)
+    # Leading dimensions pass through.
+    x3 = torch.randn(2, 3, 40, dtype=torch.bfloat16)
+    weight = torch.randn(6, 40, dtype=torch.bfloat16)
+    assert torch.equal(cpugemv.linear(x3, weight), cpugemv.linear(x3.reshape(6, 40), weight).reshape(2, 3, 6))
+    assert cpugemv.linear(torch.empty(0, 40, dtype=torch.bfloat16), weight).shape == (0, 6)
+
+
+def test_the_kernel_rounds_to_nearest_even_as_torch_does():
+    # One weight of 1.0: each output is the float32 input rounded to bf16 by the kernel.
+    values = torch.tensor(
+        [1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 3.0e38, float("inf"), float("-inf"), 1e-40],
+        dtype=torch.float32,
+    )
+    got = cpugemv.linear(values[:, None], torch.ones(1, 1, dtype=torch.bfloat16))[:, 0]
+    assert torch.equal(got, values.to(torch.bfloat16))
+    nan = cpugemv.linear(torch.tensor([[float("nan")]]), torch.ones(1, 1, dtype=torch.bfloat16))
+    assert torch.isnan(nan).all()
+
+
+def test_the_kernels_bits_do_not_depend_on_the_thread_count():
+    torch.manual_seed(1)
+    weight = torch.randn(103, 200, dtype=torch.bfloat16)  # rows split unevenly, blocks of 4 cut at other rows
+    x = torch.randn(3, 200, dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3, 7):
+            torch.set_num_threads(threads)
+            outs.append(cpugemv.linear(x, weight))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+    # The rows of one call are the rows of calls for each token alone.
+    assert torch.equal(torch.cat([cpugemv.linear(x[i : i + 1], weight) for i in range(3)]), outs[0])
+
+
+def test_the_kernel_refuses_what_it_cannot_compute():
+    assert not cpugemv.usable(torch.ones(4, 4))  # float32
+    assert not cpugemv.usable(torch.ones(4, 4, dtype=torch.bfloat16).T)  # columns contiguous
+    assert not cpugemv.usable(torch.ones(2, 4, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="features"):
+        cpugemv.linear(torch.ones(1, 5, dtype=torch.bfloat16), torch.ones(4, 4, dtype=torch.bfloat16))
+
+
+def test_the_kernel_is_built_once_per_host_kind_and_missing_compilers_fall_back(monkeypatch, tmp_path, caplog):
+    cc = cpugemv._compiler()
+    built = cpugemv._build(cc)
+    assert built.is_file() and built.parent == cpugemv.cache_root() / "kernels"
+    stamp = built.stat().st_mtime_ns
+    assert cpugemv._build(cc) == built and built.stat().st_mtime_ns == stamp  # found, not compiled again
+    # Another CPU (another flags line) gets its own library.
+    monkeypatch.setattr(cpugemv, "_cpu_flags", lambda: "another cpu")
+    other = cpugemv._build(cc)
+    assert other != built and other.is_file()
+    # $CC may carry flags: they are part of the library's name.
+    monkeypatch.setenv("CC", f"{cc[0]} -DFB_UNUSED=1")
+    assert cpugemv._compiler() == [cc[0], "-DFB_UNUSED=1"] and cpugemv._build(cpugemv._compiler()) not in (built, other)
+    caplog.set_level(logging.INFO, logger="fiddler_batch.engine.cpugemv")
+    # A compiler that fails: no library, the reason logged.
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\ncase \"$1\" in --version) echo broken 1.0;; *) echo 'no OpenMP' >&2; exit 1;; esac\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    assert cpugemv._load() is None and "no OpenMP" in caplog.text
+    assert not list((cpugemv.cache_root() / "kernels").glob("*.tmp"))
+    # No compiler at all.
+    monkeypatch.setattr(cpugemv, "_compiler", lambda: None)
+    assert cpugemv._load() is None and "no C compiler" in caplog.text
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "deepseek_v3"])
+def bf16_reference(request):
+    """A bf16 tiny model with its logits, greedy and 3-beam tokens, every CPU product through the own kernel."""
+    model = build(request.param).to(torch.bfloat16)
+    with torch.no_grad(), gemv_products():
+        logits = model(PROMPTS).logits
+        return model, logits, generate(model), generate(model, num_beams=3)
+
+
+def _engine(reference: torch.nn.Module, cost: CostModel | None = GEMV_COST, **spec) -> tuple[torch.nn.Module, Engine]:
+    model = copy.deepcopy(reference)
+    engine = Engine.from_model(model, EngineSpec(device="cpu", resident_share=0.25, **spec), cost=cost)
+    return model, engine
+
+
+def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_reference, monkeypatch):
+    ref_model, ref_logits, ref_greedy, ref_beam = bf16_reference
+    monkeypatch.setattr(cpugemv, "MAX_TOKENS", 1000)  # every CPU expert (beam search's prefill has 42 tokens)
+    model, engine = _engine(ref_model, cpu_gemv="on")
+    engine.set_planner(ALL_CPU)
+    with torch.no_grad(), gemv_products():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)  # a prefill: experts with 1 to 14 tokens
+        assert torch.equal(generate(model), ref_greedy)
+        assert torch.equal(generate(model, num_beams=3), ref_beam)
+    stats = engine.stats()
+    assert stats["experts_cpu"] > 0 and stats["experts_cpu_gemv"] == stats["experts_cpu"]
+    assert engine.describe()["cpu_gemv"] is True
+
+
+def test_auto_takes_the_kernel_where_it_was_measured_faster(bf16_reference):
+    ref_model, ref_logits, ref_greedy, _ = bf16_reference
+    model, engine = _engine(ref_model, cpu_gemv="auto")
+    executor = engine.executor
+    assert executor.gemv_for(1) and not executor.gemv_for(8)
+    assert not executor.gemv_for(64)  # beyond the points measured
+    # The planner plans with the faster way's times.
+    assert executor.cost.cpu(1) == 0.5 and executor.cost.cpu(8) == COST.cpu(8) and executor.cost.cpu(64) == 20.0
+    engine.set_planner(ALL_CPU)
+    with torch.no_grad(), gemv_products():
+        model(PROMPTS[:1, :1])  # one token: every CPU expert has 1 token, faster from the kernel
+        assert engine.stats()["experts_cpu"] > 0 and engine.stats()["experts_cpu_gemv"] == engine.stats()["experts_cpu"]
+        engine.reset_stats()
+        assert torch.equal(generate(model), ref_greedy)
+    # Outside gemv_products the experts that took F.linear still match F.linear's reference: mixed ways agree.
+    with torch.no_grad():
+        engine.reset_stats()
+        engine.set_cost_model(replace(COST, cpu_gemv_ms=(5.0, 6.0)))  # a recalibration: the kernel slower
+        assert not executor.gemv_for(1) and executor.cost.cpu_ms == COST.cpu_ms
+        assert torch.equal(model(PROMPTS).logits, ref_model(PROMPTS).logits)
+        assert engine.stats()["experts_cpu_gemv"] == 0
+
+
+def test_off_and_unmeasured_calibrations_keep_f_linear(bf16_reference, caplog):
+    ref_model = bf16_reference[0]
+    caplog.set_level(logging.INFO, logger="fiddler_batch.engine.executor")
+    _, engine = _engine(ref_model, cpu_gemv="off")
+    assert not engine.executor.gemv_ready and engine.executor.cost is GEMV_COST
+    _, engine = _engine(ref_model, cost=COST)  # auto, the default, with a calibration from before the kernel
+    assert engine.spec.cpu_gemv == "auto"
+    assert not engine.executor.gemv_ready and "did not measure the own kernel" in caplog.text
+    # Float32 experts: the kernel takes bf16 weights only, whatever the setting.
+    engine = Engine.from_model(build("mixtral"), EngineSpec(device="cpu", resident_share=0.25, cpu_gemv="on"))
+    engine.set_cost_model(GEMV_COST)
+    assert not engine.executor.gemv_ready and not engine.executor.gemv_possible()
+
+
+def test_without_a_compiler_the_engine_uses_f_linear(bf16_reference, monkeypatch):
+    ref_model, ref_logits, ref_greedy, _ = bf16_reference
+    monkeypatch.setattr(cpugemv, "_kernel", lambda: None)
+    model, engine = _engine(ref_model, cpu_gemv="on")
+    assert not engine.executor.gemv_ready
+    engine.set_planner(ALL_CPU)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_model(PROMPTS).logits)
+    assert engine.stats()["experts_cpu"] > 0 and engine.stats()["experts_cpu_gemv"] == 0
+
+
+def test_an_expert_from_the_kernel_computes_the_same_products():
+    module = build("mixtral").to(torch.bfloat16).model.layers[0].mlp.experts
+    layout = read_layout(module)
+    torch.manual_seed(0)
+    weights = random_expert(layout, "cpu")
+    for n in (1, 2, 5):
+        x = torch.randn(n, layout.hidden, dtype=torch.bfloat16)
+        w = torch.rand(n, dtype=torch.bfloat16)
+        with gemv_products():
+            reference = expert_forward(module, layout, weights, x, w)
+        assert torch.equal(expert_forward(module, layout, weights, x, w, gemv=True), reference)
+        torch.testing.assert_close(
+            expert_forward(module, layout, weights, x, w, gemv=True),
+            expert_forward(module, layout, weights, x, w),
+            rtol=1.6e-2,
+            atol=1e-3,
+        )
+
+
+def test_calibration_measures_the_kernel_for_bf16_up_to_its_token_limit():
+    for dtype in (torch.bfloat16, torch.float32):
+        module = build("mixtral").to(dtype).model.layers[0].mlp.experts
+        layout = read_layout(module)
+        cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True)
+        if dtype == torch.bfloat16:
+            measured = [n for n in cost.ladder if n <= cpugemv.MAX_TOKENS]
+            assert len(cost.cpu_gemv_ms) == len(measured) < len(cost.ladder)
+            assert all(t > 0 for t in cost.cpu_gemv_ms) and cost.meta["cpu_gemv_share_of_read"] > 0
+            assert CostModel.from_json(cost.to_json()) == cost
+            assert cost.cpu_gemv(cost.ladder[len(measured)]) is None
+        else:
+            assert cost.cpu_gemv_ms is None
+
+
+def test_cost_model_arithmetic_with_kernel_times():
+    assert GEMV_COST.cpu_gemv(1) == 0.5 and GEMV_COST.cpu_gemv(4) == pytest.approx(0.5 + 3.5 * 3 / 7)
+    assert GEMV_COST.cpu_gemv(9) is None and COST.cpu_gemv(1) is None
+    assert GEMV_COST.gemv_faster(1) and not GEMV_COST.gemv_faster(8) and not GEMV_COST.gemv_faster(64)
+    assert GEMV_COST.gemv_faster(8, than=5.0)
+    assert GEMV_COST.fastest_cpu(1) == 0.5 and GEMV_COST.fastest_cpu(8) == 3.0
+    assert GEMV_COST.with_fastest_cpu().cpu_ms == (0.5, 3.0, 20.0)
+    assert GEMV_COST.with_fastest_cpu(gemv=False) is GEMV_COST
+    both = replace(GEMV_COST, cpu_packed_ms=(2.0, 2.0, 10.0))
+    assert both.with_fastest_cpu().cpu_ms == (0.5, 2.0, 10.0) and both.fastest_cpu(64) == 10.0
+    old = GEMV_COST.to_json()
+    del old["cpu_gemv_ms"]  # a calibration file from before the kernel
+    assert CostModel.from_json(old).cpu_gemv_ms is None
+    counts, resident = [1, 0, 0, 0], [False, True, True, True]
+    assert layer_ms(counts, resident, GEMV_COST) < layer_ms(counts, resident, COST)  # the bound takes it too
+
+
+def test_a_cached_calibration_without_kernel_times_is_measured_again(bf16_reference, monkeypatch, caplog):
+    _, engine = _engine(bf16_reference[0], cost=None)
+    path = assets.cost_cache_path(engine)
+    assets.save_cost_model(COST, path, engine)
+    measured = []
+
+    def measure(quick: bool = False) -> CostModel:
+        measured.append(quick)
+        return GEMV_COST
+
+    monkeypatch.setattr(engine, "measure_cost_model", measure)
+    settings = EngineSpec(device="cpu")
+    assert assets.cost_model_for(engine, settings) == GEMV_COST and measured == [True]
+    assert "no times for the CPU's own kernel" in caplog.text
+    assert assets.cost_model_for(engine, settings) == GEMV_COST and measured == [True]  # saved: read back
+    # With the kernel off, an old entry is used as it is.
+    assets.save_cost_model(COST, path, engine)
+    assert assets.cost_model_for(engine, EngineSpec(device="cpu", cpu_gemv="off")) == COST and len(measured) == 1
+
+
+@pytest.mark.skipif(not cpupack.onednn_packing(), reason="this PyTorch cannot pack bf16 weights")
+def test_with_packed_weights_too_each_count_takes_the_fastest_way(bf16_reference):
+    cost = replace(COST, cpu_packed_ms=(0.8, 2.0, 15.0), cpu_gemv_ms=(0.5, 2.5))
+    _, engine = _engine(bf16_reference[0], cost=cost, cpu_packed="auto")
+    executor = engine.executor
+    assert executor.packed_experts() > 0
+    assert executor.gemv_for(1, packed=executor.packed_for(1)) and executor.packed_for(8)
+    assert not executor.gemv_for(8, packed=True) and executor.gemv_for(8, packed=False)  # 2.5 beats 3.0, not 2.0
+    assert executor.cost.cpu_ms == (0.5, 2.0, 15.0)
+    # Packed weights asked for outright: the kernel only when asked for outright too (then up to its limit).
+    _, engine = _engine(bf16_reference[0], cost=cost, cpu_packed="on")
+    assert not engine.executor.gemv_for(1, packed=True) and engine.executor.cost.cpu_ms == cost.cpu_packed_ms
+    _, engine = _engine(bf16_reference[0], cost=cost, cpu_packed="on", cpu_gemv="on")
+    assert engine.executor.gemv_for(1, packed=True) and engine.executor.cost.cpu_ms == (0.5, 2.5, 15.0)
