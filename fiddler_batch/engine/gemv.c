@@ -93,19 +93,20 @@ BLOCK(4, 2)
 BLOCK(1, 1)
 BLOCK(1, 2)
 
-/* Rows [r0, r1) for n tokens: one row at a time for one token (a single stream of weights per thread), else blocks
-   of 4 rows against pairs of tokens and a last lone token, then the rows left over one at a time. */
+/* Rows [r0, r1) for n tokens: blocks of 4 rows against pairs of tokens and a last lone token, then the rows left
+   over one at a time. Blocks at one token too: a token of the down projection (14336 floats) does not stay in a
+   core's first-level cache, and a block reads it once for four rows (on an H200 host's Xeon one expert took
+   3.4-4.5 ms at one token in blocks against 4.2-4.5 one row at a time, 3.2-3.8 against 4.3-4.5 while the link
+   copied: benchmarks/NOTES.md). */
 static void rows(const uint16_t *w, long ldw, const float *xs, const float *x, long k, int n, uint16_t *y, long ldy,
                  long r0, long r1) {
     const long kv = k - k % STEP;
     long r = r0;
-    if (n > 1)
-        for (; r + 4 <= r1; r += 4) {
-            int t = 0;
-            for (; t + 2 <= n; t += 2)
-                block_4_2(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
-            if (t < n) block_4_1(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
-        }
+    for (; r + 4 <= r1; r += 4) {
+        int t = 0;
+        for (; t + 2 <= n; t += 2) block_4_2(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
+        if (t < n) block_4_1(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
+    }
     for (; r < r1; r++) {
         int t = 0;
         for (; t + 2 <= n; t += 2) block_1_2(w + r * ldw, ldw, xs + t * kv, x + t * k, k, kv, y + t * ldy + r, ldy);
