@@ -591,7 +591,7 @@ class EngineSpec(BaseModel):
     packed weights; 'on' at every count up to 32; 'off' never. Where the kernel cannot be built (no C compiler)
     experts use `F.linear`, and the log says why. A product from the kernel may differ from `F.linear`'s in its
     last bits, as the CPU's bits already differ from the GPU's. On H200 hosts' 16-core Xeons a Mixtral expert at
-    one token took 3.0-4.0 ms against 3.9-7.2 ms with `F.linear`; single-request decode ran 1.13-1.27x faster,
+    one token took 3.0-4.5 ms against 3.9-7.2 ms with `F.linear`; single-request decode ran 1.13-1.27x faster,
     beam search 1.06-1.19x (benchmarks/NOTES.md). A cached calibration from an earlier version, which has no times
     for it, is measured again (quickly) by the first run that would use it; an `engine.calibration` file is not:
     run `fiddler-batch calibrate` again."""
