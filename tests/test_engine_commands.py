@@ -40,20 +40,35 @@ def test_calibrate_writes_a_cost_model_that_a_run_then_uses(tmp_path: Path, demo
     assert sum(s["experts_cpu"] + s["experts_copied"] for s in stats) > 0  # 3 of 4 experts live off the device
 
 
-def test_a_bf16_calibration_measures_packed_experts_that_a_run_then_uses(tmp_path: Path, demo_path: Path) -> None:
+def test_a_bf16_calibration_measures_packed_experts_and_the_kernel_that_a_run_then_uses(
+    tmp_path: Path, demo_path: Path
+) -> None:
     calibration = tmp_path / "cost.json"
     job = write_job(tmp_path, RECORDS, engine={"device": "cpu", "resident_share": 0.25})
     bf16 = ("--set", "model.dtype=bfloat16")
     done = cli("calibrate", str(job), "--quick", "--output", str(calibration), *bf16)
     assert done.returncode == 0, done.stderr
     assert "cpu packed ms" in done.stdout and "CPU experts from weights packed for oneDNN" in done.stdout
+    assert "cpu own ms" in done.stdout and "CPU experts from the own kernel" in done.stdout
     cost = load_cost_model(calibration)
-    assert len(cost.cpu_packed_ms) == len(cost.ladder)
+    assert len(cost.cpu_packed_ms) == len(cost.ladder) and 0 < len(cost.cpu_gemv_ms) < len(cost.ladder)
 
     run = cli("run", str(job), *bf16, "--set", f"engine.calibration={calibration}", "--set", "engine.cpu_packed=on")
     assert run.returncode == 0, run.stderr
     stats = [r["engine_stats"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")]
     assert sum(s["experts_cpu_packed"] for s in stats) == sum(s["experts_cpu"] for s in stats) > 0
+    assert sum(s["experts_cpu_gemv"] for s in stats) == 0  # packed asked for outright, the kernel left on auto
+
+    # The own kernel asked for: the CPU experts of up to 32 tokens use it (those of the prefills' larger batches
+    # do not), and none with it off.
+    for setting, used in (("on", True), ("off", False)):
+        run = cli(
+            "run", str(job), *bf16, "--set", f"engine.calibration={calibration}", "--set", f"engine.cpu_gemv={setting}"
+        )
+        assert run.returncode == 0, run.stderr
+        stats = [r["engine_stats"] for r in read_jsonl(tmp_path / "out" / "results.jsonl")]
+        gemv, cpu = sum(s["experts_cpu_gemv"] for s in stats), sum(s["experts_cpu"] for s in stats)
+        assert (0 < gemv <= cpu) if used else (gemv == 0 < cpu), (setting, gemv, cpu)
 
 
 def test_profile_counts_routing_and_places_popular_experts(tmp_path: Path, demo_path: Path) -> None:

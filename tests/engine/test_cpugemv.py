@@ -171,10 +171,12 @@ def _engine(reference: torch.nn.Module, cost: CostModel | None = GEMV_COST, **sp
     return model, engine
 
 
-def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_reference, monkeypatch):
+@pytest.mark.parametrize("worker", [False, True])
+def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_reference, monkeypatch, worker):
     ref_model, ref_logits, ref_greedy, ref_beam = bf16_reference
     monkeypatch.setattr(cpugemv, "MAX_TOKENS", 1000)  # every CPU expert (beam search's prefill has 42 tokens)
-    model, engine = _engine(ref_model, cpu_gemv="on")
+    model, engine = _engine(ref_model, cpu_gemv="on", cpu_worker=worker)
+    assert engine.executor.cpu_worker == worker  # without CUDA the worker thread runs them
     engine.set_planner(ALL_CPU)
     with torch.no_grad(), gemv_products():
         assert torch.equal(model(PROMPTS).logits, ref_logits)  # a prefill: experts with 1 to 14 tokens
