@@ -1,17 +1,19 @@
 """How fast one expert runs on the CPU, against what the host's memory can be read at.
 
-    python benchmarks/cpu_expert_probe.py [--hidden 4096] [--intermediate 14336] [--threads 16,12,8]
+    python benchmarks/cpu_expert_probe.py [--hidden 4096] [--intermediate 14336] [--threads 16,12,8] [--source F.c]
 
 One random bf16 expert of Mixtral's geometry (gate and up halves concatenated, SiLU gate), pinned when there
-is a GPU. For each thread count and token count it times the expert three ways and prints one line each:
+is a GPU. For each thread count and token count it times the expert several ways and prints one line each:
 
-- `plain`: `F.linear` on the weights as stored (what the engine's CPU experts do by default);
+- `plain`: `F.linear` on the weights as stored (what CPU experts use without the own kernel or packed weights);
 - `native`: `F.linear` with oneDNN turned off (`torch.backends.mkldnn.flags(enabled=False)`), so PyTorch's own
   reduced-precision kernels run (a GEMV with float32 sums at one token);
 - `own`: the project's own kernel (`engine/cpugemv.py`, built here on first use);
 - `packed`: the same weights reordered once for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`), then
   `torch.ops.mkldnn._linear_pointwise`;
-- `packed+copy` (with a GPU): `packed` while the link copies another expert to the GPU in a loop.
+- `--source FILE.c`: another build of the own kernel, named after the file;
+- `NAME+copy` (with a GPU, at 1, 2 and 4 tokens): each of those while the link copies another expert to the GPU
+  in a loop.
 
 Each line gives the median ms of 7 runs, GB/s of weights read, that as a share of the host's read bandwidth
 (a float32 sum over 1 GB with the same threads), the spread (max - min over the median) and whether the output
@@ -61,6 +63,8 @@ def main() -> None:
     for path in args.source:  # each built as the package builds its own, then loaded beside it
         cpugemv.SOURCE = Path(path)
         kernels[path] = cpugemv._load()
+        if kernels[path] is None:
+            raise SystemExit(f"{path} could not be built (the log says why)")
     cpugemv.SOURCE = SOURCE
 
     def other(kernel, x: torch.Tensor) -> torch.Tensor:

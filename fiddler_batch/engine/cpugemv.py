@@ -1,9 +1,9 @@
 """The CPU expert's products at a few tokens from the project's own kernel (`gemv.c`), built on this host.
 
 At one token an expert's product is a matrix-vector product bounded by how fast the host reads the weight. On the
-Xeons of the GPU hosts `F.linear` on bf16 weights (oneDNN) read a Mixtral expert at 51-63 GB/s where a float32 sum
-read 91-106 GB/s (benchmarks/NOTES.md), and no other layout PyTorch offers was faster at one token. `gemv.c` reads
-each weight row once, converts it to float32 in registers, and sums in float32 as the reference does; each output
+Xeons of the GPU hosts `F.linear` on bf16 weights (oneDNN) read a Mixtral expert at 54-91 GB/s where a float32 sum
+read 86-128 GB/s (benchmarks/NOTES.md), and no other layout PyTorch offers was faster at one token. `gemv.c` reads
+each weight once, converts it to float32 in registers, and sums in float32 as the reference does; each output
 is one thread's sum in a fixed order, so its value does not depend on the thread count, but its last bits may
 differ from oneDNN's, as the CPU's bits already differ from the GPU's.
 
