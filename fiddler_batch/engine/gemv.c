@@ -1,4 +1,4 @@
-/* y = x @ w.T for bf16 weights and a few tokens, summed in float32: the CPU expert's matrix products at one or two
+/* y = x @ w.T for bf16 weights and a few tokens, summed in float32: the CPU expert's matrix products at a few
    tokens, where they are bounded by how fast the host reads the weights (cpugemv.py builds and loads this).
 
    Each step loads 32 consecutive bf16 weights as 16 32-bit words: shifted left by 16 bits a word is its even
@@ -14,6 +14,10 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the even/odd split of a word assumes a little-endian CPU (the build fails; the engine then uses F.linear)"
 #endif
 
 #define LANES 16
