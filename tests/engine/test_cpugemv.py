@@ -14,9 +14,12 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,3 +323,23 @@ def test_with_packed_weights_too_each_count_takes_the_fastest_way(bf16_reference
     assert not engine.executor.gemv_for(1, packed=True) and engine.executor.cost.cpu_ms == cost.cpu_packed_ms
     _, engine = _engine(bf16_reference[0], cost=cost, cpu_packed="on", cpu_gemv="on")
     assert engine.executor.gemv_for(1, packed=True) and engine.executor.cost.cpu_ms == (0.5, 2.5, 15.0)
+
+
+def test_concurrent_first_builds_share_one_library(tmp_path):
+    """Tasks of a Slurm array starting together on one cache folder: each compiles, one file results, all load it."""
+    env = {**os.environ, "FIDDLER_BATCH_CACHE": str(tmp_path / "cache")}
+    code = (
+        "from fiddler_batch.engine import cpugemv; import torch; "
+        "print(cpugemv._build(cpugemv._compiler())); "
+        "w = torch.ones(8, 40, dtype=torch.bfloat16); x = torch.ones(1, 40, dtype=torch.bfloat16); "
+        "assert torch.all(cpugemv.linear(x, w) == 40)"
+    )
+    pipe = subprocess.PIPE
+    tasks = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=pipe, stderr=pipe, text=True) for _ in range(3)
+    ]
+    outs = [task.communicate(timeout=300) for task in tasks]
+    assert all(task.returncode == 0 for task in tasks), [err for _, err in outs]
+    paths = {out.strip() for out, _ in outs}
+    assert len(paths) == 1
+    assert [p.name for p in (tmp_path / "cache" / "kernels").iterdir()] == [Path(paths.pop()).name]
