@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -78,8 +79,11 @@ def forced_split(share: float, rule: Callable[[int, int], Where] = alternate) ->
     return planner
 
 
+ALL_CPU = forced(lambda layer, e: Where.CPU)
+"""A planner that computes every off-device expert with tokens on the CPU."""
+
 PLANS = {
-    "all-cpu": ("cpu-forced", 0.0, forced(lambda layer, e: Where.CPU)),
+    "all-cpu": ("cpu-forced", 0.0, ALL_CPU),
     "all-copied": ("copy-forced", 0.0, forced(lambda layer, e: Where.COPY)),
     "all-resident": ("resident", 1.0, None),
     "mixed": ("mixed-forced", 0.25, forced(alternate)),
@@ -121,6 +125,43 @@ def generate(model: torch.nn.Module, **kwargs) -> torch.Tensor:
     """Six greedy (or, with num_beams, beam-search) tokens after PROMPTS."""
     with torch.no_grad():
         return model.generate(PROMPTS, max_new_tokens=6, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@contextmanager
+def cpu_products_through(
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], takes: Callable[[torch.Tensor], bool]
+) -> Iterator[None]:
+    """While inside, every `F.linear` on the CPU whose weight `takes` accepts is `product(x, weight)`, its bias added
+    after (as `compute._project` adds it): a reference that computes what an engine computing its CPU experts the
+    same way computes."""
+    plain = torch.nn.functional.linear
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device.type != "cpu" or not takes(weight):
+            return plain(x, weight, bias)
+        out = product(x, weight)
+        return out if bias is None else out + bias
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = plain
+
+
+def bf16_reference_outputs(family: str, products: Callable[[], object]) -> tuple:
+    """A bf16 tiny model of `family` with its logits, greedy and 3-beam tokens, computed inside `products()`."""
+    model = build(family).to(torch.bfloat16)
+    with torch.no_grad(), products():
+        logits = model(PROMPTS).logits
+        return model, logits, generate(model), generate(model, num_beams=3)
+
+
+def engine_on_copy(reference: torch.nn.Module, cost: CostModel | None, **spec) -> tuple[torch.nn.Module, Engine]:
+    """A copy of `reference` with an engine on the CPU, 25% of experts resident, `spec` on top."""
+    model = copy.deepcopy(reference)
+    engine = Engine.from_model(model, EngineSpec(device="cpu", resident_share=0.25, **spec), cost=cost)
+    return model, engine
 
 
 @pytest.fixture(scope="module")

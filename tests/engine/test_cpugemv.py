@@ -11,13 +11,10 @@ without one these tests fail rather than skip, unless FIDDLER_BATCH_KERNEL_TEST=
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,10 +27,9 @@ from fiddler_batch.engine import Engine, cpugemv, cpupack
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.costmodel import CostModel, calibrate, random_expert
 from fiddler_batch.engine.layout import read_layout
-from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec
 
-from .conftest import COST, PROMPTS, forced, generate
+from .conftest import ALL_CPU, COST, PROMPTS, bf16_reference_outputs, cpu_products_through, engine_on_copy, generate
 from .families import build
 
 if os.environ.get("FIDDLER_BATCH_KERNEL_TEST") == "optional" and not cpugemv.available():
@@ -41,25 +37,11 @@ if os.environ.get("FIDDLER_BATCH_KERNEL_TEST") == "optional" and not cpugemv.ava
 
 # The own kernel measured faster at 1 token and slower from 8 on (ladder 1, 8, 64; measured up to 8 only).
 GEMV_COST = replace(COST, cpu_gemv_ms=(0.5, 4.0))
-ALL_CPU = forced(lambda layer, e: Where.CPU)
 
 
-@contextmanager
-def gemv_products() -> Iterator[None]:
+def gemv_products():
     """Every bf16 `F.linear` on the CPU computed by the own kernel, as the executor computes its CPU experts."""
-    plain = torch.nn.functional.linear
-
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.device.type != "cpu" or not cpugemv.usable(weight):
-            return plain(x, weight, bias)
-        out = cpugemv.linear(x, weight)
-        return out if bias is None else out + bias
-
-    torch.nn.functional.linear = linear
-    try:
-        yield
-    finally:
-        torch.nn.functional.linear = plain
+    return cpu_products_through(cpugemv.linear, cpugemv.usable)
 
 
 def _exact(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -162,16 +144,11 @@ def test_the_kernel_is_built_once_per_host_kind_and_missing_compilers_fall_back(
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "deepseek_v3"])
 def bf16_reference(request):
     """A bf16 tiny model with its logits, greedy and 3-beam tokens, every CPU product through the own kernel."""
-    model = build(request.param).to(torch.bfloat16)
-    with torch.no_grad(), gemv_products():
-        logits = model(PROMPTS).logits
-        return model, logits, generate(model), generate(model, num_beams=3)
+    return bf16_reference_outputs(request.param, gemv_products)
 
 
 def _engine(reference: torch.nn.Module, cost: CostModel | None = GEMV_COST, **spec) -> tuple[torch.nn.Module, Engine]:
-    model = copy.deepcopy(reference)
-    engine = Engine.from_model(model, EngineSpec(device="cpu", resident_share=0.25, **spec), cost=cost)
-    return model, engine
+    return engine_on_copy(reference, cost, **spec)
 
 
 @pytest.mark.parametrize("worker", [False, True])

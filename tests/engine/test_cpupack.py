@@ -9,10 +9,7 @@ checks that each packed expert gets its own tokens and weights and that the sums
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -24,51 +21,35 @@ from fiddler_batch.engine import Engine, cpupack
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.costmodel import CostModel, calibrate, random_expert
 from fiddler_batch.engine.layout import read_layout
-from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec
 
-from .conftest import COST, PROMPTS, forced, generate
+from .conftest import ALL_CPU, COST, PROMPTS, bf16_reference_outputs, cpu_products_through, engine_on_copy, generate
 from .families import build
 
 pytestmark = pytest.mark.skipif(not cpupack.onednn_packing(), reason="this PyTorch cannot pack bf16 weights")
 
 # Packed measured slower at 1 token and faster from 8 on (as on the H200 host's Xeon, where 2-32 tokens pay).
 PACKED_COST = replace(COST, cpu_packed_ms=(1.5, 2.0, 15.0))
-ALL_CPU = forced(lambda layer, e: Where.CPU)
 
 
-@contextmanager
-def packed_products() -> Iterator[None]:
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    flat = cpupack.linear(x.reshape(-1, x.shape[-1]), cpupack.pack_expert({"up": weight})["up"])
+    return flat.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def packed_products():
     """Every bf16 `F.linear` on the CPU computed through a packed copy of its weight, as `cpupack` computes."""
-    plain = torch.nn.functional.linear
-
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if weight.dtype != torch.bfloat16 or weight.dim() != 2 or x.device.type != "cpu":
-            return plain(x, weight, bias)
-        flat = cpupack.linear(x.reshape(-1, x.shape[-1]), cpupack.pack_expert({"up": weight})["up"])
-        out = flat.reshape(*x.shape[:-1], weight.shape[0])
-        return out if bias is None else out + bias
-
-    torch.nn.functional.linear = linear
-    try:
-        yield
-    finally:
-        torch.nn.functional.linear = plain
+    return cpu_products_through(_packed_linear, lambda weight: weight.dtype == torch.bfloat16 and weight.dim() == 2)
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "deepseek_v3"])
 def bf16_reference(request):
     """A bf16 tiny model with its logits, greedy and 3-beam tokens, every product through the packed kernel."""
-    model = build(request.param).to(torch.bfloat16)
-    with torch.no_grad(), packed_products():
-        logits = model(PROMPTS).logits
-        return model, logits, generate(model), generate(model, num_beams=3)
+    return bf16_reference_outputs(request.param, packed_products)
 
 
 def _engine(reference: torch.nn.Module, cost: CostModel | None = PACKED_COST, **spec) -> tuple[torch.nn.Module, Engine]:
-    model = copy.deepcopy(reference)
-    engine = Engine.from_model(model, EngineSpec(device="cpu", resident_share=0.25, **spec), cost=cost)
-    return model, engine
+    return engine_on_copy(reference, cost, **spec)
 
 
 def test_a_packed_expert_computes_the_same_products():
