@@ -294,8 +294,7 @@ class HybridExecutor:
             if self.cpu_gemv == "on":
                 cost = replace(cost, cpu_ms=gemv_ms + cost.cpu_ms[len(gemv_ms) :])
             elif not (self.packed_experts() and self._always_packed(cost)):
-                faster = tuple(min(a, b) for a, b in zip(cost.cpu_ms, gemv_ms))
-                cost = replace(cost, cpu_ms=faster + cost.cpu_ms[len(gemv_ms) :])
+                cost = cost.with_fastest_cpu(packed=False)  # cpu_ms holds the packed times already where used
         self.cost = cost
 
     def _always_packed(self, cost: CostModel) -> bool:
