@@ -4,7 +4,8 @@
 
 A 4-layer model of Mixtral's shape at a smaller width, float32 (TF32 off), 25% of experts resident:
 for each strategy (balanced, fiddler-rule, cpu, copy), the balanced planner with splits on (`balanced-split`)
-and a forced plan that splits one expert per layer call between the CPU and the GPU (`split-forced`), with 1
+and a forced plan that splits one expert per layer call between the CPU and the GPU (`split-forced`), the balanced
+planner with its times corrected by the run's (`balanced-adapt`, `engine.adapt_costs: on`), with 1
 and 4 staging slots (one slot makes every copied expert of a layer reuse the same buffer, which exposes a
 missing stream dependency; a split needs two, so with one the plans keep experts whole), with the CPU worker
 (a stream waiting for host results exposes a missing wait), with 4 slots without it, and with 4 slots and two
@@ -13,8 +14,8 @@ error and whether greedy and beam-search tokens equal the reference. Then, in bf
 Mixtral-8x7B-geometry slice at 25% resident (balanced) against the whole model on the GPU: bf16 results
 differ with the order of operations, so the yardstick is how far transformers' own two experts
 implementations (eager loop and grouped_mm) are from each other on the same prompt; the same on 32 tokens
-with every off-GPU expert computed on the CPU by the project's own kernel (`engine.cpu_gemv: on`). Exits 1 on
-a mismatch.
+with every off-GPU expert computed on the CPU by the project's own kernel (`engine.cpu_gemv: on`), and with
+splits on, whose CPU shares come from the kernel too. Exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def check_bf16(tokens: int = 256, **spec) -> bool:
         f"bf16, 8 layers, {tokens} tokens{f', {spec}' if spec else ''}: eager vs grouped_mm rel err {noise:.4f} "
         f"(top-1 agree {noise_top1:.3f}); engine vs grouped_mm rel err {rel:.4f} (top-1 agree {top1:.3f}); engine "
         f"experts cpu {stats['experts_cpu']} (own kernel {stats['experts_cpu_gemv']}) copied "
-        f"{stats['experts_copied']} resident {stats['experts_resident']}"
+        f"{stats['experts_copied']} resident {stats['experts_resident']} split {stats['experts_split']}"
     )
     kernel = spec.get("cpu_gemv") != "on" or stats["experts_cpu_gemv"] == stats["experts_cpu"] > 0
     return rel <= 2 * noise and top1 >= noise_top1 - 0.05 and kernel
@@ -158,10 +159,14 @@ def main() -> int:
         engine = Engine.from_model(model, spec)
         if engine.executor.cpu_worker != worker:
             print("the CUDA driver cannot make a stream wait on host memory: CPU experts run on the calling thread")
-        engine.set_cost_model(cost_model_for(engine, engine.spec))
-        for strategy in ("balanced", "fiddler-rule", "cpu", "copy", "balanced-split", "split-forced"):
+        cost = cost_model_for(engine, engine.spec)
+        strategies = ("balanced", "fiddler-rule", "cpu", "copy", "balanced-split", "split-forced", "balanced-adapt")
+        for strategy in strategies:
             engine.executor.split_experts = strategy == "balanced-split"
-            if strategy == "balanced-split":
+            engine.executor.adapt_costs = "on" if strategy == "balanced-adapt" else "off"
+            engine.set_cost_model(cost)  # with adapt_costs on, a fresh tracker
+            engine.set_planner(None)
+            if strategy in ("balanced-split", "balanced-adapt"):
                 engine.set_strategy("balanced")
             elif strategy == "split-forced":
                 engine.set_strategy("balanced")
@@ -198,6 +203,7 @@ def main() -> int:
     failures += not check_bf16()
     cpu = {"prefill_heavy": "cpu", "decode_heavy": "cpu"}
     failures += not check_bf16(32, cpu_gemv="on", strategy=cpu)  # every off-GPU expert from the own kernel
+    failures += not check_bf16(32, cpu_gemv="on", split_experts=True)  # splits' CPU shares from the kernel
     print("all paths match the reference" if not failures else f"{failures} mismatches")
     return 1 if failures else 0
 

@@ -472,6 +472,9 @@ CpuPacked = Literal["auto", "on", "off"]
 CpuGemv = Literal["auto", "on", "off"]
 """Whether experts computed on the CPU use the project's own kernel at few tokens (`engine.cpu_gemv`)."""
 
+AdaptCosts = Literal["auto", "on", "off"]
+"""Whether the planner corrects the calibration by the times the run measures (`engine.adapt_costs`)."""
+
 ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -551,9 +554,10 @@ class EngineSpec(BaseModel):
     split_experts: bool = False
     """Let a layer split one off-GPU expert with few tokens between the CPU and the GPU when the cost model
     predicts a shorter layer (balanced strategy only): the CPU computes a share of its units from host memory
-    while the rest is copied and computed on the GPU. Every output number is the same as unsplit. Off by
-    default: on an H200 host it gained nothing in single-request decode and cost 9% in beam search
-    (benchmarks/NOTES.md)."""
+    while the rest is copied and computed on the GPU (with `cpu_gemv`, the CPU's share from the own kernel at few
+    tokens, as its whole experts). Every output number is the same as unsplit. Off by default: on H200 hosts it
+    gained nothing in single-request decode and cost 9% in beam search with `F.linear`; with the own kernel,
+    decode 1.07x and beam search 1.01x at 8 layers, 0.90x and 0.94x at 32 (benchmarks/NOTES.md)."""
     cpu_worker: bool = False
     """Compute a layer's CPU experts on a worker thread while the main thread queues the rest of the step on
     the GPU (the layer's sum, the next layer's attention and router) behind a wait that the worker releases, so
@@ -595,6 +599,17 @@ class EngineSpec(BaseModel):
     beam search 1.06-1.19x (benchmarks/NOTES.md). A cached calibration from an earlier version, which has no times
     for it, is measured again (quickly) by the first run that would use it; an `engine.calibration` file is not:
     run `fiddler-batch calibrate` again."""
+    adapt_costs: AdaptCosts = "off"
+    """Correct the calibrated cost model while the job runs: the executor compares each layer call's CPU experts and
+    copies with the times the model predicted, and the planner plans with the model scaled by the ratios (CPU alone
+    and beside copies, copies alone and beside the CPU; recent layer calls weigh most). The calibration times one
+    expert again and again on an idle host, where a run reads a different expert each time; on one H200 host a
+    32-layer decode's CPU experts took 1.5x their calibrated time. 'on' adapts (with a GPU and on the CPU alike);
+    'auto' adapts with a GPU only; 'off' plans on the calibration as it is. Off by default: on the hosts measured since
+    it followed the hosts' minute-to-minute drift and gained nothing (32-layer decode 0.96x, beam search
+    1.00x; 8 layers 0.97x and 1.02x, benchmarks/NOTES.md). Plans then depend on the run's
+    timings; in float32 every plan gives the same tokens, in bf16 a CPU product may differ from a GPU one in its last
+    bits. `engine_stats.cost_scales` gives the ratios at the end of each batch."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)
@@ -617,7 +632,7 @@ class EngineSpec(BaseModel):
             )
         return data
 
-    @field_validator("cpu_packed", "cpu_gemv", mode="before")
+    @field_validator("cpu_packed", "cpu_gemv", "adapt_costs", mode="before")
     @classmethod
     def _packed_switch(cls, value: object) -> object:
         """YAML reads a bare on / off (and true / false) as a boolean."""

@@ -62,6 +62,7 @@ def test_variants_of_ours_run_only_when_named() -> None:
         "fiddler-eager",
         "fiddler-packed",
         "fiddler-linear",
+        "fiddler-adapt",
     }
     assert set(BASELINES) - set(DEFAULT_BASELINES) == variants
     assert all(BASELINE_TABLE[name].engine for name in BASELINES if name not in DEFAULT_BASELINES)

@@ -15,7 +15,8 @@
   (`engine.cpu_worker: true`), `fiddler-eager`, the same with decode steps launched eagerly instead
   of replayed as CUDA graphs (`engine.cuda_graphs: false`), `fiddler-packed`, the same with CPU experts
   packed for oneDNN where that was measured faster (`engine.cpu_packed: auto`), and `fiddler-linear`, the same
-  with every CPU expert through `F.linear` (`engine.cpu_gemv: off`); they run only when `--baselines` names
+  with every CPU expert through `F.linear` (`engine.cpu_gemv: off`), and `fiddler-adapt`, the same with the
+  planner's times corrected by the run's own (`engine.adapt_costs: on`); they run only when `--baselines` names
   them.
   Engine settings a baseline changes are its record's `engine` (bench/settings.py).
 

@@ -136,6 +136,17 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
+            "fiddler-adapt",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with the planner's times corrected by the times the run measures "
+            "(engine.adapt_costs: on)",
+            engine={"adapt_costs": "on"},
+            by_default=False,
+        ),
+        Baseline(
             "fiddler-prefetch-1",
             "engine",
             None,

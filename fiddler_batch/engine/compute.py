@@ -105,11 +105,13 @@ def up_rows_into(
     ranges: list[tuple[int, int]],
     pieces: list[tuple[torch.Tensor, torch.Tensor | None]],
     x: torch.Tensor,
+    gemv: bool = False,
 ) -> None:
     """Write the up projection's output columns `ranges` into `pre` [n, up rows], from `pieces`: (weight rows,
-    bias) per range."""
+    bias) per range. `gemv`: the products from the own CPU kernel, whose every output is the same sum whatever rows
+    it computes with it."""
     for (a, b), (w, bias) in zip(ranges, pieces):
-        pre[:, a:b] = _project(x, w, bias, False)
+        pre[:, a:b] = _project(x, w, bias, False, gemv)
 
 
 def activate(module: nn.Module, layout: ExpertLayout, pre: torch.Tensor) -> torch.Tensor:
@@ -119,8 +121,12 @@ def activate(module: nn.Module, layout: ExpertLayout, pre: torch.Tensor) -> torc
 
 
 def partial_down(
-    down_rows: torch.Tensor, down_bias: torch.Tensor | None, h: torch.Tensor, routing_weights: torch.Tensor
+    down_rows: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    h: torch.Tensor,
+    routing_weights: torch.Tensor,
+    gemv: bool = False,
 ) -> torch.Tensor:
     """A range of output units from all intermediate activations `h` [n, I]: [n, units], scaled by the routing
-    weights."""
-    return _project(h, down_rows, down_bias, False) * routing_weights[:, None]
+    weights (`gemv`: the product from the own CPU kernel)."""
+    return _project(h, down_rows, down_bias, False, gemv) * routing_weights[:, None]

@@ -199,6 +199,7 @@ class Engine:
             cpu_worker=spec.cpu_worker,
             cpu_packed=spec.cpu_packed,
             cpu_gemv=spec.cpu_gemv,
+            adapt_costs=spec.adapt_costs,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -296,6 +297,8 @@ class Engine:
             return {}
         out = self.executor.stats.as_dict()
         out["strategy"] = self.executor.strategy
+        if self.executor.tracker is not None:
+            out["cost_scales"] = self.executor.tracker.summary()
         return out
 
     def set_count_mask(self, mask: torch.Tensor | None) -> None:
@@ -347,6 +350,7 @@ class Engine:
             info["cuda_graphs"] = self.executor.graphs is not None
             info["cpu_packed_experts"] = self.executor.packed_experts()
             info["cpu_gemv"] = self.executor.gemv_ready
+            info["adapt_costs"] = self.executor.tracker is not None
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from fiddler_batch.engine import cpugemv, cpupack
+from fiddler_batch.engine.adaptive import CostTracker
 from fiddler_batch.engine.compute import (
     activate,
     expert_forward,
@@ -65,7 +66,7 @@ from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
 from fiddler_batch.engine.prefetch import choose_prefetch, router_guess
 from fiddler_batch.errors import EngineError
-from fiddler_batch.spec import CpuGemv, CpuPacked, StrategyName
+from fiddler_batch.spec import AdaptCosts, CpuGemv, CpuPacked, StrategyName
 
 IMPLEMENTATION = "fiddler"
 
@@ -228,6 +229,7 @@ class HybridExecutor:
         cpu_worker: bool = False,
         cpu_packed: CpuPacked = "off",
         cpu_gemv: CpuGemv = "off",
+        adapt_costs: AdaptCosts = "off",
     ):
         self.device = device
         self.layers = layers
@@ -264,6 +266,8 @@ class HybridExecutor:
         self.cpu_gemv: CpuGemv = cpu_gemv
         self.gemv_ready = False  # CPU experts may use the own kernel (set with the cost model)
         self._measured: CostModel | None = None  # the cost model as installed: both CPU layouts' times
+        self.adapt_costs: AdaptCosts = adapt_costs
+        self.tracker: CostTracker | None = None  # the run's measured times against `cost` (adaptive.py)
         self.set_cost(cost)
 
     # -- the cost model and packed CPU experts -------------------------------------------------------
@@ -296,6 +300,12 @@ class HybridExecutor:
             elif not (self.packed_experts() and self._always_packed(cost)):
                 cost = cost.with_fastest_cpu(packed=False)  # cpu_ms holds the packed times already where used
         self.cost = cost
+        adapting = self.adapt_costs == "on" or (self.adapt_costs == "auto" and self.cuda)
+        self.tracker = CostTracker(cost) if cost is not None and adapting else None
+
+    def planning_cost(self) -> CostModel | None:
+        """The cost model the planner reads: `cost`, scaled by the run's measured times with adapt_costs."""
+        return self.tracker.cost() if self.tracker is not None else self.cost
 
     def _always_packed(self, cost: CostModel) -> bool:
         return self.cpu_packed == "on" and cost.cpu_packed_ms is not None
@@ -421,7 +431,8 @@ class HybridExecutor:
                 "the hybrid executor has no cost model, and experts live off the fast device",
                 "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
             )
-        return plan_layer(counts, resident, self.cost, self.strategy, self.link_backlog_ms(), self.split_below(layer))
+        cost = self.planning_cost()
+        return plan_layer(counts, resident, cost, self.strategy, self.link_backlog_ms(), self.split_below(layer))
 
     def split_below(self, layer: LayerState) -> int:
         """Experts of `layer` with fewer tokens than this may be split (0: none): those below the cost model's
@@ -440,7 +451,8 @@ class HybridExecutor:
         ignored them would queue its own copies behind them while the CPU idles."""
         if not self.cuda or self.cost is None or self.prefetch_experts <= 0:
             return 0.0
-        return self.cost.copy_ms * sum(1 for slot in self.slots if slot.used and not slot.landed.query())
+        copy_ms = self.planning_cost().copy_ms
+        return copy_ms * sum(1 for slot in self.slots if slot.used and not slot.landed.query())
 
     def _as_run(self, layer: LayerState, plan: Plan) -> Plan:
         """The plan as it runs: an expert staged by a prefetch and planned COPY (a forced plan) is computed from
@@ -507,7 +519,8 @@ class HybridExecutor:
             return choose_prefetch(predicted, on_device, self.prefetch_experts)
         if self.cost is None:
             return []
-        return list(plan_layer(predicted, on_device, self.cost, self.strategy).copy_order[: self.prefetch_experts])
+        cost = self.planning_cost()
+        return list(plan_layer(predicted, on_device, cost, self.strategy).copy_order[: self.prefetch_experts])
 
     def _guess(self, target: LayerState, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
         if self.predictor is not None:
@@ -576,6 +589,8 @@ class HybridExecutor:
         stats = self.stats
 
         start = time.perf_counter()
+        if self.tracker is not None:
+            self.tracker.harvest()
         timeline = self.timeline
         if timeline:
             timeline.begin(layer.index, num_tokens)
@@ -616,9 +631,12 @@ class HybridExecutor:
         cpu_experts = plan.experts(Where.CPU)
         host_experts = cpu_experts + ([split.expert] if split is not None else [])
         cpu_inputs = self._send_to_host(routing, gathered, host_experts, bounds) if host_experts else None
+        # What ran at once, for the cost tracker: the CPU beside the layer's copies, the link beside its CPU work.
+        cpu_busy = plan.overlap and bool(plan.copy_order)
+        link_busy = plan.overlap and bool(host_experts)
         job = None
         if cpu_inputs is not None and split is None and plan.overlap and self.cpu_worker:
-            job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out)
+            job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy)
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
             slot = layer.staged.get(e)
@@ -636,7 +654,7 @@ class HybridExecutor:
             stats.tokens_resident += b - a
         if split is not None:
             self._split_up_on_device(layer, split, gathered)
-        self._run_copied(layer, plan, gathered, weights, bounds, out, started)
+        self._run_copied(layer, plan, gathered, weights, bounds, out, started, link_busy)
         if split is not None:
             self._copy_split_down(layer, split)
         if self._staged_for is layer:
@@ -651,7 +669,7 @@ class HybridExecutor:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
             results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
-            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, results, split, weights)
+            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, results, split, weights, busy=cpu_busy)
             if results is not None:
                 self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
 
@@ -816,9 +834,11 @@ class HybridExecutor:
         bounds: list[int],
         out: torch.Tensor,
         started: _Started | None = None,
+        busy: bool = False,
     ) -> None:
         """Compute each COPY expert in a staging slot once its copy has landed; `started`: those whose copies
-        `_start_copies` queued already. The others are copied here.
+        `_start_copies` queued already. The others are copied here. `busy`: the CPU computes experts meanwhile
+        (what the cost tracker compares the copies' time with).
 
         With overlap the copies run on their own stream while the main stream computes; each expert's
         compute is queued right after its copy, so a slot reused within the layer is only overwritten
@@ -850,6 +870,8 @@ class HybridExecutor:
         if self.cuda:
             end.record(stream or main)
             self.stats.copy_events.append((start, end))
+            if self.tracker is not None and stream is not None:  # on the main stream they follow GPU work
+                self.tracker.add_copy_events(start, end, len(plan.copy_order), busy)
             if self.timeline:
                 self.timeline.records[-1]["gpu"].update(copy_start=start, copy_end=end)
 
@@ -864,10 +886,12 @@ class HybridExecutor:
         split: _SplitJob | None = None,
         weights: torch.Tensor | None = None,
         record: dict | None = None,
+        busy: bool = False,
     ) -> None:
         """The CPU experts into `results` (rows as in `inputs`; None: straight into `out`), and a split expert's
         CPU share, whose rows follow theirs in `inputs` (`weights`: the routing weights of every sorted slot, on
-        the fast device, for the split's GPU share). `record`: the timeline record of a call the worker serves."""
+        the fast device, for the split's GPU share). `record`: the timeline record of a call the worker serves; `busy`:
+        the link copies meanwhile (what the cost tracker compares the time with)."""
         rows, row_weights, starts, ready = inputs
         if ready is not None:
             ready.synchronize()
@@ -897,7 +921,10 @@ class HybridExecutor:
             self.stats.tokens_cpu += n
         if split is not None:
             self._split_down_on_cpu(layer, split, split_weights, out)
-        self.stats.cpu_compute_s += time.perf_counter() - begin
+        elapsed = time.perf_counter() - begin
+        self.stats.cpu_compute_s += elapsed
+        if self.tracker is not None and split is None and experts:
+            self.tracker.observe_cpu(elapsed * 1e3, [bounds[e + 1] - bounds[e] for e in experts], busy)
         if self.timeline:
             self.timeline.mark("cpu_end", record)
 
@@ -918,6 +945,7 @@ class HybridExecutor:
         bounds: list[int],
         inputs: HostInputs,
         out: torch.Tensor,
+        busy: bool = False,
     ) -> _CpuJob:
         """Hand the CPU experts to the worker thread; it releases the gate when done, whatever happens."""
         rows = inputs[0]
@@ -930,7 +958,7 @@ class HybridExecutor:
         def work() -> None:
             try:
                 with torch.inference_mode(inference), torch.no_grad():
-                    self._compute_on_cpu(layer, experts, bounds, inputs, out, results, record=record)
+                    self._compute_on_cpu(layer, experts, bounds, inputs, out, results, record=record, busy=busy)
             finally:
                 if gate is not None:
                     gate.release(release)
@@ -1084,7 +1112,7 @@ class HybridExecutor:
             (source["up"][a:b], source["up_bias"][a:b] if "up_bias" in source else None) for a, b in job.cpu_ranges
         ]
         pre = self.split_out.get((rows.shape[0], self._up_width(layer)), rows.dtype)
-        up_rows_into(pre, job.cpu_ranges, pieces, rows)
+        up_rows_into(pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
         job.cpu_pre = pre
         device_pre = job.device_pre
         arrived = pre.to(device_pre.device, non_blocking=True) if self.cuda else pre  # one contiguous copy
@@ -1115,7 +1143,8 @@ class HybridExecutor:
                 pre[:, a:b] = job.cpu_pre[:, a:b]
         source = layer.host_expert(job.expert)
         bias = source["down_bias"][: job.outputs] if "down_bias" in source else None
-        y = partial_down(source["down"][: job.outputs], bias, activate(layer.module, layer.layout, pre), row_weights)
+        h = activate(layer.module, layer.layout, pre)
+        y = partial_down(source["down"][: job.outputs], bias, h, row_weights, gemv=self.gemv_for(pre.shape[0]))
         a, b = job.start, job.stop
         if self.cuda:
             staged = self.split_result.get(tuple(y.shape), y.dtype)

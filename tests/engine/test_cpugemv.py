@@ -27,9 +27,19 @@ from fiddler_batch.engine import Engine, cpugemv, cpupack
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.costmodel import CostModel, calibrate, random_expert
 from fiddler_batch.engine.layout import read_layout
+from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec
 
-from .conftest import ALL_CPU, COST, PROMPTS, bf16_reference_outputs, cpu_products_through, engine_on_copy, generate
+from .conftest import (
+    ALL_CPU,
+    COST,
+    PROMPTS,
+    bf16_reference_outputs,
+    cpu_products_through,
+    engine_on_copy,
+    forced_split,
+    generate,
+)
 from .families import build
 
 if os.environ.get("FIDDLER_BATCH_KERNEL_TEST") == "optional" and not cpugemv.available():
@@ -165,6 +175,29 @@ def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_re
     stats = engine.stats()
     assert stats["experts_cpu"] > 0 and stats["experts_cpu_gemv"] == stats["experts_cpu"]
     assert engine.describe()["cpu_gemv"] is True
+
+
+@pytest.mark.parametrize("share", [0.25, 0.75])
+def test_a_split_experts_cpu_share_comes_from_the_kernel(bf16_reference, monkeypatch, share):
+    """Every output of the kernel is one sum in one order, whatever rows it is given: the CPU's rows of a split
+    expert are the rows of the whole product, so the engine still matches the kernel's reference exactly."""
+    ref_model, ref_logits, ref_greedy, ref_beam = bf16_reference
+    monkeypatch.setattr(cpugemv, "MAX_TOKENS", 1000)
+    model, engine = _engine(ref_model, cpu_gemv="on", split_experts=True)
+    # One expert per layer call split, the others copied: the CPU's only products are the split's.
+    engine.set_planner(forced_split(share, lambda layer, e: Where.COPY))
+    kernel_calls = []
+    linear = cpugemv.linear
+    with torch.no_grad(), gemv_products():  # the reference's products (bound before the count below)
+        # Counted: the engine's own calls of the kernel, not those of F.linear routed through it.
+        monkeypatch.setattr(cpugemv, "linear", lambda *a, **k: kernel_calls.append(1) or linear(*a, **k))
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+        split_calls = engine.stats()["experts_split"]
+        assert split_calls > 0 and engine.stats()["experts_cpu"] == 0
+        # Per split: the up rows (one range, or gate and up ranges) and the down rows, all from the kernel.
+        assert len(kernel_calls) >= 2 * split_calls
+        assert torch.equal(generate(model), ref_greedy)
+        assert torch.equal(generate(model, num_beams=3), ref_beam)
 
 
 def test_auto_takes_the_kernel_where_it_was_measured_faster(bf16_reference):

@@ -1,0 +1,96 @@
+"""Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
+
+    python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,c]
+        [--modes default,adapting,split]
+
+One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
+32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s) and c (beam width 4:
+output tok/s). Each round runs every mode once per case, in an order that rotates from round to round. Modes:
+
+- default:  the engine's defaults;
+- adapting: `engine.adapt_costs: on`, a fresh tracker for each run, so each run learns from its own first layer
+            calls as a job does;
+- split:    `engine.split_experts: true`.
+
+Prints every run as it ends (the CPU expert's mean time, the experts on the CPU, copied and split, and with
+`adapting` the tracker's scales), then per case the medians, the ratio to the first mode and the slowest run as a
+share of the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from interleave import rounds, summary
+
+from fiddler_batch.assets import cost_model_for
+from fiddler_batch.bench.model import build_model
+from fiddler_batch.bench.scenarios import generate_once, prompt_ids
+from fiddler_batch.engine import Engine
+from fiddler_batch.spec import EngineSpec
+
+MODES = {"default": {}, "adapting": {"adapt_costs": "on"}, "split": {"split_experts": True}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--resident", type=float, default=0.25)
+    parser.add_argument("--cases", default="a,c", help="a, c or both")
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    model = build_model(layers=args.layers, seed=0)
+    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
+    cost = cost_model_for(engine, engine.spec)
+    executor = engine.executor
+    ids = prompt_ids(32, model.config.vocab_size, 0)
+    cases = {case: {"a": 1, "c": 4}[case] for case in args.cases.split(",")}
+    results = {(mode, case): [] for mode in modes for case in cases}
+    defaults = {key: getattr(executor, key) for mode in MODES.values() for key in mode}
+
+    def use(mode: str) -> None:
+        for key, value in {**defaults, **MODES[mode]}.items():
+            setattr(executor, key, value)
+        engine.set_cost_model(cost)  # a fresh tracker (adapting) or none
+
+    print(
+        f"calibration: cpu(1) {cost.cpu(1):.2f} ms (own kernel {cost.cpu_gemv_ms and cost.cpu_gemv_ms[0]}), copy "
+        f"{cost.copy_ms:.2f} ms, contention CPU {cost.cpu_contention:.2f} copy {cost.copy_contention:.2f}"
+    )
+    for mode in modes:  # warm-up: a whole run of each case in each mode
+        use(mode)
+        for width in cases.values():
+            generate_once(engine, ids, 64, width)
+    for round_, order in rounds(modes, args.reps):
+        for mode in order:
+            for case, width in cases.items():
+                use(mode)
+                engine.reset_stats()
+                raw = generate_once(engine, ids, 64, width)
+                stats = engine.stats()
+                speed = (raw["new_tokens"] - 1) / raw["decode_s"] if width == 1 else raw["new_tokens"] / raw["total_s"]
+                results[(mode, case)].append(speed)
+                cpu_ms = 1e3 * stats["cpu_compute_s"] / max(1, stats["experts_cpu"])
+                print(
+                    f"round {round_} {case} {mode:<9} {speed:6.2f} tok/s, CPU experts {stats['experts_cpu']} "
+                    f"({cpu_ms:.2f} ms each), copied {stats['experts_copied']}, split {stats['experts_split']}; "
+                    f"{stats.get('cost_scales', '')}",
+                    flush=True,
+                )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
+    for case in cases:
+        for mode in modes:
+            runs = results[(mode, case)]
+            median, ratio, slowest = summary(runs, results[(modes[0], case)])
+            print(
+                f"{case} {mode:<9} {'decode' if case == 'a' else 'output'} tok/s {median:6.2f} "
+                f"({ratio:.3f}x {modes[0]}; slowest {slowest:.0%} of median); runs {[round(r, 2) for r in runs]}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The cost model corrected by the run's own times (engine.adapt_costs): the arithmetic, the plans it changes, and
+an engine that adapts while it keeps the reference's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fiddler_batch.engine import adaptive
+from fiddler_batch.engine.adaptive import CostTracker, Ratio
+from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.planner import Where, plan_layer
+
+from .conftest import COST, PROMPTS, engine_on_copy, generate
+
+# A 32-layer host as the benchmark calibrated it: the CPU expert at one token under half a copy, contention 1.68.
+HOST = CostModel(
+    ladder=(1, 8, 64),
+    cpu_ms=(3.0, 5.5, 20.0),
+    gpu_ms=(0.12, 0.13, 0.15),
+    copy_ms=6.4,
+    cpu_contention=1.68,
+    copy_contention=1.1,
+)
+
+
+def test_a_ratio_weighs_recent_observations_and_clamps_outliers():
+    ratio = Ratio()
+    assert ratio.value() is None
+    ratio.add(0.0, 5.0)  # nothing measured: ignored
+    ratio.add(5.0, 0.0)
+    assert ratio.value() is None
+    ratio.add(1e6, 1.0)  # a first call that built a kernel: counted as LIMIT times its prediction
+    assert ratio.value() == adaptive.LIMIT
+    for _ in range(400):
+        ratio.add(3.0, 2.0)
+    assert ratio.value() == pytest.approx(1.5, rel=1e-3)  # the outlier has decayed away
+    for _ in range(40):
+        ratio.add(2.0, 2.0)
+    assert 1.0 < ratio.value() < 1.25  # the last 40 weigh more than the 400 before them
+
+
+def test_without_observations_the_calibration_stands():
+    tracker = CostTracker(HOST)
+    assert tracker.cost() is HOST and tracker.scales() == (1.0, 1.0, 1.0, 1.0)
+    tracker.observe_cpu(3.03, [1], busy=False)  # within the rebuild threshold
+    assert tracker.cost() is HOST
+
+
+def test_a_slow_cpu_alone_scales_its_times_and_keeps_the_contention():
+    tracker = CostTracker(HOST)
+    for _ in range(50):
+        tracker.observe_cpu(9.0, [1, 1], busy=False)  # two experts at 3.0 each took 4.5 each
+    cost = tracker.cost()
+    assert cost.cpu_ms == pytest.approx(tuple(1.5 * t for t in HOST.cpu_ms))
+    assert cost.cpu_contention == pytest.approx(HOST.cpu_contention)  # beside copies: assumed 1.5x slower too
+    assert cost.copy_ms == HOST.copy_ms and cost.gpu_ms == HOST.gpu_ms
+    assert tracker.cost() is cost  # rebuilt only when a ratio moves
+
+
+def test_times_beside_copies_set_the_contention():
+    tracker = CostTracker(HOST)
+    for _ in range(50):
+        tracker.observe_cpu(4.5, [1], busy=False)
+        tracker.observe_cpu(4.5 * 1.2, [1], busy=True)  # beside copies only 1.2x slower, not 1.68x
+        tracker.observe_copies(2 * 6.4 * 1.3, 2, busy=True)
+    cost = tracker.cost()
+    assert cost.cpu(1) == pytest.approx(4.5)
+    assert cost.cpu_contention == pytest.approx(1.2)
+    # Copies measured only beside the CPU: alone they are taken as scaled alike, the contention stays.
+    assert cost.copy_ms == pytest.approx(6.4 * 1.3 / 1.1)
+    assert cost.copy_contention == pytest.approx(1.1)
+    for _ in range(50):
+        tracker.observe_cpu(4.5 * 0.5, [1], busy=True)  # faster beside copies than alone: no contention below 1
+    assert tracker.cost().cpu_contention == 1.0
+
+
+def test_the_corrected_times_move_a_layer_to_the_link():
+    """Two off-GPU experts with one token each: on the calibration both go to the CPU (6.0 ms against 7.04 with one
+    copied); with the CPU measured 1.5x slower, one is copied (9.0 against 7.6)."""
+    counts, resident = [1, 0, 1, 0, 0, 0, 0, 0], [False] * 8
+    plan = plan_layer(counts, resident, HOST, "balanced")
+    assert plan.experts(Where.CPU) == [0, 2] and not plan.copy_order
+    tracker = CostTracker(HOST)
+    for _ in range(50):
+        tracker.observe_cpu(9.0, [1, 1], busy=False)
+    plan = plan_layer(counts, resident, tracker.cost(), "balanced")
+    assert len(plan.copy_order) == 1 and len(plan.experts(Where.CPU)) == 1
+
+
+class _Event:
+    def __init__(self, at: float, done: bool = True):
+        self.at, self.done = at, done
+
+    def query(self) -> bool:
+        return self.done
+
+    def elapsed_time(self, end: _Event) -> float:
+        return end.at - self.at
+
+
+def test_copies_are_read_once_their_events_complete_in_order():
+    tracker = CostTracker(HOST)
+    first_end, second_end = _Event(12.8, done=False), _Event(40.0)
+    tracker.add_copy_events(_Event(0.0), first_end, 2, busy=False)
+    tracker.add_copy_events(_Event(30.0), second_end, 1, busy=True)
+    tracker.harvest()
+    assert tracker.copy_alone.count == tracker.copy_busy.count == 0  # the oldest has not completed: wait for it
+    first_end.done = True
+    tracker.harvest()
+    assert tracker.copy_alone.value() == pytest.approx(1.0)  # 12.8 ms for two copies of 6.4
+    assert tracker.copy_busy.value() == pytest.approx(10.0 / (6.4 * 1.1))
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+@pytest.mark.parametrize("worker", [False, True])
+def test_an_adapting_engine_observes_its_cpu_experts_and_keeps_the_tokens(reference, worker):
+    ref_model, ref_logits, ref_greedy, ref_beam = reference
+    model, engine = engine_on_copy(ref_model, COST, adapt_costs="on", cpu_worker=worker)
+    executor = engine.executor
+    assert executor.tracker is not None and engine.describe()["adapt_costs"] is True
+    executor.tracker.cpu_alone.add(1.0, 100.0)  # as if the CPU were far faster than calibrated: plans change
+    assert executor.planning_cost().cpu_ms == pytest.approx(tuple(t / adaptive.LIMIT for t in COST.cpu_ms))
+    observed = executor.tracker.cpu_alone.count
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+        assert torch.equal(generate(model), ref_greedy)
+        assert torch.equal(generate(model, num_beams=3), ref_beam)
+    executor.join()
+    stats = engine.stats()
+    assert stats["experts_cpu"] > 0
+    assert executor.tracker.cpu_alone.count + executor.tracker.cpu_busy.count > observed  # every CPU layer call
+    assert "CPU experts x" in stats["cost_scales"]
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_off_by_default_and_auto_adapts_with_a_gpu_only(reference):
+    ref_model = reference[0]
+    _, engine = engine_on_copy(ref_model, COST)
+    assert engine.spec.adapt_costs == "off" and engine.executor.tracker is None
+    assert engine.executor.planning_cost() is engine.executor.cost and "cost_scales" not in engine.stats()
+    _, engine = engine_on_copy(ref_model, COST, adapt_costs="auto")  # on the CPU: no tracker
+    assert engine.executor.tracker is None
+    _, engine = engine_on_copy(ref_model, COST, adapt_costs="on")
+    engine.set_cost_model(HOST)  # a new calibration starts the tracker afresh
+    assert engine.executor.tracker.base is engine.executor.cost and engine.executor.tracker.cpu_alone.count == 0
