@@ -17,7 +17,6 @@ tree, and the slowest run as a share of the median.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import shutil
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 from graphs_ab import CASES
-from interleave import rounds, summary
+from interleave import arguments, rounds, summary
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -57,12 +56,8 @@ def metrics(raw: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arguments(6, "a,c,b")
     parser.add_argument("--other", type=Path, required=True, help="a tree holding the other commit's fiddler_batch")
-    parser.add_argument("--reps", type=int, default=6)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--resident", type=float, default=0.25)
-    parser.add_argument("--cases", default="a,c,b")
     args = parser.parse_args()
     name = import_other(args.other)
     other_engine = importlib.import_module(f"{name}.engine")

@@ -20,12 +20,11 @@ slowest run as a share of the median, and the host time per layer call outside t
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from interleave import rounds, summary
+from interleave import arguments, rounds, summary
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -46,13 +45,7 @@ def generate(engine: Engine, ids: torch.Tensor, new: int, width: int, static: bo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--resident", type=float, default=0.25)
-    parser.add_argument("--cases", default="a,c,b")
-    parser.add_argument("--modes", default="eager,static,graphs")
-    args = parser.parse_args()
+    args = arguments(5, "a,c,b", ("eager", "static", "graphs")).parse_args()
     model = build_model(layers=args.layers, seed=0)
     engine = Engine.from_model(model, EngineSpec(resident_share=args.resident, cuda_graphs=False))
     engine.set_cost_model(cost_model_for(engine, engine.spec))

@@ -1,11 +1,26 @@
-"""Interleaved A/B rounds for the benchmark scripts that compare engine modes in one process (`worker_ab.py`,
-`graphs_ab.py`): the order of the modes rotates from round to round, so that a drift of the host's speed falls on
-every mode alike, and each mode's runs are summed up against the first mode's."""
+"""Interleaved A/B rounds for the benchmark scripts that compare engine modes or trees in one process
+(`worker_ab.py`, `graphs_ab.py`, `settings_ab.py`, `commit_ab.py`): the order of the modes rotates from round to
+round, so that a drift of the host's speed falls on every mode alike, and each mode's runs are summed up against the
+first mode's; the options they share."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Iterator, Sequence
+
+
+def arguments(reps: int, cases: str, modes: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The options these scripts share: --reps (rounds), --layers and --resident (the benchmark model's slice and
+    resident share), --cases, and with `modes` --modes (default: all of them, in that order)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--resident", type=float, default=0.25)
+    parser.add_argument("--cases", default=cases)
+    if modes is not None:
+        parser.add_argument("--modes", default=",".join(modes))
+    return parser
 
 
 def rounds(modes: Sequence[str], reps: int) -> Iterator[tuple[int, list[str]]]:

@@ -19,10 +19,8 @@ share of the median.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from interleave import rounds, summary
+from interleave import arguments, rounds, summary
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -34,13 +32,7 @@ MODES = {"default": {}, "adapting": {"adapt_costs": "on"}, "split": {"split_expe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=6)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--resident", type=float, default=0.25)
-    parser.add_argument("--cases", default="a,c", help="a, c or both")
-    parser.add_argument("--modes", default=",".join(MODES))
-    args = parser.parse_args()
+    args = arguments(6, "a,c", MODES).parse_args()
     modes = args.modes.split(",")
     model = build_model(layers=args.layers, seed=0)
     engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))

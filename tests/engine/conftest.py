@@ -11,7 +11,8 @@ import torch
 
 from fiddler_batch.engine import Engine
 from fiddler_batch.engine.compute import split_points
-from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.costmodel import CostModel, calibrate
+from fiddler_batch.engine.layout import read_layout
 from fiddler_batch.engine.planner import Plan, Where
 from fiddler_batch.spec import EngineSpec
 
@@ -170,3 +171,14 @@ def reference(family_model):
     with torch.no_grad():
         logits = family_model(PROMPTS).logits
     return family_model, logits, generate(family_model), generate(family_model, num_beams=3)
+
+
+@pytest.fixture(scope="session")
+def quick_calibrations() -> dict[torch.dtype, CostModel]:
+    """Quick one-thread CPU calibrations of the tiny Mixtral's first experts, in bf16 and float32, with every CPU way
+    the calibration measures (as stored, packed for oneDNN, the own kernel): made once for the tests that read them."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        module = build("mixtral").to(dtype).model.layers[0].mlp.experts
+        out[dtype] = calibrate(read_layout(module), module, torch.device("cpu"), threads=1, quick=True)
+    return out

@@ -25,7 +25,7 @@ from fiddler_batch import assets
 from fiddler_batch.bench.bounds import layer_ms
 from fiddler_batch.engine import Engine, cpugemv, cpupack
 from fiddler_batch.engine.compute import expert_forward
-from fiddler_batch.engine.costmodel import CostModel, calibrate, random_expert
+from fiddler_batch.engine.costmodel import CostModel, random_expert
 from fiddler_batch.engine.layout import read_layout
 from fiddler_batch.engine.planner import Where
 from fiddler_batch.spec import EngineSpec
@@ -267,19 +267,14 @@ def test_an_expert_from_the_kernel_computes_the_same_products():
         )
 
 
-def test_calibration_measures_the_kernel_for_bf16_up_to_its_token_limit():
-    for dtype in (torch.bfloat16, torch.float32):
-        module = build("mixtral").to(dtype).model.layers[0].mlp.experts
-        layout = read_layout(module)
-        cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True)
-        if dtype == torch.bfloat16:
-            measured = [n for n in cost.ladder if n <= cpugemv.MAX_TOKENS]
-            assert len(cost.cpu_gemv_ms) == len(measured) < len(cost.ladder)
-            assert all(t > 0 for t in cost.cpu_gemv_ms) and cost.meta["cpu_gemv_share_of_read"] > 0
-            assert CostModel.from_json(cost.to_json()) == cost
-            assert cost.cpu_gemv(cost.ladder[len(measured)]) is None
-        else:
-            assert cost.cpu_gemv_ms is None
+def test_calibration_measures_the_kernel_for_bf16_up_to_its_token_limit(quick_calibrations):
+    cost = quick_calibrations[torch.bfloat16]
+    measured = [n for n in cost.ladder if n <= cpugemv.MAX_TOKENS]
+    assert len(cost.cpu_gemv_ms) == len(measured) < len(cost.ladder)
+    assert all(t > 0 for t in cost.cpu_gemv_ms) and cost.meta["cpu_gemv_share_of_read"] > 0
+    assert CostModel.from_json(cost.to_json()) == cost
+    assert cost.cpu_gemv(cost.ladder[len(measured)]) is None
+    assert quick_calibrations[torch.float32].cpu_gemv_ms is None
 
 
 def test_cost_model_arithmetic_with_kernel_times():

@@ -147,17 +147,12 @@ def test_float32_experts_are_never_packed(caplog):
     assert record.levelno == logging.WARNING and "only bf16 experts" in record.getMessage()
 
 
-def test_calibration_measures_the_packed_layout_for_bf16_only():
-    for dtype in (torch.bfloat16, torch.float32):
-        module = build("mixtral").to(dtype).model.layers[0].mlp.experts
-        layout = read_layout(module)
-        cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True)
-        if dtype == torch.bfloat16:
-            assert len(cost.cpu_packed_ms) == len(cost.ladder) and all(t > 0 for t in cost.cpu_packed_ms)
-            assert cost.meta["cpu_packed_share_of_read"] > 0
-            assert CostModel.from_json(cost.to_json()) == cost
-        else:
-            assert cost.cpu_packed_ms is None
+def test_calibration_measures_the_packed_layout_for_bf16_only(quick_calibrations):
+    cost = quick_calibrations[torch.bfloat16]
+    assert len(cost.cpu_packed_ms) == len(cost.ladder) and all(t > 0 for t in cost.cpu_packed_ms)
+    assert cost.meta["cpu_packed_share_of_read"] > 0
+    assert CostModel.from_json(cost.to_json()) == cost
+    assert quick_calibrations[torch.float32].cpu_packed_ms is None
 
 
 def test_cost_model_arithmetic_with_packed_times():
