@@ -10,7 +10,8 @@ random Mixtral experts in one host tensor per projection, as the engine holds a 
 when there is a GPU), and times, at each token count, for `F.linear` (`plain`) and the project's own kernel
 (`own`):
 
-- `warm`: one expert again and again (the calibration's way), median of 7 after 2 untimed;
+- `warm`: one expert again and again (how calibrations timed it before they read experts in turn), median of 7
+  after 2 untimed;
 - `cold`: the experts in turn, three rounds, median of the timed calls;
 - `cold+copy` (with a GPU): the same while the link copies other experts to the GPU in a loop.
 

@@ -1,7 +1,7 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,c]
-        [--modes default,adapting,split]
+        [--modes default,adapting,split,warm]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
 32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s) and c (beam width 4:
@@ -10,7 +10,10 @@ output tok/s). Each round runs every mode once per case, in an order that rotate
 - default:  the engine's defaults;
 - adapting: `engine.adapt_costs: on`, a fresh tracker for each run, so each run learns from its own first layer
             calls as a job does;
-- split:    `engine.split_experts: true`.
+- split:    `engine.split_experts: true`;
+- warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
+            as calibrations did before they read experts in turn). With this mode every mode plans on a full
+            calibration made at the start, the others on one that reads experts in turn.
 
 Prints every run as it ends (the CPU expert's mean time, the experts on the CPU, copied and split, and with
 `adapting` the tracker's scales), then per case the medians, the ratio to the first mode and the slowest run as a
@@ -26,9 +29,10 @@ from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
 from fiddler_batch.engine import Engine
+from fiddler_batch.engine.costmodel import calibrate
 from fiddler_batch.spec import EngineSpec
 
-MODES = {"default": {}, "adapting": {"adapt_costs": "on"}, "split": {"split_experts": True}}
+MODES = {"default": {}, "adapting": {"adapt_costs": "on"}, "split": {"split_experts": True}, "warm": {}}
 
 
 def main() -> None:
@@ -36,8 +40,17 @@ def main() -> None:
     modes = args.modes.split(",")
     model = build_model(layers=args.layers, seed=0)
     engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
-    cost = cost_model_for(engine, engine.spec)
     executor = engine.executor
+    costs = {}
+    if "warm" in modes:
+        cost = engine.measure_cost_model()
+        first = executor.layers[0]
+        costs["warm"] = calibrate(
+            first.layout, first.module, engine.device, executor.cpu_threads, hosts=engine.calibration_experts()[:1]
+        )
+        print(f"warm calibration: cpu(1) {costs['warm'].fastest_cpu(1):.2f} ms, {costs['warm'].meta}")
+    else:
+        cost = cost_model_for(engine, engine.spec)
     ids = prompt_ids(32, model.config.vocab_size, 0)
     cases = {case: {"a": 1, "c": 4}[case] for case in args.cases.split(",")}
     results = {(mode, case): [] for mode in modes for case in cases}
@@ -46,11 +59,11 @@ def main() -> None:
     def use(mode: str) -> None:
         for key, value in {**defaults, **MODES[mode]}.items():
             setattr(executor, key, value)
-        engine.set_cost_model(cost)  # a fresh tracker (adapting) or none
+        engine.set_cost_model(costs.get(mode, cost))  # a fresh tracker (adapting) or none
 
     print(
         f"calibration: cpu(1) {cost.cpu(1):.2f} ms (own kernel {cost.cpu_gemv_ms and cost.cpu_gemv_ms[0]}), copy "
-        f"{cost.copy_ms:.2f} ms, contention CPU {cost.cpu_contention:.2f} copy {cost.copy_contention:.2f}"
+        f"{cost.copy_ms:.2f} ms, contention CPU {cost.cpu_contention:.2f} copy {cost.copy_contention:.2f}; {cost.meta}"
     )
     for mode in modes:  # warm-up: a whole run of each case in each mode
         use(mode)

@@ -1,12 +1,13 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
-    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--split]
+    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--split] [--prompt 32]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident, turns on the executor's trace and prints, for the
 last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
 start and end, leaving) and GPU times (copies, and with --prefetch the next layer's prefetched experts and
 their copies) in ms from the start of the run, then the gaps between layers (host time outside the experts:
-attention, norms, the generate loop).
+attention, norms, the generate loop). With `--steps 1 --prompt 1024` it shows a long prefill's layers; the last
+line says when the first layer was entered and the last one left, against the call's wall time.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--prefetch", type=int, default=0, help="engine.prefetch_experts")
     parser.add_argument("--split", action="store_true", help="engine.split_experts: true")
     parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
     parser.add_argument("--graphs", action="store_true", help="engine.cuda_graphs: true (and the static KV cache)")
     args = parser.parse_args()
     model = build_model(layers=8, seed=0)
-    prompt = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    prompt = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
     engine = Engine.from_model(
         model,
         EngineSpec(
@@ -71,6 +73,9 @@ def main() -> None:
         previous_exit = host["exit"]
         prefetch = f" prefetch {record['prefetch']['experts']}" if "prefetch" in record else ""
         print(f"layer {record['layer']} tokens {record['tokens']} {plan}{prefetch} gap {gap:.2f} host {host} gpu {gpu}")
+    records = executor.timeline.records
+    first, last = (records[0]["host"]["enter"] - t0) * 1e3, (records[-1]["host"]["exit"] - t0) * 1e3
+    print(f"first layer entered at {first:.1f} ms, last left at {last:.1f} ms, of {wall * 1e3:.1f} ms")
     print(f"{args.steps} steps in {wall * 1e3:.1f} ms; stats {engine.stats()}")
 
 

@@ -195,12 +195,13 @@ def cost_model_for(engine: Any, settings: EngineSpec) -> Any:
     path = cost_cache_path(engine)
     if path.is_file():
         cost = load_cost_model(path)
-        if not _lacks_gemv(engine, settings, cost):
+        stale = _stale(engine, settings, cost)
+        if stale is None:
             return cost
         log.warning(
-            "the cached calibration %s has no times for the CPU's own kernel (engine.cpu_gemv), which this "
-            "machine can build: measuring a quick one now; `fiddler-batch calibrate` makes a full one",
+            "the cached calibration %s %s: measuring a quick one now; `fiddler-batch calibrate` makes a full one",
             path,
+            stale,
         )
     else:
         log.warning(
@@ -215,10 +216,16 @@ def cost_model_for(engine: Any, settings: EngineSpec) -> Any:
     return cost
 
 
-def _lacks_gemv(engine: Any, settings: EngineSpec, cost: Any) -> bool:
-    """A cached calibration from before the own CPU kernel, for an engine that would use it."""
+def _stale(engine: Any, settings: EngineSpec, cost: Any) -> str | None:
+    """Why a cached calibration must be measured again (None: it serves): it predates the own CPU kernel
+    that this engine would use, or it timed one expert again and again (warm in the CPU's caches, which a
+    run never is) instead of experts in turn."""
     executor = getattr(engine, "executor", None)
-    return settings.cpu_gemv != "off" and cost.cpu_gemv_ms is None and executor is not None and executor.gemv_possible()
+    if settings.cpu_gemv != "off" and cost.cpu_gemv_ms is None and executor is not None and executor.gemv_possible():
+        return "has no times for the CPU's own kernel (engine.cpu_gemv), which this machine can build"
+    if "cold_experts" not in cost.meta:
+        return "timed one expert again and again (warm in the CPU's caches) rather than experts in turn"
+    return None
 
 
 def save_cost_model(cost: Any, path: Path, engine: Any) -> None:

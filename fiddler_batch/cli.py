@@ -559,10 +559,12 @@ def _failures(action: Callable[[], T]) -> T:
 )
 @click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str, ...]) -> None:
-    """Measure the cost model for JOB's model on this machine: one expert on the CPU and on the GPU over a
-    ladder of token counts, the pinned host-to-GPU copy, and how CPU work and copies slow each other."""
+    """Measure the cost model for JOB's model on this machine: one expert on the CPU (the model's own experts
+    read in turn, as a run reads them) and on the GPU over a ladder of token counts, the pinned host-to-GPU
+    copy, and how CPU work and copies slow each other."""
     spec = _load(job, overrides, {"engine.calibration": output} if output is not None else None)
     from fiddler_batch.assets import cost_cache_path, load_engine, save_cost_model
+    from fiddler_batch.engine.costmodel import cold_summary
     from fiddler_batch.engine.cpupack import pays
 
     _quiet_transformers()
@@ -593,6 +595,8 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
             f"token(s) reads its weights at {cost.meta['cpu_share_of_read']:.0%} of that, its timed runs "
             f"{cost.meta['cpu_spread']:.0%} apart"
         )
+    if cold_summary(cost.meta):
+        click.echo(cold_summary(cost.meta))
     if cost.cpu_packed_ms:
         click.echo(
             "CPU experts from weights packed for oneDNN: "

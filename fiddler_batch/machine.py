@@ -39,3 +39,22 @@ def host_memory(meminfo: Path = Path("/proc/meminfo")) -> tuple[int, int] | None
     if "MemAvailable" not in fields or "MemTotal" not in fields:
         return None
     return fields["MemAvailable"], fields["MemTotal"]
+
+
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of the CPU's last-level cache (the largest level sysfs lists for cpu0), in bytes; None where
+    sysfs does not say."""
+    best: tuple[int, int] | None = None
+    for index in sorted(root.glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        digits, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+        if not digits.isdigit():
+            continue
+        if best is None or level > best[0]:
+            best = (level, int(digits) * unit)
+    return best[1] if best else None

@@ -602,12 +602,12 @@ class EngineSpec(BaseModel):
     adapt_costs: AdaptCosts = "off"
     """Correct the calibrated cost model while the job runs: the executor compares each layer call's CPU experts and
     copies with the times the model predicted, and the planner plans with the model scaled by the ratios (CPU alone
-    and beside copies, copies alone and beside the CPU; recent layer calls weigh most). The calibration times one
-    expert again and again on an idle host, where a run reads a different expert each time; on one H200 host a
-    32-layer decode's CPU experts took 1.5x their calibrated time. 'on' adapts (with a GPU and on the CPU alike);
-    'auto' adapts with a GPU only; 'off' plans on the calibration as it is. Off by default: on the hosts measured since
-    it followed the hosts' minute-to-minute drift and gained nothing (32-layer decode 0.96x, beam search
-    1.00x; 8 layers 0.97x and 1.02x, benchmarks/NOTES.md). Plans then depend on the run's
+    and beside copies, copies alone and beside the CPU; recent layer calls weigh most). The calibration measures
+    for seconds on an idle host, a job runs for hours beside other work: on one H200 host a 32-layer decode's CPU
+    experts took 1.5x their calibrated time, on another a 32-layer prefill's 1.3-1.5x. 'on' adapts (with a GPU
+    and on the CPU alike); 'auto' adapts with a GPU only; 'off' plans on the calibration as it is. Off by default:
+    on the hosts measured since it followed the hosts' minute-to-minute drift and gained nothing (32-layer decode
+    0.96x, beam search 1.00x; 8 layers 0.97x and 1.02x, benchmarks/NOTES.md). Plans then depend on the run's
     timings; in float32 every plan gives the same tokens, in bf16 a CPU product may differ from a GPU one in its last
     bits. `engine_stats.cost_scales` gives the ratios at the end of each batch."""
     cpu_threads: int | None = Field(None, ge=1)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from fiddler_batch.bench.bounds import split_ms, throughput_bound
+from fiddler_batch.bench.bounds import layer_ms, split_ms, throughput_bound
 from fiddler_batch.bench.cli import bench
 from fiddler_batch.bench.model import build_tokenizer
 from fiddler_batch.bench.scenarios import request_mix, write_requests
@@ -200,6 +201,30 @@ def test_split_bound() -> None:
     assert split_ms([], 5.0) == 0.0
 
 
+def test_shared_bound_charges_the_cpu_and_the_link_their_contention() -> None:
+    from fiddler_batch.engine.costmodel import CostModel
+
+    free = CostModel(ladder=(1, 8), cpu_ms=(4.0, 4.0), gpu_ms=(0.1, 0.1), copy_ms=6.0)
+    shared = replace(free, cpu_contention=1.5, copy_contention=1.2)
+    one_off = ([1, 0, 1, 0], [False, True, True, True])  # one expert off the GPU, one resident
+    two_off = ([1, 1, 0, 0], [False, False, True, True])
+    assert layer_ms(*one_off, free) == pytest.approx(1 / (1 / 4.0 + 1 / 6.0))
+    assert layer_ms(*one_off, shared, shared=False) == layer_ms(*one_off, free)  # the free bound ignores it
+    # Both at work, each at its shared rate: 1 / (1/6 + 1/7.2); still faster than the CPU alone (4 ms).
+    assert layer_ms(*one_off, shared) == pytest.approx(1 / (1 / 6.0 + 1 / 7.2))
+    assert layer_ms(*two_off, shared) == pytest.approx(2 / (1 / 6.0 + 1 / 7.2))
+    # Contention so strong that sharing loses: the CPU alone serves the expert.
+    assert layer_ms(*one_off, replace(free, cpu_contention=3.0, copy_contention=3.0)) == pytest.approx(4.0)
+    # A link much faster than the CPU: the link alone.
+    fast_link = replace(free, copy_ms=0.5, cpu_contention=4.0, copy_contention=4.0)
+    assert layer_ms(*two_off, fast_link) == pytest.approx(1.0)
+    # Never below the GPU's time for every routed expert.
+    busy_gpu = replace(shared, gpu_ms=(5.0, 5.0))
+    assert layer_ms(*one_off, busy_gpu) == pytest.approx(10.0)
+    # Without contention measured (a CPU-only calibration) both bounds agree.
+    assert layer_ms(*two_off, free) == layer_ms(*two_off, free, shared=False)
+
+
 def _throughput_run(requests: int, kv_cache_tokens: int) -> dict:
     cost = {
         "ladder": [1, 8, 32, 128, 512],
@@ -231,6 +256,13 @@ def test_throughput_bound_charges_the_cpu_at_the_steps_tokens_per_expert() -> No
     assert few["stream_s_per_step"] == pytest.approx(2 * layer_ms / 1e3)
     assert few["seconds"] == pytest.approx(100 * (2 * layer_ms / 1e3 + outside))
     assert few["completion_tok_s"] == pytest.approx(few["optimistic_cpu"]["completion_tok_s"])
+    assert few["free"]["completion_tok_s"] == pytest.approx(few["completion_tok_s"])  # no contention measured
+    run = _throughput_run(4, 800)
+    run["cost_model"] |= {"cpu_contention": 1.5, "copy_contention": 1.2}
+    contended = throughput_bound(run, [{"max_new_tokens": 100}] * 4)
+    assert contended["stream_s_per_step"] == pytest.approx(2 * 6 / (1 / 7.5 + 1 / 7.2) / 1e3)
+    assert contended["free"]["stream_s_per_step"] == pytest.approx(few["stream_s_per_step"])
+    assert contended["share_reached"] > contended["free"]["share_reached"]
     # 512 rows: 128 tokens per expert cost the CPU 15 ms each, so the CPU serves fewer of them than at one
     # token; the optimistic definition keeps charging 5 ms and promises more.
     many = throughput_bound(_throughput_run(512, 512 * 200), [{"max_new_tokens": 100}] * 512)

@@ -188,7 +188,7 @@ def place_engine(
 
 
 def calibrate_on(engine: Engine) -> CostModel:
-    """A full calibration on the engine's own pinned experts (its first MoE layer's first host expert),
+    """A full calibration on the engine's own pinned experts (`Engine.calibration_experts`, read in turn),
     installed in the engine (and in this machine's calibration cache) and returned for the other baselines."""
     from fiddler_batch.assets import cost_cache_path, save_cost_model
 

@@ -9,8 +9,14 @@ Per MoE layer and forward step, with n_e tokens routed to expert e (recorded fro
 experts that are not resident must be served by the CPU (cpu(n_e) ms) or by the PCIe link (copy_ms each),
 both at once. The bound is the smallest T for which the off-GPU experts can be split, fractions allowed,
 so that the CPU's share takes <= T and the link's share takes <= T; or the GPU's time for every routed
-expert as if all were resident, if that is larger. For a batch-1 decode step (every n_e = 1) this is the
-off-GPU expert bytes / (B_cpu + B_pcie). No contention between the CPU and the copies is assumed.
+expert as if all were resident, if that is larger.
+
+The CPU and the link read the same host memory, and the calibration measures how much each slows the other
+while both run (`cpu_contention`, `copy_contention`): with both at work the split above runs at those
+slower rates, so T is the least of the CPU alone, the link alone and the split at the shared rates. The
+free bound (`free` in the results, the only one before the shared one) leaves contention out: for a batch-1
+decode step (every n_e = 1) it is the off-GPU expert bytes / (B_cpu + B_pcie). The CPU's times are those
+of experts read in turn (`costmodel.calibrate`), as a run reads them, not one expert warm in the caches.
 
 The time outside the experts is measured: the same call with every experts function replaced by one that
 returns zeros (attention, norms, routers, lm_head, generation and runner overhead all still run on the
@@ -36,9 +42,10 @@ ZERO_EXPERTS = "bench-zero"
 FORMULA = (
     "bound = time outside the experts (same call, experts replaced by zeros) + sum over MoE layers and steps of "
     "max(GPU time of the routed experts, T) where T is the least time in which the CPU (cpu(n) per expert, the "
-    "faster of its weights as stored and packed for oneDNN) and "
-    "PCIe (copy_ms per expert) together serve the off-GPU experts, split fractionally; batch-1 decode: "
-    "off-GPU expert bytes / (B_cpu + B_pcie) per step"
+    "fastest way measured, experts read in turn) and PCIe (copy_ms per expert) serve the off-GPU experts: the "
+    "CPU alone, the link alone, or both with the experts split fractionally at the rates measured while both "
+    "read host memory (cpu_contention, copy_contention); the free bound leaves that contention out (batch-1 "
+    "decode: off-GPU expert bytes / (B_cpu + B_pcie) per step)"
 )
 
 
@@ -73,16 +80,24 @@ def split_ms(cpu_costs: Sequence[float], copy_ms: float) -> float:
     return cpu
 
 
-def layer_ms(counts: Sequence[int], resident: Sequence[bool], cost: CostModel) -> float:
-    """The bound of one MoE layer's experts in one step, in ms (counts[e]: tokens routed to expert e)."""
+def layer_ms(counts: Sequence[int], resident: Sequence[bool], cost: CostModel, shared: bool = True) -> float:
+    """The bound of one MoE layer's experts in one step, in ms (counts[e]: tokens routed to expert e).
+    `shared`: the CPU and the link slow each other down while both run (the calibration's contention);
+    otherwise the free bound."""
     off_gpu = [cost.fastest_cpu(n) for n, r in zip(counts, resident) if n and not r]
     all_on_gpu = sum(cost.gpu(n) for n in counts if n)
-    return max(split_ms(off_gpu, cost.copy_ms), all_on_gpu)
+    if not shared:
+        return max(split_ms(off_gpu, cost.copy_ms), all_on_gpu)
+    both = split_ms([c * cost.cpu_contention for c in off_gpu], cost.copy_ms * cost.copy_contention)
+    alone = min(sum(off_gpu), len(off_gpu) * cost.copy_ms)
+    return max(min(both, alone), all_on_gpu)
 
 
-def expert_bound_s(calls: list[tuple[int, list[int]]], resident: list[list[bool]], cost: CostModel) -> float:
+def expert_bound_s(
+    calls: list[tuple[int, list[int]]], resident: list[list[bool]], cost: CostModel, shared: bool = True
+) -> float:
     """Sum of the per-layer bounds over recorded (MoE layer, per-expert token counts) calls, in seconds."""
-    return sum(layer_ms(counts, resident[layer], cost) for layer, counts in calls) / 1e3
+    return sum(layer_ms(counts, resident[layer], cost, shared) for layer, counts in calls) / 1e3
 
 
 @contextmanager
@@ -133,23 +148,32 @@ def case_bound(
     expert_bytes: int,
 ) -> dict[str, Any]:
     """The bound's metrics for one case, from its recorded routing and its measured time outside the
-    experts (`outside`: the raw result of the zero-experts call)."""
+    experts (`outside`: the raw result of the zero-experts call); `free` holds the free bound's."""
     prefill, rest = calls[: len(resident)], calls[len(resident) :]  # the first forward pass is the prefill
-    prefill_s, rest_s = expert_bound_s(prefill, resident, cost), expert_bound_s(rest, resident, cost)
-    if case.scenario == "d":
-        metrics = throughput_metrics({**outside, "wall_s": outside["wall_s"] + prefill_s + rest_s})
-    else:
+
+    def bound(shared: bool) -> tuple[dict[str, Any], float]:
+        prefill_s, rest_s = (
+            expert_bound_s(prefill, resident, cost, shared),
+            expert_bound_s(rest, resident, cost, shared),
+        )
+        if case.scenario == "d":
+            return throughput_metrics({**outside, "wall_s": outside["wall_s"] + prefill_s + rest_s}), prefill_s + rest_s
         raw = {
             **outside,
             "ttft_s": outside["ttft_s"] + prefill_s,
             "decode_s": outside["decode_s"] + rest_s,
             "total_s": outside["total_s"] + prefill_s + rest_s,
         }
-        metrics = generate_metrics(case, raw)
+        return generate_metrics(case, raw), prefill_s + rest_s
+
+    metrics, expert_s = bound(shared=True)
+    free_metrics, free_s = bound(shared=False)
     off_gpu = sum(1 for layer, counts in calls for n, r in zip(counts, resident[layer]) if n and not r)
     return {
         "metrics": metrics,
-        "expert_bound_s": prefill_s + rest_s,
+        "expert_bound_s": expert_s,
+        "free": {"metrics": free_metrics, "expert_bound_s": free_s},
+        "contention": {"cpu": cost.cpu_contention, "copy": cost.copy_contention},
         "outside_experts": outside,
         "layer_calls": len(calls),
         "off_gpu_expert_calls": off_gpu,
@@ -162,7 +186,8 @@ THROUGHPUT_FORMULA = (
     "step)), steps = max(longest completion, completion tokens / rows in flight), rows in flight = min(requests, "
     "KV-cache tokens of the placement / mean (prompt + max_new_tokens)); a step's experts: per MoE layer, "
     "max(GPU time of every routed expert, T) where T is the least time in which the CPU (cpu(n) per expert) and "
-    "PCIe (copy_ms per expert) together serve the layer's off-GPU experts, split fractionally, with n = rows x "
+    "PCIe (copy_ms per expert) serve the layer's off-GPU experts (alone, or both, split fractionally, at the rates "
+    "measured while both read host memory), with n = rows x "
     "top_k / experts per layer tokens per expert (the per-layer bound of scenarios a-d); time outside the experts "
     "measured on the run (generate time minus the time inside the experts, per step)"
 )
@@ -173,8 +198,9 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
     once, over the CPU and the link at once, at the rates the cost model measured for the step's tokens per
     expert, and serves as many rows as the KV cache holds.
 
-    Also reported: `optimistic_cpu`, the same bound with the CPU at its one-token rate whatever the tokens
-    per expert (the bound's first definition, which lets the CPU serve hundreds of tokens as fast as one)."""
+    Also reported: `free`, the same without the contention of the CPU and the link for host memory, and
+    `optimistic_cpu`, the free bound with the CPU at its one-token rate whatever the tokens per expert (the
+    bound's first definition, which lets the CPU serve hundreds of tokens as fast as one)."""
     cost = CostModel.from_json(run["cost_model"])
     placement = run["placement"]
     layers, per_layer, top_k = (run["moe"][key] for key in ("layers", "experts_per_layer", "top_k"))
@@ -190,12 +216,18 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
     per_expert = max(1, round(rows * top_k / per_layer))
     off_per_layer = (placement["total_experts"] - placement["resident_experts"]) / layers
     whole, part = int(off_per_layer), off_per_layer - int(off_per_layer)
-    # Layers differ by at most one off-GPU expert under an even placement: interpolate between the two.
-    layer = (1 - part) * layer_ms([per_expert] * per_layer, [e >= whole for e in range(per_layer)], cost)
-    if part:
-        layer += part * layer_ms([per_expert] * per_layer, [e > whole for e in range(per_layer)], cost)
-    stream_s = layers * layer / 1e3
+
+    def stream(shared: bool) -> float:
+        """One step's experts, in seconds. Layers differ by at most one off-GPU expert under an even
+        placement: interpolate between the two."""
+        layer = (1 - part) * layer_ms([per_expert] * per_layer, [e >= whole for e in range(per_layer)], cost, shared)
+        if part:
+            layer += part * layer_ms([per_expert] * per_layer, [e > whole for e in range(per_layer)], cost, shared)
+        return layers * layer / 1e3
+
+    stream_s, free_stream_s = stream(shared=True), stream(shared=False)
     seconds = steps * (stream_s + outside_s)
+    free_s = steps * (free_stream_s + outside_s)
     optimistic_stream_s = off_gpu / (expert / cost.cpu(1) + expert / cost.copy_ms) / 1e3
     optimistic_s = steps * (optimistic_stream_s + outside_s)
     return {
@@ -210,6 +242,11 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
         "completion_tok_s": run["completion_tokens"] / seconds,
         "prompt_tok_s": run["prompt_tokens"] / seconds,
         "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / seconds),
+        "free": {
+            "stream_s_per_step": free_stream_s,
+            "completion_tok_s": run["completion_tokens"] / free_s,
+            "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / free_s),
+        },
         "optimistic_cpu": {
             "stream_s_per_step": optimistic_stream_s,
             "completion_tok_s": run["completion_tokens"] / optimistic_s,

@@ -43,6 +43,7 @@ from fiddler_batch.bench.scenarios import (
     write_requests,
 )
 from fiddler_batch.bench.settings import BASELINE_TABLE, BASELINES, OURS, Case, Settings
+from fiddler_batch.engine.costmodel import cold_summary
 from fiddler_batch.spec import MIN_KV_CACHE_TOKENS
 
 GEOMETRIES = {"mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
@@ -162,6 +163,8 @@ class Suite:
                 f"host memory read {meta['host_read_gb_per_s']} GB/s: the CPU expert at 1 token reads at "
                 f"{meta['cpu_share_of_read']:.0%} of it, its timed runs {meta['cpu_spread']:.0%} apart"
             )
+        if cold_summary(meta):
+            self.log(cold_summary(meta))
         if self.cost.cpu_packed_ms:
             ladder = ", ".join(
                 f"{n}: {a:.2f}/{b:.2f}" for n, a, b in zip(self.cost.ladder, self.cost.cpu_ms, self.cost.cpu_packed_ms)

@@ -247,21 +247,25 @@ def report(results_path: Path) -> None:
         latest[(run["layers"], run["mix"], run["name"])] = run
     rows = [
         "| layers | mix | run | requests | new tokens | experts on disk | completion tok/s | prompt tok/s | req/s "
-        "| GPU GB | steps | x static | bound tok/s | share of bound |"
+        "| GPU GB | steps | x static | bound tok/s | share of bound | share of free |"
     ]
-    rows.append("|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows.append("|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (layers, mix, name), run in sorted(latest.items()):
         bound = run.get("bound", {}).get("completion_tok_s")
+        # Runs from before the shared bound recorded the free one only (`bounds.throughput_bound`).
+        free = (run.get("bound", {}).get("free") or run.get("bound", {})).get("completion_tok_s")
         static = latest.get((layers, mix, "static-defaults"))
         speedup = run["completion_tok_s"] / static["completion_tok_s"] if static and static is not run else None
         cap = run.get("cap_new")
         share = run["completion_tok_s"] / bound if bound else None
+        free_share = run["completion_tok_s"] / free if free else None
         rows.append(
             f"| {layers} | {mix} | {name} | {run['requests']} | {f'capped at {cap}' if cap else 'the mix'} | "
             f"{'zeros (sparse)' if run.get('sparse_experts') else 'random'} | {run['completion_tok_s']:.1f} | "
             f"{run['prompt_tok_s']:.1f} | {run['requests_per_s']:.2f} | {run['gpu_max_allocated_gb']} | "
             f"{run['steps'].get('total') or '-'} | {f'{speedup:.1f}x' if speedup else '-'} | "
-            f"{f'{bound:.1f}' if bound else '-'} | {f'{share:.0%}' if share else '-'} |"
+            f"{f'{bound:.1f}' if bound else '-'} | {f'{share:.0%}' if share else '-'} | "
+            f"{f'{free_share:.0%}' if free_share else '-'} |"
         )
     cards = sorted({run.get("card", "?") for run in latest.values()})
     text = f"# Scenario e: throughput at scale\n\nCard: {', '.join(cards)}. {THROUGHPUT_FORMULA}.\n\n"

@@ -23,7 +23,7 @@ from torch import nn
 
 from fiddler_batch.engine import executor as executor_mod
 from fiddler_batch.engine.budget import Budget, budget_for, kv_cache_bytes, needs, tensor_bytes, text_config
-from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.costmodel import CostModel, experts_in_turn
 from fiddler_batch.engine.costmodel import calibrate as measure_cost_model
 from fiddler_batch.engine.executor import HybridExecutor, LayerState, Planner, Stats
 from fiddler_batch.engine.graphs import DecodeGraphs
@@ -236,20 +236,43 @@ class Engine:
             self.executor.set_cost(cost)
 
     def measure_cost_model(self, quick: bool = False) -> CostModel:
-        """Measure the cost model on this machine with the model's own weights (an expert of the first MoE
-        layer that has a host copy) and install it."""
+        """Measure the cost model on this machine with the model's own weights and install it: host experts
+        of the MoE layers shaped as the first one, taken a layer at a time across the model and read in turn
+        (`costmodel.experts_in_turn` says how many), as a run reads them."""
         if self.executor is None:
             raise EngineError(
                 "model.path", "this model has no experts to calibrate: it runs whole on one device", "nothing to do"
             )
-        layer = self.executor.layers[0]
-        e = next((e for e, row in enumerate(layer.host_row) if row >= 0), None)
-        host = layer.host_expert(e) if e is not None else None
+        layers = self.executor.layers
         cost = measure_cost_model(
-            layer.layout, layer.module, self.device, self.executor.cpu_threads, quick=quick, host=host
+            layers[0].layout,
+            layers[0].module,
+            self.device,
+            self.executor.cpu_threads,
+            quick=quick,
+            hosts=self.calibration_experts(),
         )
         self.executor.set_cost(cost)
         return cost
+
+    def calibration_experts(self) -> list[dict[str, torch.Tensor]]:
+        """The host experts the calibration reads in turn: the first host expert of each MoE layer shaped as
+        the first one, then the second of each, and so on, as many as `costmodel.experts_in_turn` asks for
+        (none when every expert is resident)."""
+        layers = self.executor.layers
+        shaped = [layer for layer in layers if layer.layout.geometry_key() == layers[0].layout.geometry_key()]
+        rows = [[e for e, row in enumerate(layer.host_row) if row >= 0] for layer in shaped]
+        order = [
+            (layer, experts[k])
+            for k in range(max(map(len, rows), default=0))
+            for layer, experts in zip(shaped, rows)
+            if k < len(experts)
+        ]
+        if not order:
+            return []
+        first = order[0][0].host_expert(order[0][1])
+        count = experts_in_turn(sum(t.numel() * t.element_size() for t in first.values()), len(order))
+        return [layer.host_expert(e) for layer, e in order[:count]]
 
     def cost_key(self) -> dict[str, Any]:
         """What a cached cost model must match: the expert geometry and dtype, the thread count, the device."""

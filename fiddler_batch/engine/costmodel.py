@@ -9,6 +9,7 @@ point extrapolated from the last two.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import statistics
 import time
@@ -21,11 +22,18 @@ import torch
 from fiddler_batch.engine import cpugemv, cpupack
 from fiddler_batch.engine.compute import expert_forward
 from fiddler_batch.engine.layout import ExpertLayout
+from fiddler_batch.machine import last_level_cache_bytes
 
 log = logging.getLogger(__name__)
 
 FULL_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_LADDER = (1, 8, 32, 128, 512)
+# The calibration reads distinct experts in turn, as the engine does (it never reads one expert twice in a row):
+# together at least COLD_CACHES x the CPU's last-level cache and COLD_MIN_BYTES, so an expert's weights have
+# left the caches when its turn comes again; at most COLD_MAX_EXPERTS of them.
+COLD_CACHES = 4
+COLD_MIN_BYTES = 1 << 30
+COLD_MAX_EXPERTS = 16
 
 
 def _interp(ladder: Sequence[int], values: Sequence[float], n: int) -> float:
@@ -119,6 +127,31 @@ class CostModel:
         )
 
 
+def experts_in_turn(expert_bytes: int, available: int) -> int:
+    """How many distinct experts of `expert_bytes` the calibration reads in turn (at most `available`, at
+    least 1): enough that each one's weights are out of the CPU's caches when it comes round again."""
+    target = max(COLD_CACHES * (last_level_cache_bytes() or 0), COLD_MIN_BYTES)
+    return max(1, min(available, COLD_MAX_EXPERTS, -(-target // max(expert_bytes, 1))))
+
+
+def _in_turn(fn: Callable[[dict[str, torch.Tensor]], object], experts: Sequence[dict[str, torch.Tensor]]):
+    """A call of `fn` on the next of `experts` each time (cycling)."""
+    turn = itertools.cycle(experts)
+    return lambda: fn(next(turn))
+
+
+def cold_summary(meta: dict[str, Any]) -> str | None:
+    """One line on how the CPU expert was timed (experts read in turn against one read again and again), from
+    a calibration's meta; None for a calibration from before experts were read in turn."""
+    if "cold_experts" not in meta:
+        return None
+    return (
+        f"CPU experts timed reading {meta['cold_experts']} distinct experts in turn; the one-token expert read "
+        f"again and again (warm in the caches) took {meta['cpu_warm_ms']:.3g} ms, read in turn "
+        f"{meta['cpu_cold_over_warm']:.2f}x that"
+    )
+
+
 def _times_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None], warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -208,79 +241,80 @@ def calibrate(
     device: torch.device,
     threads: int,
     quick: bool = False,
-    host: dict[str, torch.Tensor] | None = None,
+    hosts: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> CostModel:
     """Measure one expert of `layout` on the CPU and on `device`, the copy between them, and how much
     CPU compute and copies slow each other down when they overlap.
 
-    `host`: one expert's weights as they will be used (the model's own, pinned); random ones otherwise.
+    `hosts`: experts' weights as they will be used (the model's own, pinned), read in turn by every CPU
+    measurement and copy (cold, as in a run: see `experts_in_turn`); one random expert otherwise. The CPU
+    expert read again and again (warm) at the first ladder point is kept in `meta` for comparison.
     """
     ladder = QUICK_LADDER if quick else FULL_LADDER
     reps = 3 if quick else 5
     cuda = device.type == "cuda"
     sync_dev = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    if host is None:
-        host = random_expert(layout, "cpu", pin=cuda)
-    fast = {k: torch.empty_like(v, device=device) for k, v in host.items()}
-    expert_bytes = sum(v.numel() * v.element_size() for v in host.values())
+    hosts = list(hosts) if hosts else [random_expert(layout, "cpu", pin=cuda)]
+    first = hosts[0]
+    fast = {k: torch.empty_like(v, device=device) for k, v in first.items()}
+    expert_bytes = sum(v.numel() * v.element_size() for v in first.values())
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
             cpu_ms, gpu_ms, packed_ms, gemv_ms = [], [], [], []
             cpu_spread = 0.0
-            packed = _packed_or_none(host, layout)
+            packs = [_packed_or_none(h, layout) for h in hosts]
+            packed = None if any(p is None for p in packs) else packs
             gemv = cpugemv.usable_layout(layout) and cpugemv.available()
             for n in ladder:
                 x = torch.randn(n, layout.hidden, dtype=layout.dtype)
                 w = torch.rand(n, dtype=layout.dtype)
-                on_cpu = lambda x=x, w=w: expert_forward(module, layout, host, x, w)  # noqa: E731
+                on_cpu = _in_turn(lambda h, x=x, w=w: expert_forward(module, layout, h, x, w), hosts)
                 times = _times_ms(on_cpu, reps, lambda: None)
                 cpu_ms.append(statistics.median(times))
                 if n == ladder[0]:
                     cpu_spread = (max(times) - min(times)) / cpu_ms[-1]
                 if packed is not None:
-                    on_packed = lambda x=x, w=w, p=packed: expert_forward(module, layout, p, x, w)  # noqa: E731
+                    on_packed = _in_turn(lambda p, x=x, w=w: expert_forward(module, layout, p, x, w), packed)
                     try:
                         packed_ms.append(_median_ms(on_packed, reps, lambda: None))
                     except RuntimeError as exc:  # the packed layout is optional: measure without it
                         log.warning("the CPU expert from packed weights failed (%s): not measured", exc)
                         packed, packed_ms = None, []
                 if gemv and n <= cpugemv.MAX_TOKENS:
-                    on_gemv = lambda x=x, w=w: expert_forward(module, layout, host, x, w, gemv=True)  # noqa: E731
+                    on_gemv = _in_turn(lambda h, x=x, w=w: expert_forward(module, layout, h, x, w, gemv=True), hosts)
                     gemv_ms.append(_median_ms(on_gemv, reps, lambda: None))
                 xd, wd = x.to(device), w.to(device)
                 gpu_ms.append(
                     _median_ms(lambda xd=xd, wd=wd: expert_forward(module, layout, fast, xd, wd), reps, sync_dev)
                 )
 
-            def copy() -> None:
-                for k, v in host.items():
+            def copy_one(h: dict[str, torch.Tensor]) -> None:
+                for k, v in h.items():
                     fast[k].copy_(v, non_blocking=True)
 
+            copy = _in_turn(copy_one, hosts)
             # Fewer tokens never take longer: a point slower than a larger one is a measurement outlier
             # (a first call that paid for warming caches or thread pools), so take the envelope from above.
             cpu_ms, gpu_ms = _non_decreasing(cpu_ms), _non_decreasing(gpu_ms)
             packed_ms = _non_decreasing(packed_ms) if packed_ms else []
             gemv_ms = _non_decreasing(gemv_ms) if gemv_ms else []
             copy_ms = _median_ms(copy, reps + 1, sync_dev)
+            x1, w1 = torch.randn(1, layout.hidden, dtype=layout.dtype), torch.ones(1, dtype=layout.dtype)
+            # The way the executor computes one token: the own kernel where it was measured faster.
+            own = bool(gemv_ms) and gemv_ms[0] < cpu_ms[0]
+            one_token = lambda h: expert_forward(module, layout, h, x1, w1, gemv=own)  # noqa: E731
+            warm_ms = _median_ms(lambda: one_token(first), reps, lambda: None)
             cpu_contention = copy_contention = 1.0
             fixed_ms = 0.0
             if cuda:
                 small = torch.randn(8, layout.hidden, dtype=layout.dtype, device=device)
                 fixed_ms = _median_ms(lambda: small.to("cpu").to(device), reps + 1, sync_dev)
-                x1, w1 = torch.randn(1, layout.hidden, dtype=layout.dtype), torch.ones(1, dtype=layout.dtype)
-                # The slowdown of the way the executor computes one token: the own kernel where it was faster.
-                own = bool(gemv_ms) and gemv_ms[0] < cpu_ms[0]
-                busy_cpu, busy_copy = _contention(
-                    lambda: expert_forward(module, layout, host, x1, w1, gemv=own),
-                    copy,
-                    device,
-                    copies=8 if quick else 16,
-                )
+                busy_cpu, busy_copy = _contention(_in_turn(one_token, hosts), copy, device, copies=8 if quick else 16)
                 cpu_contention = max(1.0, busy_cpu / (gemv_ms[0] if own else cpu_ms[0]))
                 copy_contention = max(1.0, busy_copy / copy_ms)
-            read_gb_per_s = host_read_gb_per_s(expert_bytes, reps)
+            read_gb_per_s = host_read_gb_per_s(max(expert_bytes, COLD_CACHES * (last_level_cache_bytes() or 0)), reps)
     finally:
         torch.set_num_threads(previous_threads)
     meta = {
@@ -293,6 +327,11 @@ def calibrate(
         "host_read_gb_per_s": round(read_gb_per_s, 2),
         "cpu_share_of_read": round(expert_bytes / cpu_ms[0] / 1e6 / read_gb_per_s, 3),
         "cpu_spread": round(cpu_spread, 3),
+        # Distinct experts read in turn (1: one expert again and again), and the one-token expert of the way the
+        # executor uses read warm, against the same read cold (the times above).
+        "cold_experts": len(hosts),
+        "cpu_warm_ms": round(warm_ms, 4),
+        "cpu_cold_over_warm": round((gemv_ms[0] if own else cpu_ms[0]) / warm_ms, 3),
         "quick": quick,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

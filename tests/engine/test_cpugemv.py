@@ -294,24 +294,30 @@ def test_cost_model_arithmetic_with_kernel_times():
     assert layer_ms(counts, resident, GEMV_COST) < layer_ms(counts, resident, COST)  # the bound takes it too
 
 
-def test_a_cached_calibration_without_kernel_times_is_measured_again(bf16_reference, monkeypatch, caplog):
+def test_a_cached_calibration_without_kernel_times_or_cold_reads_is_measured_again(bf16_reference, monkeypatch, caplog):
     _, engine = _engine(bf16_reference[0], cost=None)
     path = assets.cost_cache_path(engine)
-    assets.save_cost_model(COST, path, engine)
+    cold = {"cold_experts": 4}  # experts read in turn, as `calibrate` does now
+    old, new = replace(COST, meta=cold), replace(GEMV_COST, meta=cold)
+    assets.save_cost_model(old, path, engine)
     measured = []
 
     def measure(quick: bool = False) -> CostModel:
         measured.append(quick)
-        return GEMV_COST
+        return new
 
     monkeypatch.setattr(engine, "measure_cost_model", measure)
     settings = EngineSpec(device="cpu")
-    assert assets.cost_model_for(engine, settings) == GEMV_COST and measured == [True]
+    assert assets.cost_model_for(engine, settings) == new and measured == [True]
     assert "no times for the CPU's own kernel" in caplog.text
-    assert assets.cost_model_for(engine, settings) == GEMV_COST and measured == [True]  # saved: read back
+    assert assets.cost_model_for(engine, settings) == new and measured == [True]  # saved: read back
     # With the kernel off, an old entry is used as it is.
-    assets.save_cost_model(COST, path, engine)
-    assert assets.cost_model_for(engine, EngineSpec(device="cpu", cpu_gemv="off")) == COST and len(measured) == 1
+    assets.save_cost_model(old, path, engine)
+    assert assets.cost_model_for(engine, EngineSpec(device="cpu", cpu_gemv="off")) == old and len(measured) == 1
+    # One timed on one expert again and again (warm in the caches) is measured again, kernel or not.
+    assets.save_cost_model(GEMV_COST, path, engine)
+    assert assets.cost_model_for(engine, EngineSpec(device="cpu", cpu_gemv="off")) == new and len(measured) == 2
+    assert "again and again" in caplog.text
 
 
 @pytest.mark.skipif(not cpupack.onednn_packing(), reason="this PyTorch cannot pack bf16 weights")

@@ -140,7 +140,7 @@ def test_loaded_checkpoint_matches_transformers(reference_model):
 def test_calibration_measures_every_point_and_round_trips(mixtral, tmp_path):
     module = mixtral.model.layers[0].mlp.experts
     layout = read_layout(module)
-    cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True, host=random_expert(layout, "cpu"))
+    cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True, hosts=[random_expert(layout, "cpu")])
     assert len(cost.cpu_ms) == len(cost.gpu_ms) == len(cost.ladder)
     assert all(t > 0 for t in cost.cpu_ms + cost.gpu_ms) and cost.copy_ms > 0
     assert cost.meta["geometry"] == layout.geometry_key() and cost.meta["quick"]
@@ -153,6 +153,57 @@ def test_calibration_measures_every_point_and_round_trips(mixtral, tmp_path):
     save_cost_model(cost, path, engine)
     loaded = load_cost_model(path)
     assert loaded == cost and loaded.meta["machine"]
+
+
+def test_calibration_reads_the_experts_it_is_given_in_turn(mixtral, monkeypatch):
+    """Every CPU measurement goes through the experts one after another (as a run reads them, never the same
+    one twice in a row), except the one-token warm reference, which reads the first again and again."""
+    from fiddler_batch.engine import costmodel
+
+    module = mixtral.model.layers[0].mlp.experts
+    layout = read_layout(module)
+    hosts = [random_expert(layout, "cpu") for _ in range(3)]
+    which = {h["up"].data_ptr(): k for k, h in enumerate(hosts)}
+    read = []
+    forward = costmodel.expert_forward
+
+    def logged(module, layout, weights, x, w, gemv=False):
+        read.append(which.get(weights["up"].data_ptr()))
+        return forward(module, layout, weights, x, w, gemv=gemv)
+
+    monkeypatch.setattr(costmodel, "expert_forward", logged)
+    cost = calibrate(layout, module, torch.device("cpu"), threads=1, quick=True, hosts=hosts)
+    assert cost.meta["cold_experts"] == 3 and cost.meta["cpu_warm_ms"] > 0 and cost.meta["cpu_cold_over_warm"] > 0
+    cpu = [k for k in read if k is not None]  # the GPU-side calls read the device copy, which is not a host
+    assert set(cpu) == {0, 1, 2}
+    # Runs of the same expert: only the warm reference (a run of warmup + timed calls on expert 0).
+    runs = [k for i, k in enumerate(cpu) if i and cpu[i - 1] == k]
+    assert runs and set(runs) == {0} and len(runs) <= 3 + 2
+    assert costmodel.cold_summary(cost.meta).startswith("CPU experts timed reading 3 distinct experts in turn")
+    assert costmodel.cold_summary({}) is None
+
+
+def test_the_engine_calibrates_on_host_experts_taken_across_its_layers(mixtral, monkeypatch):
+    from fiddler_batch.engine import core
+
+    engine = Engine.from_model(copy.deepcopy(mixtral), EngineSpec(device="cpu", resident_share=0.25), cost=COST)
+    layers = engine.executor.layers
+    owners = {
+        layer.host_expert(e)["up"].data_ptr(): (layer.index, e)
+        for layer in layers
+        for e in range(len(layer.host_row))
+        if layer.host_row[e] >= 0
+    }
+    picked = [owners[h["up"].data_ptr()] for h in engine.calibration_experts()]
+    # Tiny experts: as many as the cap allows, the first host expert of each layer before any layer's second.
+    assert len(picked) == min(len(owners), core.experts_in_turn(1, len(owners)))
+    assert [layer for layer, _ in picked[: len(layers)]] == [layer.index for layer in layers]
+    assert len(set(picked)) == len(picked)
+    monkeypatch.setattr(core, "experts_in_turn", lambda nbytes, available: 2)
+    assert [owners[h["up"].data_ptr()][0] for h in engine.calibration_experts()] == [layers[0].index, layers[1].index]
+    given = []
+    monkeypatch.setattr(core, "measure_cost_model", lambda *args, hosts, **kwargs: given.append(hosts) or COST)
+    assert engine.measure_cost_model(quick=True) is COST and len(given[0]) == 2
 
 
 def test_missing_calibration_file_names_the_command(mixtral, tmp_path):
