@@ -112,6 +112,30 @@ def test_smoke_writes_json_markdown_and_png(smoke: Path) -> None:
     assert (smoke / "results.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_the_report_gives_both_bounds_and_marks_older_free_only_ones(smoke: Path) -> None:
+    from fiddler_batch.bench.report import table_rows
+    from fiddler_batch.bench.results import Results
+    from fiddler_batch.bench.scenarios import METRICS
+
+    data = json.loads((smoke / "results.json").read_text())
+    assert all(set(b["free"]) == {"metrics", "expert_bound_s"} and "contention" in b for b in data["bounds"])
+    shares = {}
+    for old in (False, True):
+        copy = json.loads(json.dumps(data))
+        for bound in copy["bounds"]:
+            if old:  # as a results file from before the shared bound recorded it
+                bound["metrics"] = bound.pop("free")["metrics"]
+            else:  # a contended bound, slower than the free one: half the speed (twice the time)
+                free = bound["free"]["metrics"]
+                bound["metrics"] = {k: v * (0.5 if METRICS[k][1] else 2.0) for k, v in free.items()}
+        rows = [r for r in table_rows(Results(copy)) if r["baseline"] == "fiddler-batch" and r["share"]]
+        assert rows
+        shares[old] = {(r["scenario"], r["case"]): (r["share"], r["free_share"], r["free_only"]) for r in rows}
+    for key, (share, free_share, free_only) in shares[False].items():
+        assert share == pytest.approx(2 * free_share) and not free_only
+        assert shares[True][key] == (pytest.approx(free_share), pytest.approx(free_share), True)
+
+
 def test_smoke_records_its_command(smoke: Path) -> None:
     command = json.loads((smoke / "results.json").read_text())["sessions"][0]["command"]
     assert command.startswith("fiddler-batch bench --smoke ") and "--sizes a=8x8" in command
