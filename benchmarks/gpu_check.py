@@ -118,12 +118,14 @@ def check_continuous(model: torch.nn.Module, reference: list[list[int]], prompts
 
 
 def split_forced(executor):
-    """A planner: the first off-GPU expert with tokens of every call split (CPU share 1/2, when a second staging
-    slot is free), the others alternately on the CPU and copied."""
+    """A planner: the first off-GPU expert with tokens of every call split (when a second staging slot is free; CPU
+    share 1/2, part of the up projection, in even layers, 5/6, the up projection and half of the down one, in odd
+    ones), the others alternately on the CPU and copied."""
 
     def planner(layer, counts: list[int]) -> Plan:
         free = sum(not slot.held for slot in executor.slots) >= 2
-        split = free and split_points(layer.layout, 0.5) is not None
+        share = 0.5 if layer.index % 2 == 0 else 5 / 6
+        split = free and split_points(layer.layout, share) is not None
         where = []
         for e, n in enumerate(counts):
             if not n:
@@ -136,7 +138,7 @@ def split_forced(executor):
             else:
                 where.append(Where.CPU if e % 2 else Where.COPY)
         copies = tuple(e for e, w in enumerate(where) if w == Where.COPY)
-        return Plan(tuple(where), copies, True, 0.0, 0.5 if Where.SPLIT in where else 0.0)
+        return Plan(tuple(where), copies, True, 0.0, share if Where.SPLIT in where else 0.0)
 
     return planner
 

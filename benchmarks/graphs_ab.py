@@ -12,7 +12,8 @@ alike. Modes (`--modes`, default eager,static,graphs):
 - static: the static KV cache, no graphs (what the cache alone changes);
 - graphs: the static KV cache and `engine.cuda_graphs`;
 - split:  the same with `engine.split_experts` (a layer may split one off-GPU expert between the CPU and the
-          link: with graphs the host time it saves is no longer hidden behind launch time).
+          link: with graphs the host time it saves is no longer hidden behind launch time). The other modes
+          keep every expert whole (`engine.split_experts: false`), as the defaults did when this was written.
 
 Prints every run as it ends, then per mode and case the median (as a ratio to the first mode named), the
 slowest run as a share of the median, and the host time per layer call outside the experts forward.

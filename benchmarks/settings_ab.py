@@ -1,7 +1,7 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,c]
-        [--modes default,adapting,split,warm]
+        [--modes default,adapting,whole,split,warm]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
 32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s) and c (beam width 4:
@@ -10,7 +10,9 @@ output tok/s). Each round runs every mode once per case, in an order that rotate
 - default:  the engine's defaults;
 - adapting: `engine.adapt_costs: on`, a fresh tracker for each run, so each run learns from its own first layer
             calls as a job does;
-- split:    `engine.split_experts: true`;
+- whole:    `engine.split_experts: false` (every expert whole; splits are on by default);
+- split:    `engine.split_experts: true` (the default since splits send data one way; kept for the logs of
+            the calls that ran it against the defaults of their time);
 - warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
             as calibrations did before they read experts in turn). With this mode every mode plans on a full
             calibration made at the start, the others on one that reads experts in turn.
@@ -32,7 +34,13 @@ from fiddler_batch.engine import Engine
 from fiddler_batch.engine.costmodel import calibrate
 from fiddler_batch.spec import EngineSpec
 
-MODES = {"default": {}, "adapting": {"adapt_costs": "on"}, "split": {"split_experts": True}, "warm": {}}
+MODES = {
+    "default": {},
+    "adapting": {"adapt_costs": "on"},
+    "whole": {"split_experts": False},
+    "split": {"split_experts": True},
+    "warm": {},
+}
 
 
 def main() -> None:

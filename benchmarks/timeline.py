@@ -1,6 +1,6 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
-    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--split] [--prompt 32]
+    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--whole] [--prompt 32] [--show 3]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident, turns on the executor's trace and prints, for the
 last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
@@ -30,8 +30,9 @@ def main() -> None:
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--show", type=int, default=3, help="steps whose layers are printed (the last ones)")
     parser.add_argument("--prefetch", type=int, default=0, help="engine.prefetch_experts")
-    parser.add_argument("--split", action="store_true", help="engine.split_experts: true")
+    parser.add_argument("--whole", action="store_true", help="engine.split_experts: false (every expert whole)")
     parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
     parser.add_argument("--graphs", action="store_true", help="engine.cuda_graphs: true (and the static KV cache)")
     args = parser.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
         EngineSpec(
             resident_share=0.25,
             prefetch_experts=args.prefetch,
-            split_experts=args.split,
+            split_experts=not args.whole,
             cpu_worker=args.worker,
             cuda_graphs=args.graphs,
         ),
@@ -65,7 +66,7 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     previous_exit = None
-    for record in executor.timeline.records[-3 * len(executor.layers) :]:
+    for record in executor.timeline.records[-args.show * len(executor.layers) :]:
         host = {k: round((v - t0) * 1e3, 2) for k, v in record["host"].items()}
         gpu = {k: round(base.elapsed_time(v), 2) for k, v in record["gpu"].items()}
         plan = {k: len(v) for k, v in record["plan"].items()}

@@ -551,13 +551,14 @@ class EngineSpec(BaseModel):
     model's crossover (decode, beam search) the guessed experts with the most tokens are copied; in larger steps
     (prefill, throughput batches) those that the next layer's plan copies for the guessed counts, so that they
     travel while this layer's CPU experts and the next layer's attention run. 0 turns it off."""
-    split_experts: bool = False
+    split_experts: bool = True
     """Let a layer split one off-GPU expert with few tokens between the CPU and the GPU when the cost model
-    predicts a shorter layer (balanced strategy only): the CPU computes a share of its units from host memory
-    while the rest is copied and computed on the GPU (with `cpu_gemv`, the CPU's share from the own kernel at few
-    tokens, as its whole experts). Every output number is the same as unsplit. Off by default: on H200 hosts it
-    gained nothing in single-request decode and cost 9% in beam search with `F.linear`; with the own kernel,
-    decode 1.07x and beam search 1.01x at 8 layers, 0.90x and 0.94x at 32 (benchmarks/NOTES.md)."""
+    predicts a layer at least 20% shorter (balanced strategy only): the CPU computes a share of its products from
+    host memory, first of the up projection, then of the down one, and sends it to the GPU, which computes the
+    rest from a partial copy (with `cpu_gemv`, the CPU's share from the own kernel at few tokens, as its whole
+    experts). Every output number is the same as unsplit. Measured on an H200 host against whole experts, 8
+    layers (benchmarks/NOTES.md): single-request decode 1.03x with 25% of experts resident and 1.10x with 50%,
+    beam search 1.01x and 1.09x. false keeps every expert whole."""
     cpu_worker: bool = False
     """Compute a layer's CPU experts on a worker thread while the main thread queues the rest of the step on
     the GPU (the layer's sum, the next layer's attention and router) behind a wait that the worker releases, so

@@ -58,7 +58,7 @@ def test_variants_of_ours_run_only_when_named() -> None:
     variants = {
         "fiddler-prefetch",
         "fiddler-prefetch-1",
-        "fiddler-split",
+        "fiddler-whole",
         "fiddler-worker",
         "fiddler-eager",
         "fiddler-packed",
@@ -134,6 +134,22 @@ def test_the_report_gives_both_bounds_and_marks_older_free_only_ones(smoke: Path
     for key, (share, free_share, free_only) in shares[False].items():
         assert share == pytest.approx(2 * free_share) and not free_only
         assert shares[True][key] == (pytest.approx(free_share), pytest.approx(free_share), True)
+
+
+def test_the_report_keeps_a_baseline_recorded_under_a_retired_name(smoke: Path) -> None:
+    from fiddler_batch.bench.report import table_rows
+    from fiddler_batch.bench.results import Results
+
+    data = json.loads((smoke / "results.json").read_text())
+    for run in data["runs"]:
+        if run["baseline"] == "fiddler-whole":
+            run["baseline"] = "fiddler-old-name"  # as results recorded before a baseline was renamed
+    rows = table_rows(Results(data))
+    for scenario in SCENARIOS:
+        names = [r["baseline"] for r in rows if r["scenario"] == scenario]
+        assert names == [b for b in BASELINES if b != "fiddler-whole"] + ["fiddler-old-name"]
+        old = next(r for r in rows if r["scenario"] == scenario and r["baseline"] == "fiddler-old-name")
+        assert old["status"] == "ok" and old["value"] and old["ratio"]
 
 
 def test_smoke_records_its_command(smoke: Path) -> None:

@@ -9,10 +9,10 @@
   Algorithm 1: per expert the cheaper of CPU compute and copy + GPU compute, CPU and GPU work serialised).
 - `fiddler-batch`: the engine with the budget's resident experts and its default settings.
 - `fiddler-prefetch`, `fiddler-prefetch-1`: the same with `engine.prefetch_experts: 2` and `1` (the next
-  layer's guessed experts copied during the current one), and `fiddler-split`, the same with one expert per
-  layer split between the CPU and the GPU where that pays (`engine.split_experts: true`), so one run measures
-  a lever against the defaults, `fiddler-worker`, the same with the CPU experts on a worker thread
-  (`engine.cpu_worker: true`), `fiddler-eager`, the same with decode steps launched eagerly instead
+  layer's guessed experts copied during the current one), and `fiddler-whole`, the same with every expert kept
+  whole instead of one per layer split between the CPU and the GPU where that pays (`engine.split_experts:
+  false`), so one run measures a lever against the defaults, `fiddler-worker`, the same with the CPU experts on a
+  worker thread (`engine.cpu_worker: true`), `fiddler-eager`, the same with decode steps launched eagerly instead
   of replayed as CUDA graphs (`engine.cuda_graphs: false`), `fiddler-packed`, the same with CPU experts
   packed for oneDNN where that was measured faster (`engine.cpu_packed: auto`), and `fiddler-linear`, the same
   with every CPU expert through `F.linear` (`engine.cpu_gemv: off`), and `fiddler-adapt`, the same with the

@@ -54,7 +54,8 @@ def table_rows(results: Results) -> list[Row]:
         )
         ours_run = next((r for r in ours if r["session"] == home), None)
         metric = PRIMARY[scenario]
-        for baseline in BASELINES:
+        # Baselines in their table's order, then any that results recorded under a name since retired.
+        for baseline in [*BASELINES, *sorted({r["baseline"] for r in runs} - set(BASELINES))]:
             candidates = [r for r in runs if r["baseline"] == baseline]
             if not candidates:
                 continue

@@ -81,14 +81,14 @@ BASELINE_TABLE: dict[str, Baseline] = {
             by_default=False,
         ),
         Baseline(
-            "fiddler-split",
+            "fiddler-whole",
             "engine",
             None,
             True,
             False,
-            "fiddler-batch's defaults with one expert per layer split between the CPU and the GPU where the cost "
-            "model predicts a gain (engine.split_experts: true)",
-            engine={"split_experts": True},
+            "fiddler-batch's defaults with every expert kept whole, none split between the CPU and the GPU "
+            "(engine.split_experts: false)",
+            engine={"split_experts": False},
             by_default=False,
         ),
         Baseline(

@@ -54,26 +54,42 @@ def expert_forward(
 # Each output element of a matrix product is one sum over the reduction dimension, so computing a range of
 # output units from the rows of the weight that produce them gives the same numbers as computing them all
 # and slicing (with ranges aligned to `SPLIT_ALIGN` units; the equivalence tests verify it). A split expert
-# uses that twice: its up projection by ranges of intermediate units, then (after the two devices exchange
-# their halves of the up projection's output) its down projection by ranges of output units. The gate runs on
-# the whole up output on each side, the same tensor the unsplit expert gates, so no assumption about the gate
-# is needed.
+# uses that so that data crosses one way only, from the CPU to the GPU, and the CPU never waits for the GPU:
+#
+# - a CPU share below the up projection's part of the expert's bytes: the CPU computes the up projection's
+#   intermediate units [0, i), the GPU units [i, I) and, once the CPU's columns have arrived, gates the whole up
+#   output and computes the whole down projection;
+# - a larger share: the CPU computes the whole up projection, gates it and computes output units [0, h) of the
+#   down projection; the GPU gates the same up output (sent over) and computes output units [h, H).
+#
+# The gate runs on the whole up output on each side, the same tensor the unsplit expert gates, so no
+# assumption about the gate is needed.
 
 SPLIT_ALIGN = 16
 """Split points are multiples of this many units (intermediate and output)."""
 
 
+def up_share(layout: ExpertLayout) -> float:
+    """The up (or gate_up) projection's part of one expert's weights: 2/3 with a gate, 1/2 without."""
+    up = 2 * layout.intermediate if layout.has_gate else layout.intermediate
+    return up / (up + layout.intermediate)
+
+
 def split_points(layout: ExpertLayout, share: float) -> tuple[int, int] | None:
-    """(intermediate units, output units) the first device computes for `share` of an expert, each a multiple of
-    SPLIT_ALIGN and leaving the second device at least as many; None when the layout cannot be split."""
+    """(intermediate units, output units) the CPU computes for `share` of an expert's weights: (i, 0) with
+    0 < i < I while the share is below the up projection's part (`up_share`), else (I, h) with 0 <= h < H; each a
+    multiple of SPLIT_ALIGN and leaving the GPU at least that many units of the layer's last product. None when
+    the layout cannot be split."""
     if not splittable_layout(layout):
         return None
-
-    def cut(size: int) -> int:
-        units = round(share * size / SPLIT_ALIGN) * SPLIT_ALIGN
-        return min(max(units, SPLIT_ALIGN), size - SPLIT_ALIGN)
-
-    return cut(layout.intermediate), cut(layout.hidden)
+    intermediate, hidden = layout.intermediate, layout.hidden
+    up = up_share(layout)
+    if share < up:
+        units = round(share / up * intermediate / SPLIT_ALIGN) * SPLIT_ALIGN
+        if units < intermediate:
+            return max(units, SPLIT_ALIGN), 0
+    outputs = round(max(share - up, 0.0) / (1.0 - up) * hidden / SPLIT_ALIGN) * SPLIT_ALIGN
+    return intermediate, min(outputs, hidden - SPLIT_ALIGN)
 
 
 def splittable_layout(layout: ExpertLayout) -> bool:

@@ -20,10 +20,12 @@ still in flight (`link_backlog_ms`). Staged slots are skipped by the ring that o
 released once the layer they were staged for has run.
 
 With `split_experts`, a plan may split one expert with few tokens (`Where.SPLIT`) so that the CPU and the link
-both work until the layer ends. The CPU computes the up projection for intermediate units [0, i) from its rows
-of the weight while the link copies the rest of those rows and the GPU computes units [i, I); the halves are
-exchanged (a few KB each way), each side gates the whole up output, and the CPU computes output units [0, h)
-from down-weight rows it reads in place while the GPU computes [h, H) from the copied rest. Every output number
+both work until the layer ends, and data crosses one way only: the CPU never waits for the GPU. For a small CPU
+share the CPU computes the up projection for intermediate units [0, i) from its rows of the weight while the link
+copies the rest of those rows and the down weight; the GPU computes units [i, I), receives the CPU's columns (a
+few KB), gates the whole up output and computes the down projection. For a share beyond the up projection's part
+of the weights the CPU computes the whole up projection and output units [0, h) from down-weight rows it reads in
+place; the GPU gates the same up output, sent over, and computes [h, H) from the copied rest. Every output number
 is the same sum as in the unsplit expert (`compute.split_points`).
 
 With `cpu_worker`, a layer's CPU experts run on a worker thread. On CUDA the main thread queues the layer's GPU
@@ -57,6 +59,7 @@ from fiddler_batch.engine.compute import (
     split_points,
     up_row_ranges,
     up_rows_into,
+    up_share,
 )
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.graphs import DecodeGraphs
@@ -249,7 +252,6 @@ class HybridExecutor:
         self._pinned: dict[str, PinnedBuffer] = {}  # the routing's pinned buffers, by role (`_route`)
         self.prefetch_experts = prefetch_experts  # experts of the next layer copied ahead per call (0: off)
         self.split_experts = split_experts  # plans may split one expert between the CPU and the GPU
-        self.split_in = PinnedBuffer(pin=self.cuda)  # a split expert's up output from the GPU, to the CPU
         self.split_out = PinnedBuffer(pin=self.cuda)  # its CPU columns of the up output, to the GPU
         self.split_result = PinnedBuffer(pin=self.cuda)  # its CPU output units, to the GPU
         self.prefetch_max_tokens: int | None = None  # overrides `prefetch_limit`'s rule (tests, experiments)
@@ -432,7 +434,15 @@ class HybridExecutor:
                 "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
             )
         cost = self.planning_cost()
-        return plan_layer(counts, resident, cost, self.strategy, self.link_backlog_ms(), self.split_below(layer))
+        return plan_layer(
+            counts,
+            resident,
+            cost,
+            self.strategy,
+            self.link_backlog_ms(),
+            self.split_below(layer),
+            up_share(layer.layout),
+        )
 
     def split_below(self, layer: LayerState) -> int:
         """Experts of `layer` with fewer tokens than this may be split (0: none): those below the cost model's
@@ -1006,13 +1016,14 @@ class HybridExecutor:
     # -- a split expert -----------------------------------------------------------------------------
     #
     # Order of work for a split expert e with the CPU computing intermediate units [0, i) and output units
-    # [0, h) (see the module docstring):
+    # [0, h), where i < I and h = 0, or i = I (see the module docstring):
     #   link:  up rows of [i, I) -> slot (first, before the layer's whole copies); down rows [h, H) -> slot (last)
-    #   GPU:   up output of [i, I) once landed (after the resident experts), to the host
+    #   GPU:   up output of [i, I) once landed (after the resident experts)
     #   CPU:   up output of [0, i) (before its other experts), to the GPU, which gates the whole up output and
-    #          computes outputs [h, H); after its other experts, once the GPU's half is on the host: the same
-    #          gate, outputs [0, h), to the GPU
-    # The split's slot is held from its first copy until the GPU's last use of it is queued.
+    #          computes outputs [h, H); after its other experts, when h > 0: the same gate, outputs [0, h), to
+    #          the GPU
+    # Nothing crosses from the GPU to the CPU. The split's slot is held from its first copy until the GPU's
+    # last use of it is queued.
 
     def _split_job(self, layer: LayerState, plan: Plan, bounds: list[int]) -> _SplitJob | None:
         experts = plan.experts(Where.SPLIT)
@@ -1029,6 +1040,7 @@ class HybridExecutor:
         slot = self._take_slot()
         slot.held = True
         units, outputs = points
+        intermediate = layer.layout.intermediate
         return _SplitJob(
             e,
             bounds[e],
@@ -1036,7 +1048,7 @@ class HybridExecutor:
             outputs,
             slot,
             cpu_ranges=up_row_ranges(layer.layout, 0, units),
-            device_ranges=up_row_ranges(layer.layout, units, layer.layout.intermediate),
+            device_ranges=up_row_ranges(layer.layout, units, intermediate) if units < intermediate else [],
         )
 
     def _copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
@@ -1071,22 +1083,14 @@ class HybridExecutor:
         slot.used = True
 
     def _split_up_on_device(self, layer: LayerState, job: _SplitJob, gathered: torch.Tensor) -> None:
-        """Queue the GPU's columns of the up output and their copy to the host."""
-        main = torch.cuda.current_stream(self.device) if self.cuda else None
-        if main is not None and job.up_landed is not None:
-            main.wait_event(job.up_landed)
+        """Queue the GPU's columns of the up output (none when the CPU computes them all)."""
         x = gathered[job.start : job.stop]
-        pre = torch.empty(x.shape[0], self._up_width(layer), dtype=x.dtype, device=x.device)
-        up_rows_into(pre, job.device_ranges, job.device_pieces, x)
-        job.device_pre = pre
-        if main is None:
-            job.host_pre = pre
+        job.device_pre = torch.empty(x.shape[0], self._up_width(layer), dtype=x.dtype, device=x.device)
+        if not job.device_ranges:
             return
-        host = self.split_in.get(tuple(pre.shape), pre.dtype)
-        host.copy_(pre, non_blocking=True)
-        job.host_pre = host
-        job.pre_ready = torch.cuda.Event()
-        job.pre_ready.record(main)
+        if self.cuda and job.up_landed is not None:
+            torch.cuda.current_stream(self.device).wait_event(job.up_landed)
+        up_rows_into(job.device_pre, job.device_ranges, job.device_pieces, x)
 
     def _copy_split_down(self, layer: LayerState, job: _SplitJob) -> None:
         """Queue the copy of the down rows of the GPU's output units into the split's slot (after the layer's
@@ -1100,13 +1104,15 @@ class HybridExecutor:
             if "down_bias" in slot.weights:
                 self._copy(slot.weights["down_bias"][:rows], source["down_bias"][job.outputs :])
         if stream is not None:
-            job.down_landed = torch.cuda.Event()
+            job.down_landed = torch.cuda.Event(enable_timing=self.timeline is not None)
             job.down_landed.record(stream)
+            if self.timeline:
+                self.timeline.records[-1]["gpu"]["split_landed"] = job.down_landed
 
     def _split_up_on_cpu(
         self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, out: torch.Tensor, weights: torch.Tensor
     ) -> None:
-        """The CPU's columns of the up output; then queue the GPU's output units, which need them."""
+        """The CPU's columns of the up output, sent to the GPU; then queue the GPU's output units, which need them."""
         source = layer.host_expert(job.expert)
         pieces = [
             (source["up"][a:b], source["up_bias"][a:b] if "up_bias" in source else None) for a, b in job.cpu_ranges
@@ -1114,6 +1120,8 @@ class HybridExecutor:
         pre = self.split_out.get((rows.shape[0], self._up_width(layer)), rows.dtype)
         up_rows_into(pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
         job.cpu_pre = pre
+        if self.timeline:
+            self.timeline.mark("split_sent")
         device_pre = job.device_pre
         arrived = pre.to(device_pre.device, non_blocking=True) if self.cuda else pre  # one contiguous copy
         for a, b in job.cpu_ranges:
@@ -1127,6 +1135,8 @@ class HybridExecutor:
         h = activate(layer.module, layer.layout, device_pre)
         a, b = job.start, job.stop
         out[a:b, job.outputs :] = partial_down(slot.weights["down"][:rows_out], bias, h, weights[a:b])
+        if self.timeline:
+            self.timeline.mark("split_done")
         if slot.released is not None:
             slot.released.record(main)
         slot.held = False
@@ -1134,26 +1144,22 @@ class HybridExecutor:
     def _split_down_on_cpu(
         self, layer: LayerState, job: _SplitJob, row_weights: torch.Tensor, out: torch.Tensor
     ) -> None:
-        """The CPU's output units from the whole up output (the GPU's columns once they are on the host)."""
-        if job.pre_ready is not None:
-            job.pre_ready.synchronize()
-        pre = job.host_pre
-        if pre is not job.device_pre:  # with CUDA: fill in the CPU's own columns
-            for a, b in job.cpu_ranges:
-                pre[:, a:b] = job.cpu_pre[:, a:b]
+        """The CPU's output units [0, h), when it has them, from the whole up output it computed."""
+        a, b = job.start, job.stop
+        self.stats.experts_split += 1
+        self.stats.tokens_split += b - a
+        if not job.outputs:
+            return
         source = layer.host_expert(job.expert)
         bias = source["down_bias"][: job.outputs] if "down_bias" in source else None
-        h = activate(layer.module, layer.layout, pre)
-        y = partial_down(source["down"][: job.outputs], bias, h, row_weights, gemv=self.gemv_for(pre.shape[0]))
-        a, b = job.start, job.stop
+        h = activate(layer.module, layer.layout, job.cpu_pre)
+        y = partial_down(source["down"][: job.outputs], bias, h, row_weights, gemv=self.gemv_for(job.cpu_pre.shape[0]))
         if self.cuda:
             staged = self.split_result.get(tuple(y.shape), y.dtype)
             staged.copy_(y)
             out[a:b, : job.outputs].copy_(staged, non_blocking=True)
         else:
             out[a:b, : job.outputs] = y
-        self.stats.experts_split += 1
-        self.stats.tokens_split += b - a
 
     @staticmethod
     def _sum_in_expert_order(
@@ -1224,9 +1230,7 @@ class _SplitJob:
     device_pieces: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # in the slot
     up_landed: torch.cuda.Event | None = None
     down_landed: torch.cuda.Event | None = None
-    pre_ready: torch.cuda.Event | None = None  # the GPU's columns of the up output are on the host
     device_pre: torch.Tensor | None = None  # [n, up rows] the up output on the fast device
-    host_pre: torch.Tensor | None = None  # the same on the host (the device's tensor without CUDA)
     cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
 
 

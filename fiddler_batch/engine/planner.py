@@ -8,8 +8,9 @@ chooses the assignment with the shortest layer time (makespan), or follows a fix
 Whole experts leave the CPU and the link unevenly loaded when a step has few off-GPU experts: one expert with
 one token either waits for its whole copy or for the CPU to read all of it while the other resource idles.
 The balanced strategy may therefore split one expert with few tokens (`split_below`) between them: the CPU
-computes a share of its intermediate units and of its output units, the GPU the rest from a partial copy
-(`Where.SPLIT`, `Plan.split_share`; the executor's `_SplitJob` says how, exactly). `STRATEGIES` is the
+computes a share of its weights' products, first from the up projection, then from the down one, and sends its
+part to the GPU, which computes the rest from a partial copy (`Where.SPLIT`, `Plan.split_share`;
+`compute.split_points` and the executor's `_SplitJob` say how, exactly). `STRATEGIES` is the
 table of strategies; `spec.StrategyName` lists their names (a test keeps the two equal).
 """
 
@@ -69,13 +70,15 @@ def _span(
     gpu_resident: float,
     cost: CostModel,
     link_busy_ms: float = 0.0,
-    split: tuple[int, float] | None = None,
+    split: tuple[int, float, float] | None = None,
 ) -> float:
     """Makespan with the three resources working at once. CPU compute and copies share host memory
     bandwidth, so each is slower while the other runs (the calibrated contention factors). The link starts
-    this layer's copies after `link_busy_ms` of copies already queued. `split`: (tokens, CPU share) of a split
-    expert: the CPU does that share of its time, the link copies the rest, and the GPU computes the rest after
-    the link's last copy; the partial results cross the link twice more (one more `cpu_fixed_ms`)."""
+    this layer's copies after `link_busy_ms` of copies already queued. `split`: (tokens, CPU share, up share) of a
+    split expert: the CPU does that share of its time, first (before its whole experts) the up projection's part
+    of it (at most `up share`, the up projection's part of the expert's weights), the link copies the rest, and
+    the GPU computes the rest once the link's last copy and the CPU's up output have landed; the CPU's part
+    crosses the link (one more `cpu_fixed_ms`)."""
     both = (bool(cpu) and bool(copied_counts)) or split is not None
     copy_ms = cost.copy_ms * (cost.copy_contention if both else 1.0)
     # The GPU starts on resident experts; each copied expert runs once its copy has landed.
@@ -84,13 +87,15 @@ def _span(
         link += copy_ms
         gpu = max(gpu, link) + cost.gpu(n)
     fixed = cost.cpu_fixed_ms if cpu or split is not None else 0.0
+    cpu_rate = cost.cpu_contention if both else 1.0
     if split is not None:
-        n, share = split
+        n, share, up = split
         cpu += share * cost.cpu(n)
         link += (1.0 - share) * copy_ms
-        gpu = max(gpu, link) + (1.0 - share) * cost.gpu(n)
+        sent = min(share, up) * cost.cpu(n) * cpu_rate + cost.cpu_fixed_ms
+        gpu = max(gpu, link, sent) + (1.0 - share) * cost.gpu(n)
         fixed += cost.cpu_fixed_ms
-    cpu_side = cpu * (cost.cpu_contention if both else 1.0) + fixed
+    cpu_side = cpu * cpu_rate + fixed
     return max(cpu_side, gpu)
 
 
@@ -101,6 +106,7 @@ def plan_layer(
     strategy: StrategyName,
     link_busy_ms: float = 0.0,
     split_below: int = 0,
+    split_up: float = 2.0 / 3.0,
 ) -> Plan:
     """Assign every expert with routed tokens to RESIDENT, CPU or COPY (and at most one to SPLIT) under
     `strategy`.
@@ -108,7 +114,8 @@ def plan_layer(
     counts[e]: tokens routed to expert e in this step; resident[e]: e's weights are on the fast device;
     link_busy_ms: how long the link is still busy with copies queued before this layer's (prefetches);
     split_below: an off-GPU expert with fewer tokens than this may be split between the CPU and the GPU, when
-    the strategy splits and that shortens the predicted layer time by `SPLIT_MIN_GAIN` (0: never).
+    the strategy splits and that shortens the predicted layer time by `SPLIT_MIN_GAIN` (0: never); split_up: the
+    up projection's part of an expert's weights (`compute.up_share`), which the CPU computes first.
     """
     chosen = STRATEGIES.get(strategy)
     if chosen is None:
@@ -130,7 +137,7 @@ def plan_layer(
         where[e] = Where.COPY if e in copied else Where.CPU
     predicted = predict_ms(counts, where, to_copy, cost, chosen.overlap, link_busy_ms)
     if chosen.splits and split_below > 0:
-        split = _best_split(counts, where, offloaded, cost, link_busy_ms, split_below)
+        split = _best_split(counts, where, offloaded, cost, link_busy_ms, split_below, split_up)
         if split is not None and split[0] < predicted * (1.0 - SPLIT_MIN_GAIN):
             predicted, expert, share, copies = split
             for e in offloaded:
@@ -143,8 +150,12 @@ def plan_layer(
 SPLIT_SHARES = tuple(i / 16 for i in range(1, 16))
 """The CPU shares of a split expert the planner weighs."""
 
-SPLIT_MIN_GAIN = 0.03
-"""A split is planned only when it shortens the predicted layer time by at least this fraction."""
+SPLIT_MIN_GAIN = 0.2
+"""A split is planned only when it shortens the predicted layer time by at least this fraction. A lone off-GPU
+expert split between the CPU and the link is predicted about a third shorter, and was measured a fifth shorter on
+an H200 host (a 1-token decode layer from 7.6-8.0 ms to 6.0-6.7); a split beside other off-GPU experts is
+predicted 5-15% shorter, less than the CPU's share of a split runs above its calibrated share, and those layers
+were measured slower (7.5-8.0 ms whole, 8.5 ms split; benchmarks/NOTES.md)."""
 
 
 def _best_split(
@@ -154,6 +165,7 @@ def _best_split(
     cost: CostModel,
     link_busy_ms: float,
     split_below: int,
+    split_up: float,
 ) -> tuple[float, int, float, list[int]] | None:
     """The best plan that splits one expert: (predicted ms, expert, CPU share, experts copied whole).
 
@@ -170,7 +182,7 @@ def _best_split(
         cpu = sum(cost.cpu(counts[e]) for e in offloaded[k + 1 :])
         copied_counts = [counts[e] for e in copies]
         for share in SPLIT_SHARES:
-            total = _span(cpu, copied_counts, gpu_resident, cost, link_busy_ms, (n, share))
+            total = _span(cpu, copied_counts, gpu_resident, cost, link_busy_ms, (n, share, split_up))
             if best is None or total < best[0]:
                 best = (total, expert, share, copies)
     return best

@@ -6,8 +6,12 @@ import itertools
 import random
 
 import pytest
+import torch
 
+from fiddler_batch.engine import planner
+from fiddler_batch.engine.compute import split_points, up_share
 from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.planner import STRATEGIES, Where, plan_layer, predict_ms
 
 # CPU: 4 ms up to 8 tokens, then growing; copy 5 ms; GPU 0.2 ms. Copying pays from about 16 tokens.
@@ -130,21 +134,43 @@ S = Where.SPLIT
 
 def test_balanced_splits_a_lone_expert_between_the_cpu_and_the_link():
     # Whole, a 1-token expert costs 4 ms on the CPU or 5.2 ms copied. Split, the CPU does a share f (4f ms) while
-    # the link copies the rest (5(1 - f)) and the GPU computes it (0.2(1 - f)): f = 9/16 gives 2.275 ms.
+    # the link copies the rest (5(1 - f)); the GPU computes the rest (0.2(1 - f)) once both the copy and the
+    # CPU's up output (f below the up projection's 2/3 of the weights: all of the CPU's 4f) have landed:
+    # f = 9/16 gives max(2.1875, 2.25) + 0.0875 = 2.3375 ms.
     whole = plan_layer([1], [False], COST, "balanced")
     assert whole.where == (C,) and whole.predicted_ms == pytest.approx(4.0)
     plan = plan_layer([1], [False], COST, "balanced", split_below=16)
     assert plan.where == (S,) and plan.copy_order == ()
     assert plan.split_share == pytest.approx(9 / 16)
-    assert plan.predicted_ms == pytest.approx(max(4.0 * 9 / 16, 5.2 * 7 / 16))
+    assert plan.predicted_ms == pytest.approx(max(5.0 * 7 / 16, 4.0 * 9 / 16) + 0.2 * 7 / 16)
 
 
-def test_a_split_takes_a_share_of_one_expert_beside_whole_ones():
+def test_the_gpus_share_of_a_split_waits_for_the_cpus_up_output(monkeypatch):
+    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN", 0.0)  # the arithmetic of the split, whatever it gains
+    # A CPU twice as fast as the link (2 ms against 4 ms), and a GPU share that takes 2 ms per whole expert: for
+    # a share f the CPU takes 2f; the GPU starts once the link's 4(1 - f) and the CPU's up output have landed and
+    # takes 2(1 - f). The CPU sends its up output after min(f, split_up) of its time.
+    fast_cpu = CostModel(ladder=(1, 8), cpu_ms=(2.0, 2.0), gpu_ms=(2.0, 2.0), copy_ms=4.0)
+    # split_up 1/4: the up output is sent after 0.5 ms at most, so f = 12/16 gives max(1.5, max(1, 0.5) + 0.5).
+    plan = plan_layer([1], [False], fast_cpu, "balanced", split_below=16, split_up=0.25)
+    assert plan.split_share == pytest.approx(12 / 16) and plan.predicted_ms == pytest.approx(1.5)
+    # split_up 2/3: at f = 12/16 the GPU would wait for the CPU until 4/3 ms (1.83 in all); f = 13/16 gives
+    # max(1.625, max(0.75, 4/3) + 0.375).
+    plan = plan_layer([1], [False], fast_cpu, "balanced", split_below=16, split_up=2 / 3)
+    assert plan.split_share == pytest.approx(13 / 16) and plan.predicted_ms == pytest.approx(4 / 3 + 0.375)
+
+
+def test_a_split_takes_a_share_of_one_expert_beside_whole_ones(monkeypatch):
     # Two 1-token experts: whole, one on the CPU and one copied (5.2 ms). Splitting one and leaving the other to
-    # the CPU balances the two sides closer: the CPU does 4 + 4f, the link 5(1 - f).
+    # the CPU balances the two sides closer: the CPU does 4 + 4f, the link 5(1 - f), about 13% shorter.
+    # Under SPLIT_MIN_GAIN: on the GPU hosts such gains were not there in the run, so the experts stay whole.
+    whole = plan_layer([1, 1], [False, False], COST, "balanced", split_below=16)
+    assert sorted(whole.where) == sorted([C, P]) and whole.predicted_ms == pytest.approx(5.2)
+    least = planner.SPLIT_MIN_GAIN
+    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN", 0.03)
     plan = plan_layer([1, 1], [False, False], COST, "balanced", split_below=16)
     assert sorted(plan.where) == sorted([C, S])
-    assert plan.predicted_ms < 5.2 * 0.97
+    assert 5.2 * (1 - planner.SPLIT_MIN_GAIN) > plan.predicted_ms > 5.2 * (1 - least)
     share = plan.split_share
     assert plan.predicted_ms == pytest.approx(max(4.0 + 4.0 * share, 5.2 * (1 - share)))
 
@@ -163,6 +189,7 @@ def test_no_split_at_or_above_split_below_nor_under_other_strategies():
 
 def test_splitting_is_never_predicted_slower_than_whole_experts():
     rng = random.Random(11)
+    splits = 0
     for _ in range(300):
         experts = rng.randint(1, 10)
         counts = [rng.choice([0, 1, 1, 2, 4, 9, 20, 70]) for _ in range(experts)]
@@ -173,9 +200,35 @@ def test_splitting_is_never_predicted_slower_than_whole_experts():
         assert split.predicted_ms <= whole.predicted_ms + 1e-9
         assert list(split.where).count(S) <= 1
         if S in split.where:
+            splits += 1
             assert 0.0 < split.split_share < 1.0
             assert counts[split.where.index(S)] < 16
-            assert split.predicted_ms < whole.predicted_ms * 0.97
+            assert split.predicted_ms < whole.predicted_ms * (1 - planner.SPLIT_MIN_GAIN)
             assert set(split.copy_order) == {e for e, w in enumerate(split.where) if w == P}
         else:
             assert split == whole
+    assert splits > 20
+
+
+def _layout(hidden: int, intermediate: int, gate: bool = True, transposed: bool = False) -> ExpertLayout:
+    return ExpertLayout(8, hidden, intermediate, torch.float32, gate, False, transposed, True, False)
+
+
+def test_a_split_share_is_the_up_projection_first_then_the_down_projection():
+    gated, plain = _layout(128, 96), _layout(128, 96, gate=False)
+    assert up_share(gated) == pytest.approx(2 / 3) and up_share(plain) == pytest.approx(1 / 2)
+    # Below the up projection's part of the weights the CPU computes intermediate units only (aligned to 16).
+    assert split_points(gated, 1 / 16) == (16, 0)  # at least one aligned range
+    assert split_points(gated, 1 / 3) == (48, 0)  # half of the up projection
+    assert split_points(plain, 1 / 4) == (48, 0)
+    assert split_points(gated, 0.6) == (80, 0)  # 0.9 of 96 units, 86.4, rounds to 80
+    # From there on: every intermediate unit, then output units (at least 16 left to the GPU).
+    assert split_points(gated, 0.64) == (96, 0)  # 92.2 units rounds to all 96: the GPU computes the down only
+    assert split_points(gated, 2 / 3) == (96, 0)
+    assert split_points(gated, 5 / 6) == (96, 64)  # half of the down projection's outputs
+    assert split_points(plain, 3 / 4) == (96, 64)
+    assert split_points(gated, 15 / 16) == (96, 96)  # 0.81 of 128 outputs, 104, rounds to 96
+    assert split_points(gated, 0.999) == (96, 112)
+    # Layouts whose rows are not contiguous, or too small for two aligned ranges, stay whole.
+    assert split_points(_layout(128, 96, transposed=True), 0.5) is None
+    assert split_points(_layout(128, 24), 0.5) is None
