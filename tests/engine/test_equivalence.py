@@ -112,8 +112,9 @@ def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
 @pytest.mark.parametrize("family_model", ["mixtral", "deepseek_v2"], indirect=True)
 @pytest.mark.parametrize("share", [1 / 16, 2 / 3, 0.999])
 def test_a_split_at_either_end_and_at_the_up_projections_edge_gives_the_reference(reference, share):
-    """The CPU's least share (one aligned range of the up projection), all of the up projection and none of the
-    down (2/3, and 1/3 in the other layers), and all but one aligned range of the outputs: exact every way."""
+    """The CPU's least share (one aligned range of the up projection; 15/16 in the other layers), all of the up
+    projection and none of the down (2/3; 1/3, half the up projection, in the other layers), and all but one
+    aligned range of the outputs (0.999; one range of the up projection in the other layers): exact every way."""
     ref_model, ref_logits, ref_greedy, ref_beam = reference
     model, engine = make_engine(ref_model, "split")
     engine.set_planner(forced_split(share, rule=lambda layer, e: Where.CPU))
