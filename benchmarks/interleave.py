@@ -37,3 +37,15 @@ def summary(runs: Sequence[float], base: Sequence[float], lower_is_better: bool 
     median = statistics.median(runs)
     slowest = (max(runs) if lower_is_better else min(runs)) / median
     return median, median / statistics.median(base), slowest
+
+
+def summary_line(
+    case: str, mode: str, runs: Sequence[float], base: Sequence[float], base_name: str, width: int, extra: str = ""
+) -> str:
+    """One mode's line of a decode (a) or beam-search (c) case: median tok/s, the ratio to the base mode's, the
+    slowest run's share, `extra`, then the runs."""
+    median, ratio, slowest = summary(runs, base)
+    return (
+        f"{case} {mode:<{width}} {'decode' if case == 'a' else 'output'} tok/s {median:6.2f} "
+        f"({ratio:.3f}x {base_name}; slowest {slowest:.0%} of median){extra}; runs {[round(r, 2) for r in runs]}"
+    )

@@ -25,7 +25,7 @@ share of the median.
 from __future__ import annotations
 
 import torch
-from interleave import arguments, rounds, summary
+from interleave import arguments, rounds, summary_line
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -97,12 +97,7 @@ def main() -> None:
     print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
     for case in cases:
         for mode in modes:
-            runs = results[(mode, case)]
-            median, ratio, slowest = summary(runs, results[(modes[0], case)])
-            print(
-                f"{case} {mode:<9} {'decode' if case == 'a' else 'output'} tok/s {median:6.2f} "
-                f"({ratio:.3f}x {modes[0]}; slowest {slowest:.0%} of median); runs {[round(r, 2) for r in runs]}"
-            )
+            print(summary_line(case, mode, results[(mode, case)], results[(modes[0], case)], modes[0], 9))
 
 
 if __name__ == "__main__":

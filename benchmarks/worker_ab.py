@@ -26,7 +26,7 @@ import statistics
 import sys
 
 import torch
-from interleave import arguments, rounds, summary
+from interleave import arguments, rounds, summary_line
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -94,13 +94,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
     for case in cases:
         for mode in modes:
-            runs = results[(mode, case)]
-            median, ratio, slowest = summary(runs, results[(modes[0], case)])
-            print(
-                f"{case} {mode:<14} {'decode' if case == 'a' else 'output'} tok/s {median:6.2f} "
-                f"({ratio:.3f}x {modes[0]}; slowest {slowest:.0%} of median) "
-                f"CPU expert {statistics.mean(cpu_ms[(mode, case)]):.2f} ms; runs {[round(r, 2) for r in runs]}"
-            )
+            extra = f" CPU expert {statistics.mean(cpu_ms[(mode, case)]):.2f} ms"
+            print(summary_line(case, mode, results[(mode, case)], results[(modes[0], case)], modes[0], 14, extra))
 
 
 if __name__ == "__main__":

@@ -595,8 +595,8 @@ def calibrate(job: Path, quick: bool, output: Path | None, overrides: tuple[str,
             f"token(s) reads its weights at {cost.meta['cpu_share_of_read']:.0%} of that, its timed runs "
             f"{cost.meta['cpu_spread']:.0%} apart"
         )
-    if cold_summary(cost.meta):
-        click.echo(cold_summary(cost.meta))
+    if cold := cold_summary(cost.meta):
+        click.echo(cold)
     if cost.cpu_packed_ms:
         click.echo(
             "CPU experts from weights packed for oneDNN: "

@@ -33,6 +33,12 @@ def _speed(metric: str, value: float | None) -> float | None:
     return value if METRICS[metric][1] else 1.0 / value
 
 
+def _share(speed: float | None, metric: str, bound: float | None) -> float | None:
+    """A run's speed as a share of a bound's (`bound` in the metric's own unit)."""
+    bound_speed = _speed(metric, bound)
+    return speed / bound_speed if speed and bound_speed else None
+
+
 def _case_order(run: dict[str, Any]) -> tuple:
     params = run["case_params"]
     return (run["variant"], run["scenario"], params["prompt"], params["new"], params["width"], params["requests"])
@@ -69,9 +75,9 @@ def table_rows(results: Results) -> list[Row]:
             if ours_speed and speed and run["session"] == home:
                 ratio = ours_speed / speed
             bound_value = bound["metrics"].get(metric) if bound else None
-            share = speed / _speed(metric, bound_value) if speed and _speed(metric, bound_value) else None
+            share = _share(speed, metric, bound_value)
             free_value = (bound.get("free") or bound)["metrics"].get(metric) if bound else None
-            free_share = speed / _speed(metric, free_value) if speed and _speed(metric, free_value) else None
+            free_share = _share(speed, metric, free_value)
             second = SECONDARY.get(scenario)
             second_value = run["median"].get(second) if second and run["status"] == "ok" else None
             rows.append(
@@ -213,8 +219,8 @@ def _session_lines(session: dict[str, Any]) -> list[str]:
             f"{meta['cpu_share_of_read']:.0%} of it; its timed runs were {meta['cpu_spread']:.0%} apart (max - min "
             "over the median)"
         )
-    if cold_summary(meta):
-        lines.append(f"- {cold_summary(meta)}")
+    if cold := cold_summary(meta):
+        lines.append(f"- {cold}")
     budget = session.get("budget")
     if budget:
         lines.append(

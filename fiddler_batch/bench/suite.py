@@ -163,8 +163,8 @@ class Suite:
                 f"host memory read {meta['host_read_gb_per_s']} GB/s: the CPU expert at 1 token reads at "
                 f"{meta['cpu_share_of_read']:.0%} of it, its timed runs {meta['cpu_spread']:.0%} apart"
             )
-        if cold_summary(meta):
-            self.log(cold_summary(meta))
+        if cold := cold_summary(meta):
+            self.log(cold)
         if self.cost.cpu_packed_ms:
             ladder = ", ".join(
                 f"{n}: {a:.2f}/{b:.2f}" for n, a, b in zip(self.cost.ladder, self.cost.cpu_ms, self.cost.cpu_packed_ms)

@@ -251,9 +251,10 @@ def report(results_path: Path) -> None:
     ]
     rows.append("|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (layers, mix, name), run in sorted(latest.items()):
-        bound = run.get("bound", {}).get("completion_tok_s")
+        recorded = run.get("bound", {})
+        bound = recorded.get("completion_tok_s")
         # Runs from before the shared bound recorded the free one only (`bounds.throughput_bound`).
-        free = (run.get("bound", {}).get("free") or run.get("bound", {})).get("completion_tok_s")
+        free = (recorded.get("free") or recorded).get("completion_tok_s")
         static = latest.get((layers, mix, "static-defaults"))
         speedup = run["completion_tok_s"] / static["completion_tok_s"] if static and static is not run else None
         cap = run.get("cap_new")

@@ -270,8 +270,7 @@ class Engine:
         ]
         if not order:
             return []
-        first = order[0][0].host_expert(order[0][1])
-        count = experts_in_turn(sum(t.numel() * t.element_size() for t in first.values()), len(order))
+        count = experts_in_turn(shaped[0].layout.expert_bytes(shaped[0].module), len(order))
         return [layer.host_expert(e) for layer, e in order[:count]]
 
     def cost_key(self) -> dict[str, Any]:

@@ -304,6 +304,7 @@ def calibrate(
             x1, w1 = torch.randn(1, layout.hidden, dtype=layout.dtype), torch.ones(1, dtype=layout.dtype)
             # The way the executor computes one token: the own kernel where it was measured faster.
             own = bool(gemv_ms) and gemv_ms[0] < cpu_ms[0]
+            one_token_ms = gemv_ms[0] if own else cpu_ms[0]  # read in turn
             one_token = lambda h: expert_forward(module, layout, h, x1, w1, gemv=own)  # noqa: E731
             warm_ms = _median_ms(lambda: one_token(first), reps, lambda: None)
             cpu_contention = copy_contention = 1.0
@@ -312,7 +313,7 @@ def calibrate(
                 small = torch.randn(8, layout.hidden, dtype=layout.dtype, device=device)
                 fixed_ms = _median_ms(lambda: small.to("cpu").to(device), reps + 1, sync_dev)
                 busy_cpu, busy_copy = _contention(_in_turn(one_token, hosts), copy, device, copies=8 if quick else 16)
-                cpu_contention = max(1.0, busy_cpu / (gemv_ms[0] if own else cpu_ms[0]))
+                cpu_contention = max(1.0, busy_cpu / one_token_ms)
                 copy_contention = max(1.0, busy_copy / copy_ms)
             read_gb_per_s = host_read_gb_per_s(max(expert_bytes, COLD_CACHES * (last_level_cache_bytes() or 0)), reps)
     finally:
@@ -331,7 +332,7 @@ def calibrate(
         # executor uses read warm, against the same read cold (the times above).
         "cold_experts": len(hosts),
         "cpu_warm_ms": round(warm_ms, 4),
-        "cpu_cold_over_warm": round((gemv_ms[0] if own else cpu_ms[0]) / warm_ms, 3),
+        "cpu_cold_over_warm": round(one_token_ms / warm_ms, 3),
         "quick": quick,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
