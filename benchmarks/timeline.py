@@ -1,9 +1,10 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
-    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--whole] [--prompt 32] [--show 3]
+    python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--resident 0.25] [--whole]
+        [--prompt 32] [--show 3]
 
-Builds the 8-layer Mixtral-geometry slice at 25% resident, turns on the executor's trace and prints, for the
-last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
+Builds the 8-layer Mixtral-geometry slice at 25% resident (`--resident`), turns on the executor's trace and prints,
+for the last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
 start and end, leaving) and GPU times (copies, and with --prefetch the next layer's prefetched experts and
 their copies) in ms from the start of the run, then the gaps between layers (host time outside the experts:
 attention, norms, the generate loop). With `--steps 1 --prompt 1024` it shows a long prefill's layers; the last
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--show", type=int, default=3, help="steps whose layers are printed (the last ones)")
     parser.add_argument("--prefetch", type=int, default=0, help="engine.prefetch_experts")
+    parser.add_argument("--resident", type=float, default=0.25, help="engine.resident_share")
     parser.add_argument("--whole", action="store_true", help="engine.split_experts: false (every expert whole)")
     parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
     parser.add_argument("--graphs", action="store_true", help="engine.cuda_graphs: true (and the static KV cache)")
@@ -41,7 +43,7 @@ def main() -> None:
     engine = Engine.from_model(
         model,
         EngineSpec(
-            resident_share=0.25,
+            resident_share=args.resident,
             prefetch_experts=args.prefetch,
             split_experts=not args.whole,
             cpu_worker=args.worker,

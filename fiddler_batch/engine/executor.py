@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from fiddler_batch.engine import cpugemv, cpupack
+from fiddler_batch.engine import planner as planner_rules
 from fiddler_batch.engine.adaptive import CostTracker
 from fiddler_batch.engine.compute import (
     activate,
@@ -82,6 +83,10 @@ overlapping ones that copy by cost; `cpu` copies nothing and `fiddler-rule` keep
 HIDDEN_WITH_ROUTING_BYTES = 256 * 1024
 """A layer call whose input is at most this large (32 tokens of a 4096-wide model in bf16) brings it to the host
 with the routing, so its CPU experts start without waiting for the GPU a second time."""
+
+PLANS_KEPT = 4096
+"""The most plans `own_plan` keeps for reuse (all are dropped when it is full or the cost model changes): a prefill's
+or throughput batch's counts rarely repeat, a decode step's few patterns fit many times over."""
 
 Planner = Callable[["LayerState", list[int]], Plan]
 """Overrides the planner (tests force plans with it): (layer, counts) -> plan. An expert may be planned
@@ -258,6 +263,8 @@ class HybridExecutor:
         self.predictor: Predictor | None = None
         self._staged_for: LayerState | None = None  # the layer whose experts prefetches hold slots for
         self._limit: tuple[CostModel | None, int] = (None, 0)  # prefetch_limit's value for a cost model
+        self._plans: dict[tuple, Plan] = {}  # own_plan's plans by their inputs, for the cost model `_plans_for`
+        self._plans_for: CostModel | None = None
         self.gate = StreamGate.open(device) if cpu_worker and self.cuda else None
         self.cpu_worker = cpu_worker and (self.gate is not None or not self.cuda)
         """CPU experts run on a worker thread (asked for, and on CUDA the driver can wait on host memory)."""
@@ -434,15 +441,19 @@ class HybridExecutor:
                 "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
             )
         cost = self.planning_cost()
-        return plan_layer(
-            counts,
-            resident,
-            cost,
-            self.strategy,
-            self.link_backlog_ms(),
-            self.split_below(layer),
-            up_share(layer.layout),
-        )
+        backlog, below, up = self.link_backlog_ms(), self.split_below(layer), up_share(layer.layout)
+        # A plan is a pure function of these (and the cost model): decode and beam-search steps see the same few
+        # count patterns again and again, and planning one takes tens of microseconds of the host's time.
+        key = (tuple(counts), tuple(resident), self.strategy, backlog, below, up, planner_rules.SPLIT_MIN_GAIN)
+        if cost is not self._plans_for:
+            self._plans.clear()
+            self._plans_for = cost
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[key] = plan_layer(counts, resident, cost, self.strategy, backlog, below, up)
+        return plan
 
     def split_below(self, layer: LayerState) -> int:
         """Experts of `layer` with fewer tokens than this may be split (0: none): those below the cost model's

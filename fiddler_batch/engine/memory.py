@@ -49,17 +49,30 @@ def unpin(tensor: torch.Tensor) -> None:
 
 
 class PinnedBuffer:
-    """A growable host buffer, pinned when a GPU is in use, for activations crossing PCIe."""
+    """A growable host buffer, pinned when a GPU is in use, for activations crossing PCIe. `get` hands out views of
+    its start; the views of recent shapes are kept, since a decode step asks for the same few shapes layer after
+    layer and making a view takes microseconds of the host's time each."""
+
+    VIEWS_KEPT = 64
 
     def __init__(self, pin: bool):
         self.pin = pin
         self.buffer = torch.empty(0, dtype=torch.uint8)
+        self._views: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A [shape] tensor of `dtype` over the buffer's first bytes (the same memory for every shape)."""
+        view = self._views.get((shape, dtype))
+        if view is not None:
+            return view
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if self.buffer.numel() < nbytes:
             self.buffer = torch.empty(max(nbytes, 2 * self.buffer.numel()), dtype=torch.uint8, pin_memory=self.pin)
-        return self.buffer[:nbytes].view(dtype).view(shape)
+            self._views.clear()  # views of the old buffer
+        if len(self._views) >= self.VIEWS_KEPT:
+            self._views.clear()
+        view = self._views[(shape, dtype)] = self.buffer[:nbytes].view(dtype).view(shape)
+        return view

@@ -316,3 +316,59 @@ def test_no_stream_gate_without_cuda():
     from fiddler_batch.engine.hostwait import StreamGate
 
     assert StreamGate.open(torch.device("cpu")) is None
+
+
+def test_plans_are_reused_only_for_the_same_inputs_and_cost_model(mixtral, monkeypatch):
+    from dataclasses import replace
+
+    from fiddler_batch.engine import planner as planner_rules
+    from fiddler_batch.engine.planner import plan_layer
+
+    _, engine = make_engine(mixtral, "planner-balanced-split")
+    executor = engine.executor
+    layer = executor.layers[0]
+    resident = layer.on_device()
+    off = [e for e, r in enumerate(resident) if not r]
+    counts = [0] * len(resident)
+    counts[off[0]] = 1
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return plan_layer(*args)
+
+    monkeypatch.setattr("fiddler_batch.engine.executor.plan_layer", counted)
+
+    first = executor.own_plan(layer, counts)
+    assert executor.own_plan(layer, list(counts)) is first and len(calls) == 1  # the same inputs: planned once
+    assert first == plan_layer(*calls[0])
+    # Each input the plan depends on plans again: the counts, the strategy, the split threshold, the cost model.
+    other = list(counts)
+    other[off[1]] = 2
+    assert executor.own_plan(layer, other).where[off[1]] != Where.IDLE and len(calls) == 2
+    monkeypatch.setattr(executor, "strategy", "cpu")
+    assert executor.own_plan(layer, counts).experts(Where.CPU) == [off[0]] and len(calls) == 3
+    monkeypatch.setattr(executor, "strategy", "balanced")
+    assert executor.own_plan(layer, counts) is first and len(calls) == 3
+    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN", 0.99)
+    assert Where.SPLIT not in executor.own_plan(layer, counts).where and len(calls) == 4
+    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN", 0.2)
+    slow_link = replace(COST, copy_ms=COST.copy_ms * 100)
+    engine.set_cost_model(slow_link)
+    plan = executor.own_plan(layer, counts)
+    assert len(calls) == 5 and plan == plan_layer(*calls[-1]) and calls[-1][2] is executor.planning_cost()
+
+
+def test_pinned_buffers_hand_out_views_of_their_start():
+    from fiddler_batch.engine.memory import PinnedBuffer
+
+    buffer = PinnedBuffer(pin=False)
+    a = buffer.get((2, 3), torch.float32)
+    assert a.shape == (2, 3) and a.dtype == torch.float32 and buffer.get((2, 3), torch.float32) is a
+    a.copy_(torch.arange(6.0).view(2, 3))
+    b = buffer.get((6,), torch.int32)  # the same first bytes, seen as another shape and type
+    assert b.shape == (6,) and torch.equal(b.view(torch.float32), torch.arange(6.0))
+    big = buffer.get((100,), torch.bfloat16)  # outgrows the buffer: views of the new one from then on
+    assert big.shape == (100,) and buffer.buffer.numel() >= 200
+    again = buffer.get((2, 3), torch.float32)
+    assert again is not a and again.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
