@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,9 +13,11 @@ from torch import nn
 
 from fiddler_batch.assets import cost_model_for, load_cost_model, load_engine, load_profile, save_cost_model
 from fiddler_batch.engine import Engine, EngineError
+from fiddler_batch.engine import planner as planner_rules
 from fiddler_batch.engine.costmodel import calibrate, random_expert
 from fiddler_batch.engine.layout import read_layout
-from fiddler_batch.engine.planner import Where
+from fiddler_batch.engine.memory import PinnedBuffer
+from fiddler_batch.engine.planner import Where, plan_layer
 from fiddler_batch.spec import EngineSpec, ModelSpec
 
 from .conftest import COST, forced, make_engine
@@ -319,11 +322,6 @@ def test_no_stream_gate_without_cuda():
 
 
 def test_plans_are_reused_only_for_the_same_inputs_and_cost_model(mixtral, monkeypatch):
-    from dataclasses import replace
-
-    from fiddler_batch.engine import planner as planner_rules
-    from fiddler_batch.engine.planner import plan_layer
-
     _, engine = make_engine(mixtral, "planner-balanced-split")
     executor = engine.executor
     layer = executor.layers[0]
@@ -360,8 +358,6 @@ def test_plans_are_reused_only_for_the_same_inputs_and_cost_model(mixtral, monke
 
 
 def test_pinned_buffers_hand_out_views_of_their_start():
-    from fiddler_batch.engine.memory import PinnedBuffer
-
     buffer = PinnedBuffer(pin=False)
     a = buffer.get((2, 3), torch.float32)
     assert a.shape == (2, 3) and a.dtype == torch.float32 and buffer.get((2, 3), torch.float32) is a
