@@ -71,7 +71,7 @@ SPLIT_ALIGN = 16
 
 def up_share(layout: ExpertLayout) -> float:
     """The up (or gate_up) projection's part of one expert's weights: 2/3 with a gate, 1/2 without."""
-    up = 2 * layout.intermediate if layout.has_gate else layout.intermediate
+    up = layout.up_width
     return up / (up + layout.intermediate)
 
 

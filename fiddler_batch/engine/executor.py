@@ -1067,10 +1067,6 @@ class HybridExecutor:
         destination.copy_(source, non_blocking=self.cuda)
         self.stats.bytes_copied += source.numel() * source.element_size()
 
-    def _up_width(self, layer: LayerState) -> int:
-        layout = layer.layout
-        return 2 * layout.intermediate if layout.has_gate else layout.intermediate
-
     def _copy_split_up(self, layer: LayerState, job: _SplitJob) -> None:
         """Queue the copy of the up rows of the GPU's units into the split's slot."""
         slot = job.slot
@@ -1096,7 +1092,7 @@ class HybridExecutor:
     def _split_up_on_device(self, layer: LayerState, job: _SplitJob, gathered: torch.Tensor) -> None:
         """Queue the GPU's columns of the up output (none when the CPU computes them all)."""
         x = gathered[job.start : job.stop]
-        job.device_pre = torch.empty(x.shape[0], self._up_width(layer), dtype=x.dtype, device=x.device)
+        job.device_pre = torch.empty(x.shape[0], layer.layout.up_width, dtype=x.dtype, device=x.device)
         if not job.device_ranges:
             return
         if self.cuda and job.up_landed is not None:
@@ -1128,7 +1124,7 @@ class HybridExecutor:
         pieces = [
             (source["up"][a:b], source["up_bias"][a:b] if "up_bias" in source else None) for a, b in job.cpu_ranges
         ]
-        pre = self.split_out.get((rows.shape[0], self._up_width(layer)), rows.dtype)
+        pre = self.split_out.get((rows.shape[0], layer.layout.up_width), rows.dtype)
         up_rows_into(pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
         job.cpu_pre = pre
         if self.timeline:

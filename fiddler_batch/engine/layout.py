@@ -65,6 +65,11 @@ class ExpertLayout:
     has_post_expert_norm: bool
 
     @property
+    def up_width(self) -> int:
+        """Output units of the up (or gate_up) projection: 2I with a gate, I without."""
+        return 2 * self.intermediate if self.has_gate else self.intermediate
+
+    @property
     def weight_names(self) -> dict[str, str]:
         """Role of each per-expert tensor ('up', 'down', 'up_bias', 'down_bias') -> the module's attribute."""
         up = "gate_up_proj" if self.has_gate else "up_proj"
@@ -85,7 +90,7 @@ class ExpertLayout:
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Role -> the [E, ...] shape the engine computes with: what the module must hold for this layout."""
         e, h, i = self.num_experts, self.hidden, self.intermediate
-        up_out = 2 * i if self.has_gate else i
+        up_out = self.up_width
         shapes = {
             "up": (e, h, up_out) if self.is_transposed else (e, up_out, h),
             "down": (e, i, h) if self.is_transposed else (e, h, i),
