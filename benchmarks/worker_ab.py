@@ -40,7 +40,7 @@ MODES = ("inline", "worker", "worker+switch", "worker-join", "worker-early")
 def main() -> None:
     args = arguments(6, "a,c", MODES).parse_args()
     model = build_model(layers=args.layers, seed=0)
-    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
+    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident, cpu_worker=True))  # the gate opened
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy("balanced")
     executor = engine.executor

@@ -565,8 +565,9 @@ class EngineSpec(BaseModel):
     the GPU (the layer's sum, the next layer's attention and router) behind a wait that the worker releases, so
     that the host's launch time overlaps the CPU experts instead of following them. Needs a CUDA driver that can
     make a stream wait on host memory (CUDA 11.7 or later); elsewhere the CPU experts run on the calling thread.
-    Tokens are the same either way. Off by default: on an H200 host the CPU experts ran 10-25% slower on the
-    worker thread, which cancelled the overlap (single-request decode within 3% either way,
+    A split expert's CPU share runs on the worker too. Tokens are the same either way. Off by default: on H200
+    hosts the CPU experts ran 10-25% slower on the worker thread, and in a timeline a split's share started later
+    and ran 1.7x slower, which cancelled the overlap (single-request decode 1.01-1.03x, beam search 0.96-1.03x,
     benchmarks/NOTES.md)."""
     cuda_graphs: bool = True
     """Run decode steps as CUDA graphs around the experts calls: each layer's attention, norms and router are
@@ -596,9 +597,11 @@ class EngineSpec(BaseModel):
     it faster than the other ways (the planner plans with those times), except where cpu_packed 'on' asks for
     packed weights; 'on' at every count up to 32; 'off' never. Where the kernel cannot be built (no C compiler)
     experts use `F.linear`, and the log says why. A product from the kernel may differ from `F.linear`'s in its
-    last bits, as the CPU's bits already differ from the GPU's. On H200 hosts' 16-core Xeons a Mixtral expert at
-    one token took 3.0-4.5 ms against 3.9-7.2 ms with `F.linear`; single-request decode ran 1.13-1.27x faster,
-    beam search 1.06-1.19x (benchmarks/NOTES.md). A cached calibration from an earlier version, which has no times
+    last bits, as the CPU's bits already differ from the GPU's. Its threads take the rows in chunks as they finish
+    one, so none waits for the slowest. On H200 hosts' 16-core Xeons a Mixtral expert at one token took 2.8-4.5 ms
+    against 3.9-7.2 ms with `F.linear`; single-request decode ran 1.13-1.27x faster, beam search 1.06-1.19x, and
+    taking rows in chunks rather than a fixed share per thread made them 1.16-1.29x faster again
+    (benchmarks/NOTES.md). A cached calibration from an earlier version, which has no times
     for it, is measured again (quickly) by the first run that would use it; an `engine.calibration` file is not:
     run `fiddler-batch calibrate` again."""
     adapt_costs: AdaptCosts = "off"

@@ -34,8 +34,9 @@ returns at once: the layer's sum, the next layer's attention, norms and router a
 computes, and the GPU runs them as soon as the results land. The host waits only at the next layer's routing
 (after joining the worker, which re-raises its errors there or when the model's forward returns). Without
 CUDA the main thread computes the layer's other experts while the worker computes the CPU ones, then joins it.
-Plans that split an expert, and the paper's serial order (`plan.overlap` false), keep the CPU experts on the
-calling thread.
+A split expert's CPU share runs on the worker too, first: the worker lets the stream go once for its columns of
+the up output (behind that wait the main thread has queued the GPU's share, which needs them) and once at the end.
+The paper's serial order (`plan.overlap` false) keeps the CPU experts on the calling thread.
 """
 
 from __future__ import annotations
@@ -656,8 +657,8 @@ class HybridExecutor:
         cpu_busy = plan.overlap and bool(plan.copy_order)
         link_busy = plan.overlap and bool(host_experts)
         job = None
-        if cpu_inputs is not None and split is None and plan.overlap and self.cpu_worker:
-            job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy)
+        if cpu_inputs is not None and plan.overlap and self.cpu_worker:
+            job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy, split)
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
             slot = layer.staged.get(e)
@@ -685,14 +686,19 @@ class HybridExecutor:
         if routing.predicted is not None:
             self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
         if job is not None:
-            self._finish_cpu(job, bounds, out)
+            self._finish_cpu(layer, job, bounds, out, weights)
         elif cpu_inputs is not None:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
             results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
-            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, results, split, weights, busy=cpu_busy)
+            if split is not None:
+                self._split_buffers(layer, split, cpu_inputs[0].dtype)
+            up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
+            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy)
             if results is not None:
                 self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
+            if split is not None:
+                self._split_down_to_device(split, out)
 
         if top_k <= 2:
             # At most two adds per row, which round alike in either order: one call, deterministic on CUDA too.
@@ -905,14 +911,16 @@ class HybridExecutor:
         out: torch.Tensor,
         results: torch.Tensor | None,
         split: _SplitJob | None = None,
-        weights: torch.Tensor | None = None,
+        up_sent: Callable[[], None] | None = None,
         record: dict | None = None,
         busy: bool = False,
     ) -> None:
         """The CPU experts into `results` (rows as in `inputs`; None: straight into `out`), and a split expert's
-        CPU share, whose rows follow theirs in `inputs` (`weights`: the routing weights of every sorted slot, on
-        the fast device, for the split's GPU share). `record`: the timeline record of a call the worker serves; `busy`:
-        the link copies meanwhile (what the cost tracker compares the time with)."""
+        CPU share, whose rows follow theirs in `inputs`, into its buffers (`_split_buffers`): first its columns of
+        the up output, after which `up_sent` is called (it queues the GPU's share, or lets the stream that waits
+        for it go), then its other experts, then its output units. `record`: the timeline record of a call the
+        worker serves; `busy`: the link copies meanwhile (what the cost tracker compares the time with). Nothing
+        here queues GPU work but what `up_sent` queues."""
         rows, row_weights, starts, ready = inputs
         if ready is not None:
             ready.synchronize()
@@ -923,7 +931,9 @@ class HybridExecutor:
             s = starts[len(experts)]
             n = split.stop - split.start
             split_rows, split_weights = rows[s : s + n], row_weights[s : s + n]
-            self._split_up_on_cpu(layer, split, split_rows, out, weights)
+            self._split_up_on_cpu(layer, split, split_rows, record)
+            if up_sent is not None:
+                up_sent()
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
             use_packed = e in layer.packed and self.packed_for(n)
@@ -941,7 +951,7 @@ class HybridExecutor:
             self.stats.experts_cpu += 1
             self.stats.tokens_cpu += n
         if split is not None:
-            self._split_down_on_cpu(layer, split, split_weights, out)
+            self._split_down_on_cpu(layer, split, split_weights)
         elapsed = time.perf_counter() - begin
         self.stats.cpu_compute_s += elapsed
         if self.tracker is not None and split is None and experts:
@@ -967,19 +977,29 @@ class HybridExecutor:
         inputs: HostInputs,
         out: torch.Tensor,
         busy: bool = False,
+        split: _SplitJob | None = None,
     ) -> _CpuJob:
-        """Hand the CPU experts to the worker thread; it releases the gate when done, whatever happens."""
+        """Hand the CPU experts, and a split expert's CPU share, to the worker thread. On CUDA it releases the gate
+        once for the split's up columns (`_CpuJob.up_release`) and once when done, whatever happens; the GPU
+        work that needs them is queued by `_finish_cpu`."""
         rows = inputs[0]
         results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
+        if split is not None:
+            self._split_buffers(layer, split, rows.dtype)
         record = self.timeline.records[-1] if self.timeline else None
         gate = self.gate
+        gated_split = gate is not None and split is not None
+        up_release = gate.arm() if gated_split else 0
         release = gate.arm() if gate is not None else 0
+        up_sent = (lambda: gate.release(up_release)) if gated_split else None
         inference = torch.is_inference_mode_enabled()  # grad and inference modes are per thread: the caller's
 
         def work() -> None:
             try:
                 with torch.inference_mode(inference), torch.no_grad():
-                    self._compute_on_cpu(layer, experts, bounds, inputs, out, results, record=record, busy=busy)
+                    self._compute_on_cpu(
+                        layer, experts, bounds, inputs, out, results, split, up_sent, record=record, busy=busy
+                    )
             finally:
                 if gate is not None:
                     gate.release(release)
@@ -995,16 +1015,29 @@ class HybridExecutor:
             )
         self.join()
         self._pending = self._worker.submit(work)
-        return _CpuJob(experts, inputs[2], results, release)
+        return _CpuJob(experts, inputs[2], results, release, split, up_release)
 
-    def _finish_cpu(self, job: _CpuJob, bounds: list[int], out: torch.Tensor) -> None:
-        """On CUDA: queue the wait for the worker and the copy of its results, and return (the host joins the
-        worker at the next routing). Without CUDA: join it, its results are in `out`."""
+    def _finish_cpu(
+        self, layer: LayerState, job: _CpuJob, bounds: list[int], out: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """On CUDA: queue the waits for the worker and what follows each (the split's GPU share after its up
+        columns; the copies of the results after the rest), and return (the host joins the worker at the next
+        routing). Without CUDA: join it (its experts' results are in `out`), then the split's GPU share."""
+        split = job.split
         if self.gate is None:
             self.join()
+            if split is not None:
+                self._split_up_to_device(layer, split, out, weights)
+                self._split_down_to_device(split, out)
             return
-        self.gate.hold(torch.cuda.current_stream(self.device), job.release)
+        stream = torch.cuda.current_stream(self.device)
+        if split is not None:
+            self.gate.hold(stream, job.up_release)
+            self._split_up_to_device(layer, split, out, weights)
+        self.gate.hold(stream, job.release)
         self._results_to_device(job.experts, bounds, job.starts, job.results, out)
+        if split is not None:
+            self._split_down_to_device(split, out)
 
     def join(self) -> None:
         """Wait for the worker's latest job; re-raises its error."""
@@ -1034,7 +1067,10 @@ class HybridExecutor:
     #          computes outputs [h, H); after its other experts, when h > 0: the same gate, outputs [0, h), to
     #          the GPU
     # Nothing crosses from the GPU to the CPU. The split's slot is held from its first copy until the GPU's
-    # last use of it is queued.
+    # last use of it is queued. The CPU's parts write host buffers only (`_split_up_on_cpu`,
+    # `_split_down_on_cpu`); what the GPU does with them is queued by the thread that drives it
+    # (`_split_up_to_device`, `_split_down_to_device`): on the calling thread right after each part, or with the
+    # CPU worker ahead of time, behind the stream's waits for the worker (`_finish_cpu`).
 
     def _split_job(self, layer: LayerState, plan: Plan, bounds: list[int]) -> _SplitJob | None:
         experts = plan.experts(Where.SPLIT)
@@ -1116,21 +1152,28 @@ class HybridExecutor:
             if self.timeline:
                 self.timeline.records[-1]["gpu"]["split_landed"] = job.down_landed
 
-    def _split_up_on_cpu(
-        self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, out: torch.Tensor, weights: torch.Tensor
-    ) -> None:
-        """The CPU's columns of the up output, sent to the GPU; then queue the GPU's output units, which need them."""
+    def _split_buffers(self, layer: LayerState, job: _SplitJob, dtype: torch.dtype) -> None:
+        """The host buffers the split's CPU share is written into (pinned on CUDA), taken on the calling thread."""
+        n = job.stop - job.start
+        job.cpu_pre = self.split_out.get((n, layer.layout.up_width), dtype)
+        job.cpu_down = self.split_result.get((n, job.outputs), dtype) if job.outputs else None
+
+    def _split_up_on_cpu(self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, record: dict | None) -> None:
+        """The CPU's columns of the up output, into `job.cpu_pre` (`record`: the worker's timeline record)."""
         source = layer.host_expert(job.expert)
         pieces = [
             (source["up"][a:b], source["up_bias"][a:b] if "up_bias" in source else None) for a, b in job.cpu_ranges
         ]
-        pre = self.split_out.get((rows.shape[0], layer.layout.up_width), rows.dtype)
-        up_rows_into(pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
-        job.cpu_pre = pre
+        up_rows_into(job.cpu_pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
         if self.timeline:
-            self.timeline.mark("split_sent")
+            self.timeline.mark("split_sent", record)
+
+    def _split_up_to_device(self, layer: LayerState, job: _SplitJob, out: torch.Tensor, weights: torch.Tensor) -> None:
+        """Queue the GPU's output units of the split expert, which need the CPU's columns of the up output (in
+        `job.cpu_pre`): their copy over, the gate on the whole up output and the down rows the link brought.
+        `weights`: the routing weights of every sorted slot, on the fast device."""
         device_pre = job.device_pre
-        arrived = pre.to(device_pre.device, non_blocking=True) if self.cuda else pre  # one contiguous copy
+        arrived = job.cpu_pre.to(device_pre.device, non_blocking=True) if self.cuda else job.cpu_pre  # one copy
         for a, b in job.cpu_ranges:
             device_pre[:, a:b] = arrived[:, a:b]
         main = torch.cuda.current_stream(self.device) if self.cuda else None
@@ -1148,25 +1191,23 @@ class HybridExecutor:
             slot.released.record(main)
         slot.held = False
 
-    def _split_down_on_cpu(
-        self, layer: LayerState, job: _SplitJob, row_weights: torch.Tensor, out: torch.Tensor
-    ) -> None:
-        """The CPU's output units [0, h), when it has them, from the whole up output it computed."""
-        a, b = job.start, job.stop
+    def _split_down_on_cpu(self, layer: LayerState, job: _SplitJob, row_weights: torch.Tensor) -> None:
+        """The CPU's output units [0, h), when it has them, from the whole up output it computed, into
+        `job.cpu_down`."""
         self.stats.experts_split += 1
-        self.stats.tokens_split += b - a
+        self.stats.tokens_split += job.stop - job.start
         if not job.outputs:
             return
         source = layer.host_expert(job.expert)
         bias = source["down_bias"][: job.outputs] if "down_bias" in source else None
         h = activate(layer.module, layer.layout, job.cpu_pre)
-        y = partial_down(source["down"][: job.outputs], bias, h, row_weights, gemv=self.gemv_for(job.cpu_pre.shape[0]))
-        if self.cuda:
-            staged = self.split_result.get(tuple(y.shape), y.dtype)
-            staged.copy_(y)
-            out[a:b, : job.outputs].copy_(staged, non_blocking=True)
-        else:
-            out[a:b, : job.outputs] = y
+        gemv = self.gemv_for(job.cpu_pre.shape[0])
+        job.cpu_down.copy_(partial_down(source["down"][: job.outputs], bias, h, row_weights, gemv=gemv))
+
+    def _split_down_to_device(self, job: _SplitJob, out: torch.Tensor) -> None:
+        """Queue the copy of the CPU's output units of the split expert into its rows of `out`."""
+        if job.outputs:
+            out[job.start : job.stop, : job.outputs].copy_(job.cpu_down, non_blocking=self.cuda)
 
     @staticmethod
     def _sum_in_expert_order(
@@ -1214,12 +1255,15 @@ class _Started:
 @dataclass
 class _CpuJob:
     """A layer call's CPU experts on the worker thread: their rows' offsets in the inputs, the pinned buffer the
-    worker writes their results into (None without CUDA: it writes `out`), and the gate value it releases."""
+    worker writes their results into (None without CUDA: it writes `out`), the gate value it releases when done,
+    and a split expert's CPU share with the value released after its up columns."""
 
     experts: list[int]
     starts: list[int]
     results: torch.Tensor | None
     release: int
+    split: _SplitJob | None = None  # a split expert's CPU share, computed first
+    up_release: int = 0  # the gate value released once the split's up columns are in their buffer
 
 
 @dataclass
@@ -1239,6 +1283,7 @@ class _SplitJob:
     down_landed: torch.cuda.Event | None = None
     device_pre: torch.Tensor | None = None  # [n, up rows] the up output on the fast device
     cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
+    cpu_down: torch.Tensor | None = None  # [n, outputs] the CPU's output units on the host (None: it has none)
 
 
 def fiddler_experts_forward(

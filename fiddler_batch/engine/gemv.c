@@ -12,9 +12,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the even/odd split of a word assumes a little-endian CPU (the build fails; the engine then uses F.linear)"
@@ -118,6 +115,15 @@ static void rows(const uint16_t *w, long ldw, const float *xs, const float *x, l
     }
 }
 
+/* Rows a thread takes at a time (a multiple of the 4-row blocks): threads take the next chunk as they finish one,
+   so a thread that runs slower (its core shared with another thread, its memory traffic behind the link's copies)
+   holds up only its own chunk, where a fixed share of the rows per thread made every product wait for the slowest
+   thread. A Mixtral expert's up projection is 448 chunks of 512 KB, its down projection 64 of 1.8 MB. On an H200
+   host's Xeon one expert at one token took 2.8-3.2 ms against 3.2-3.3 with fixed shares, 2.8-3.0 against 3.4-3.5
+   while the link copied; in a decode run 1.23-1.29x faster (benchmarks/NOTES.md). No size stood out: 16 to 256
+   rows took 2.3-2.8 ms in one probe, and 32 rows against 64 ran decode at 0.93x and beam search at 1.06x. */
+#define CHUNK 64
+
 /* y[t, r] = bf16(sum_i x[t, i] * w[r, i]) for t < n, r < m: w bf16 [m, k] with row stride ldw, x float32 [n, k]
    contiguous, y bf16 [n, ldy]. Returns 0, or -1 when memory for the split tokens could not be had. */
 int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, int n, uint16_t *y, long ldy,
@@ -130,14 +136,11 @@ int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, in
             xs[t * kv + i] = x[t * k + 2 * i];
             xs[t * kv + half + i] = x[t * k + 2 * i + 1];
         }
-    #pragma omp parallel num_threads(threads)
-    {
-        int nth = 1, id = 0;
-#ifdef _OPENMP
-        nth = omp_get_num_threads();
-        id = omp_get_thread_num();
-#endif
-        rows(w, ldw, xs, x, k, n, y, ldy, m * id / nth, m * (id + 1) / nth);
+    const long chunks = (m + CHUNK - 1) / CHUNK;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (long c = 0; c < chunks; c++) {
+        const long r0 = c * CHUNK, r1 = r0 + CHUNK < m ? r0 + CHUNK : m;
+        rows(w, ldw, xs, x, k, n, y, ldy, r0, r1);
     }
     free(xs);
     return 0;

@@ -92,6 +92,7 @@ PLANS = {
     "planner-balanced": ("balanced", 0.25, None),
     "planner-fiddler-rule": ("fiddler-rule", 0.25, None),
     "split": ("split-forced", 0.25, forced_split(0.25)),
+    "split-worker": ("split-forced-worker", 0.25, forced_split(0.25)),  # the splits' CPU shares on the worker too
     "planner-balanced-split": ("balanced-split", 0.25, None),
 }
 

@@ -7,6 +7,7 @@ staging slot, resident experts) runs the same arithmetic as the reference and th
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_tokens_match_reference(reference, plan, monkeypatch):
 
     stats = engine.stats()
     paths = {"cpu": stats["experts_cpu"], "copied": stats["experts_copied"], "resident": stats["experts_resident"]}
-    if plan in ("split", "planner-balanced-split"):
+    if plan in ("split", "split-worker", "planner-balanced-split"):
         # Every family but the transposed layout (gpt-oss) splits (the balanced planner too, with
         # engine.split_experts on, under COST's CPU of 1 ms against a copy of 3 ms, and splits that gain 3% or
         # more, as SPLIT_GAINS sets): gpt-oss's experts go whole.
@@ -56,10 +57,11 @@ def test_tokens_match_reference(reference, plan, monkeypatch):
         "planner-balanced": {"cpu", "copied", "resident"},
         "planner-fiddler-rule": {"cpu", "copied", "resident"},
         "split": {"cpu", "copied", "resident"},
+        "split-worker": {"cpu", "copied", "resident"},
         "planner-balanced-split": {"cpu", "copied", "resident"},
     }[plan]
     assert {path for path, count in paths.items() if count} == expected
-    assert (engine.executor._worker is not None) == (plan == "mixed-worker")  # the worker computed them
+    assert (engine.executor._worker is not None) == plan.endswith("-worker")  # the worker computed them
 
 
 @pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
@@ -111,19 +113,30 @@ def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
 
 @pytest.mark.parametrize("family_model", ["mixtral", "deepseek_v2"], indirect=True)
 @pytest.mark.parametrize("share", [1 / 16, 2 / 3, 0.999])
-def test_a_split_at_either_end_and_at_the_up_projections_edge_gives_the_reference(reference, share):
+@pytest.mark.parametrize("plan", ["split", "split-worker"])
+def test_a_split_at_either_end_and_at_the_up_projections_edge_gives_the_reference(reference, share, plan, monkeypatch):
     """The CPU's least share (one aligned range of the up projection; 15/16 in the other layers), all of the up
     projection and none of the down (2/3; 1/3, half the up projection, in the other layers), and all but one
-    aligned range of the outputs (0.999; one range of the up projection in the other layers): exact every way."""
+    aligned range of the outputs (0.999; one range of the up projection in the other layers): exact every way,
+    on the calling thread and on the CPU worker."""
     ref_model, ref_logits, ref_greedy, ref_beam = reference
-    model, engine = make_engine(ref_model, "split")
+    model, engine = make_engine(ref_model, plan)
     engine.set_planner(forced_split(share, rule=lambda layer, e: Where.CPU))
+    threads = set()  # where the splits' CPU shares ran
+    split_up = engine.executor._split_up_on_cpu
+
+    def recorded(*args):
+        threads.add(threading.current_thread().name.split("_")[0])
+        split_up(*args)
+
+    monkeypatch.setattr(engine.executor, "_split_up_on_cpu", recorded)
     with torch.no_grad():
         assert torch.equal(model(PROMPTS).logits, ref_logits)
     assert torch.equal(generate(model), ref_greedy)
     assert torch.equal(generate(model, num_beams=3), ref_beam)
     stats = engine.stats()
     assert stats["experts_split"] == stats["layer_calls"] and stats["experts_copied"] == 0
+    assert threads == ({"fiddler-cpu-experts"} if plan == "split-worker" else {threading.main_thread().name})
 
 
 @pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
@@ -147,7 +160,7 @@ def test_cpu_experts_on_the_calling_thread_or_the_worker_give_the_same_tokens(re
 
 
 @pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
-@pytest.mark.parametrize("plan", ["mixed", "mixed-worker", "split", "planner-balanced"])
+@pytest.mark.parametrize("plan", ["mixed", "mixed-worker", "split", "split-worker", "planner-balanced"])
 def test_cpu_rows_from_the_routings_copy_or_gathered_on_the_device(reference, plan, monkeypatch):
     """A small call's CPU experts take their rows from the layer's input brought back with the routing; a large
     one's are gathered on the device and copied (HIDDEN_WITH_ROUTING_BYTES 0 sends every call that way)."""
