@@ -102,12 +102,14 @@ def test_the_kernel_rounds_to_nearest_even_as_torch_does():
 
 def test_the_kernels_bits_do_not_depend_on_the_thread_count():
     torch.manual_seed(1)
-    weight = torch.randn(103, 200, dtype=torch.bfloat16)  # rows split unevenly, blocks of 4 cut at other rows
+    # Four chunks of 64 rows and a last one of 45 (11 blocks of 4 and a lone row), which threads take in whatever
+    # order they finish: each count twice.
+    weight = torch.randn(301, 200, dtype=torch.bfloat16)
     x = torch.randn(3, 200, dtype=torch.bfloat16)
     previous = torch.get_num_threads()
     try:
         outs = []
-        for threads in (1, 2, 3, 7):
+        for threads in (1, 2, 3, 7, 7, 3):
             torch.set_num_threads(threads)
             outs.append(cpugemv.linear(x, weight))
     finally:
