@@ -643,7 +643,7 @@ class HybridExecutor:
         for e, n in enumerate(counts):
             bounds[e + 1] = bounds[e] + n
         tokens, weights = routing.tokens, routing.weights
-        split = self._split_job(layer, plan, bounds)
+        split = self._split_job(layer, plan, bounds, hidden.dtype)
         if split is not None:
             self._copy_split_up(layer, split)
         started = self._start_copies(layer, plan)  # the link starts before anything else is queued
@@ -691,8 +691,6 @@ class HybridExecutor:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
             results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
-            if split is not None:
-                self._split_buffers(layer, split, cpu_inputs[0].dtype)
             up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
             self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy)
             if results is not None:
@@ -916,7 +914,7 @@ class HybridExecutor:
         busy: bool = False,
     ) -> None:
         """The CPU experts into `results` (rows as in `inputs`; None: straight into `out`), and a split expert's
-        CPU share, whose rows follow theirs in `inputs`, into its buffers (`_split_buffers`): first its columns of
+        CPU share, whose rows follow theirs in `inputs`, into the job's host buffers: first its columns of
         the up output, after which `up_sent` is called (it queues the GPU's share, or lets the stream that waits
         for it go), then its other experts, then its output units. `record`: the timeline record of a call the
         worker serves; `busy`: the link copies meanwhile (what the cost tracker compares the time with). Nothing
@@ -984,8 +982,6 @@ class HybridExecutor:
         work that needs them is queued by `_finish_cpu`."""
         rows = inputs[0]
         results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
-        if split is not None:
-            self._split_buffers(layer, split, rows.dtype)
         record = self.timeline.records[-1] if self.timeline else None
         gate = self.gate
         gated_split = gate is not None and split is not None
@@ -1072,7 +1068,9 @@ class HybridExecutor:
     # (`_split_up_to_device`, `_split_down_to_device`): on the calling thread right after each part, or with the
     # CPU worker ahead of time, behind the stream's waits for the worker (`_finish_cpu`).
 
-    def _split_job(self, layer: LayerState, plan: Plan, bounds: list[int]) -> _SplitJob | None:
+    def _split_job(self, layer: LayerState, plan: Plan, bounds: list[int], dtype: torch.dtype) -> _SplitJob | None:
+        """The plan's split expert (None: it splits none), with its staging slot held and the host buffers its CPU
+        share is written into (pinned on CUDA; `dtype`: the layer's activations')."""
         experts = plan.experts(Where.SPLIT)
         if not experts:
             return None
@@ -1088,6 +1086,7 @@ class HybridExecutor:
         slot.held = True
         units, outputs = points
         intermediate = layer.layout.intermediate
+        n = bounds[e + 1] - bounds[e]
         return _SplitJob(
             e,
             bounds[e],
@@ -1096,6 +1095,8 @@ class HybridExecutor:
             slot,
             cpu_ranges=up_row_ranges(layer.layout, 0, units),
             device_ranges=up_row_ranges(layer.layout, units, intermediate) if units < intermediate else [],
+            cpu_pre=self.split_out.get((n, layer.layout.up_width), dtype),
+            cpu_down=self.split_result.get((n, outputs), dtype) if outputs else None,
         )
 
     def _copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
@@ -1151,12 +1152,6 @@ class HybridExecutor:
             job.down_landed.record(stream)
             if self.timeline:
                 self.timeline.records[-1]["gpu"]["split_landed"] = job.down_landed
-
-    def _split_buffers(self, layer: LayerState, job: _SplitJob, dtype: torch.dtype) -> None:
-        """The host buffers the split's CPU share is written into (pinned on CUDA), taken on the calling thread."""
-        n = job.stop - job.start
-        job.cpu_pre = self.split_out.get((n, layer.layout.up_width), dtype)
-        job.cpu_down = self.split_result.get((n, job.outputs), dtype) if job.outputs else None
 
     def _split_up_on_cpu(self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, record: dict | None) -> None:
         """The CPU's columns of the up output, into `job.cpu_pre` (`record`: the worker's timeline record)."""
