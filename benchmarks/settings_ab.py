@@ -1,7 +1,7 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,c]
-        [--modes default,adapting,whole,split,warm]
+        [--modes default,adapting,whole,split,warm,nolag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
 32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s) and c (beam width 4:
@@ -13,6 +13,8 @@ output tok/s). Each round runs every mode once per case, in an order that rotate
 - whole:    `engine.split_experts: false` (every expert whole; splits are on by default);
 - split:    `engine.split_experts: true` (the default since splits send data one way; kept for the logs of
             the calls that ran it against the defaults of their time);
+- nolag:    `engine.cpu_lag: off` (plans start the CPU with the link; the default plans with the CPU's start lag
+            that the first mode's warm-up measured);
 - warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
             as calibrations did before they read experts in turn). With this mode every mode plans on a full
             calibration made at the start, the others on one that reads experts in turn.
@@ -40,6 +42,7 @@ MODES = {
     "whole": {"split_experts": False},
     "split": {"split_experts": True},
     "warm": {},
+    "nolag": {"cpu_lag": "off"},
 }
 
 
@@ -90,7 +93,7 @@ def main() -> None:
                 print(
                     f"round {round_} {case} {mode:<9} {speed:6.2f} tok/s, CPU experts {stats['experts_cpu']} "
                     f"({cpu_ms:.2f} ms each), copied {stats['experts_copied']}, split {stats['experts_split']}; "
-                    f"{stats.get('cost_scales', '')}",
+                    f"{stats.get('cost_scales', '')} lag {stats.get('cpu_lag', 'off')}",
                     flush=True,
                 )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

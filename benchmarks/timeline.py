@@ -1,7 +1,7 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
     python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--resident 0.25] [--whole]
-        [--prompt 32] [--show 3]
+        [--prompt 32] [--show 3] [--worker] [--graphs] [--nolag]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident (`--resident`), turns on the executor's trace and prints,
 for the last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="engine.split_experts: false (every expert whole)")
     parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
     parser.add_argument("--graphs", action="store_true", help="engine.cuda_graphs: true (and the static KV cache)")
+    parser.add_argument("--nolag", action="store_true", help="engine.cpu_lag: off (the CPU starts with the link)")
     args = parser.parse_args()
     model = build_model(layers=8, seed=0)
     prompt = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
@@ -48,6 +49,7 @@ def main() -> None:
             split_experts=not args.whole,
             cpu_worker=args.worker,
             cuda_graphs=args.graphs,
+            cpu_lag="off" if args.nolag else "auto",
         ),
     )
     engine.set_cost_model(cost_model_for(engine, engine.spec))
@@ -75,6 +77,7 @@ def main() -> None:
         gap = host["enter"] - previous_exit if previous_exit is not None else 0.0
         previous_exit = host["exit"]
         prefetch = f" prefetch {record['prefetch']['experts']}" if "prefetch" in record else ""
+        prefetch += f" share {record['split_share'] * 16:.0f}/16" if record.get("split_share") else ""
         print(f"layer {record['layer']} tokens {record['tokens']} {plan}{prefetch} gap {gap:.2f} host {host} gpu {gpu}")
     records = executor.timeline.records
     first, last = (records[0]["host"]["enter"] - t0) * 1e3, (records[-1]["host"]["exit"] - t0) * 1e3

@@ -475,6 +475,9 @@ CpuGemv = Literal["auto", "on", "off"]
 AdaptCosts = Literal["auto", "on", "off"]
 """Whether the planner corrects the calibration by the times the run measures (`engine.adapt_costs`)."""
 
+CpuLag = Literal["auto", "on", "off"]
+"""Whether plans start the CPU as late after the link as the run measures (`engine.cpu_lag`)."""
+
 ModelDType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -615,6 +618,16 @@ class EngineSpec(BaseModel):
     0.96x, beam search 1.00x; 8 layers 0.97x and 1.02x, benchmarks/NOTES.md). Plans then depend on the run's
     timings; in float32 every plan gives the same tokens, in bf16 a CPU product may differ from a GPU one in its last
     bits. `engine_stats.cost_scales` gives the ratios at the end of each batch."""
+    cpu_lag: CpuLag = "auto"
+    """Plan each layer with its CPU work starting as late after the link's copies as it does in this run. The link
+    starts a layer's first copy at once; the CPU starts after the host has queued the layer's GPU work and sent it
+    its rows, on an H200 host about half a millisecond later, a sixth of a one-token expert's CPU time. The executor
+    measures that delay over the first 64 layer calls with both (decode-sized calls and prefill-sized ones apart),
+    fixes the median for the engine's life, and the planner then gives the link a larger share of a split expert,
+    or one more copy, where the CPU would finish last. 'auto' measures with a GPU only; 'on' on the CPU too (the
+    tests); 'off' plans as if both started together. Plans then depend on the delay measured; in float32 every plan
+    gives the same tokens, in bf16 a CPU product may differ from a GPU one in its last bits.
+    `engine_stats.cpu_lag` gives the values in use."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)
@@ -637,7 +650,7 @@ class EngineSpec(BaseModel):
             )
         return data
 
-    @field_validator("cpu_packed", "cpu_gemv", "adapt_costs", mode="before")
+    @field_validator("cpu_packed", "cpu_gemv", "adapt_costs", "cpu_lag", mode="before")
     @classmethod
     def _packed_switch(cls, value: object) -> object:
         """YAML reads a bare on / off (and true / false) as a boolean."""

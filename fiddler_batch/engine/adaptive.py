@@ -127,3 +127,36 @@ class CostTracker:
             f"{self.cpu_busy.count} layer calls); copies x{copy:.2f} alone, x{copy_busy:.2f} beside the CPU "
             f"({self.copy_alone.count} and {self.copy_busy.count})"
         )
+
+
+LAG_SAMPLES = 64
+"""Layer calls `StartLag` measures before it fixes its value."""
+
+LAG_STEP_MS = 0.05
+"""`StartLag` rounds its value down to a multiple of this, so that hosts a little apart plan alike."""
+
+
+class StartLag:
+    """How long after the link the CPU starts a layer's work: on the thread that computes the CPU experts, the time
+    from queueing the layer's first copy to the start of its CPU work (on the calling thread, the host queues the
+    layer's GPU work and sends the CPU its rows in between). The planner starts the CPU side that late
+    (`planner._span`).
+
+    Measured over the first `LAG_SAMPLES` layer calls that had both, then fixed at their median (rounded down to
+    `LAG_STEP_MS`) for the engine's life, so that plans do not follow the host's minute-to-minute drift; 0 until
+    then, as a plan that ignores it."""
+
+    def __init__(self, samples: int = LAG_SAMPLES):
+        self.wanted = samples
+        self.observed: list[float] = []
+        self.value_ms = 0.0
+        self.fixed = False
+
+    def observe(self, lag_ms: float) -> None:
+        if self.fixed or not lag_ms >= 0:
+            return
+        self.observed.append(lag_ms)
+        if len(self.observed) >= self.wanted:
+            middle = sorted(self.observed)[len(self.observed) // 2]
+            self.value_ms = round(int(middle / LAG_STEP_MS + 1e-9) * LAG_STEP_MS, 6)
+            self.fixed = True

@@ -200,6 +200,7 @@ class Engine:
             cpu_packed=spec.cpu_packed,
             cpu_gemv=spec.cpu_gemv,
             adapt_costs=spec.adapt_costs,
+            cpu_lag=spec.cpu_lag,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -321,6 +322,8 @@ class Engine:
         out["strategy"] = self.executor.strategy
         if self.executor.tracker is not None:
             out["cost_scales"] = self.executor.tracker.summary()
+        if self.executor.lag_measured:
+            out["cpu_lag"] = self.executor.lag_summary()
         return out
 
     def set_count_mask(self, mask: torch.Tensor | None) -> None:
@@ -373,6 +376,7 @@ class Engine:
             info["cpu_packed_experts"] = self.executor.packed_experts()
             info["cpu_gemv"] = self.executor.gemv_ready
             info["adapt_costs"] = self.executor.tracker is not None
+            info["cpu_lag"] = self.executor.lag_measured
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

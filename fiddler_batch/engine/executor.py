@@ -53,7 +53,7 @@ from torch import nn
 
 from fiddler_batch.engine import cpugemv, cpupack
 from fiddler_batch.engine import planner as planner_rules
-from fiddler_batch.engine.adaptive import CostTracker
+from fiddler_batch.engine.adaptive import CostTracker, StartLag
 from fiddler_batch.engine.compute import (
     activate,
     expert_forward,
@@ -71,7 +71,7 @@ from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
 from fiddler_batch.engine.prefetch import choose_prefetch, router_guess
 from fiddler_batch.errors import EngineError
-from fiddler_batch.spec import AdaptCosts, CpuGemv, CpuPacked, StrategyName
+from fiddler_batch.spec import AdaptCosts, CpuGemv, CpuLag, CpuPacked, StrategyName
 
 IMPLEMENTATION = "fiddler"
 
@@ -84,6 +84,11 @@ overlapping ones that copy by cost; `cpu` copies nothing and `fiddler-rule` keep
 HIDDEN_WITH_ROUTING_BYTES = 256 * 1024
 """A layer call whose input is at most this large (32 tokens of a 4096-wide model in bf16) brings it to the host
 with the routing, so its CPU experts start without waiting for the GPU a second time."""
+
+LAG_FEW_SLOTS = 64
+"""Layer calls routing at most this many token slots (tokens x experts per token: decode, beam search, small batches)
+and larger ones (prefills) have their CPU's start lag measured apart (`StartLag`): a larger call's host sends the CPU
+more rows, and may wait for the GPU to gather them."""
 
 PLANS_KEPT = 4096
 """The most plans `own_plan` keeps for reuse (all are dropped when it is full or the cost model changes): a prefill's
@@ -239,6 +244,7 @@ class HybridExecutor:
         cpu_packed: CpuPacked = "off",
         cpu_gemv: CpuGemv = "off",
         adapt_costs: AdaptCosts = "off",
+        cpu_lag: CpuLag = "off",
     ):
         self.device = device
         self.layers = layers
@@ -278,6 +284,8 @@ class HybridExecutor:
         self._measured: CostModel | None = None  # the cost model as installed: both CPU layouts' times
         self.adapt_costs: AdaptCosts = adapt_costs
         self.tracker: CostTracker | None = None  # the run's measured times against `cost` (adaptive.py)
+        self.cpu_lag: CpuLag = cpu_lag
+        self.lags = (StartLag(), StartLag())  # the CPU's start after the link: calls of few token slots, of many
         self.set_cost(cost)
 
     # -- the cost model and packed CPU experts -------------------------------------------------------
@@ -312,6 +320,24 @@ class HybridExecutor:
         self.cost = cost
         adapting = self.adapt_costs == "on" or (self.adapt_costs == "auto" and self.cuda)
         self.tracker = CostTracker(cost) if cost is not None and adapting else None
+
+    @property
+    def lag_measured(self) -> bool:
+        """Plans start the CPU as late after the link as the run measures (`engine.cpu_lag`)."""
+        return self.cpu_lag == "on" or (self.cpu_lag == "auto" and self.cuda)
+
+    def _lag(self, slots: int) -> StartLag:
+        return self.lags[slots > LAG_FEW_SLOTS]
+
+    def lag_summary(self) -> str:
+        """The CPU's start after the link that plans use, for calls of few and of many token slots (a sentence: a
+        batch's stats are summed key by key, numbers added)."""
+
+        def value(lag: StartLag) -> str:
+            return f"{lag.value_ms:.2f} ms" if lag.fixed else f"being measured ({len(lag.observed)} of {lag.wanted})"
+
+        few, many = self.lags
+        return f"{value(few)} in calls of at most {LAG_FEW_SLOTS} token slots, {value(many)} in larger ones"
 
     def planning_cost(self) -> CostModel | None:
         """The cost model the planner reads: `cost`, scaled by the run's measured times with adapt_costs."""
@@ -443,9 +469,10 @@ class HybridExecutor:
             )
         cost = self.planning_cost()
         backlog, below, up = self.link_backlog_ms(), self.split_below(layer), up_share(layer.layout)
+        lag = self._lag(sum(counts)).value_ms if self.lag_measured else 0.0
         # A plan is a pure function of these (and the cost model): decode and beam-search steps see the same few
         # count patterns again and again, and planning one takes tens of microseconds of the host's time.
-        key = (tuple(counts), tuple(resident), self.strategy, backlog, below, up, planner_rules.SPLIT_MIN_GAIN)
+        key = (tuple(counts), tuple(resident), self.strategy, backlog, below, up, lag, planner_rules.SPLIT_MIN_GAIN)
         if cost is not self._plans_for:
             self._plans.clear()
             self._plans_for = cost
@@ -453,7 +480,7 @@ class HybridExecutor:
         if plan is None:
             if len(self._plans) >= PLANS_KEPT:
                 self._plans.clear()
-            plan = self._plans[key] = plan_layer(counts, resident, cost, self.strategy, backlog, below, up)
+            plan = self._plans[key] = plan_layer(counts, resident, cost, self.strategy, backlog, below, up, lag)
         return plan
 
     def split_below(self, layer: LayerState) -> int:
@@ -638,15 +665,23 @@ class HybridExecutor:
             timeline.records[-1]["plan"] = {
                 w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY, Where.SPLIT)
             }
+            timeline.records[-1]["split_share"] = plan.split_share
 
         bounds = [0] * (num_experts + 1)  # expert e owns sorted slots bounds[e]:bounds[e+1]
         for e, n in enumerate(counts):
             bounds[e + 1] = bounds[e] + n
         tokens, weights = routing.tokens, routing.weights
+        link_queued = time.perf_counter()
         split = self._split_job(layer, plan, bounds, hidden.dtype)
         if split is not None:
             self._copy_split_up(layer, split)
         started = self._start_copies(layer, plan)  # the link starts before anything else is queued
+        # The CPU's start after the link's, where both have work and run at once (what `StartLag` measures).
+        lag = (
+            (self._lag(len(tokens)), link_queued)
+            if self.lag_measured and plan.overlap and (split is not None or plan.copy_order)
+            else None
+        )
         out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         gathered = hidden[tokens]  # [K*T, H]
 
@@ -658,7 +693,7 @@ class HybridExecutor:
         link_busy = plan.overlap and bool(host_experts)
         job = None
         if cpu_inputs is not None and plan.overlap and self.cpu_worker:
-            job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy, split)
+            job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy, split, lag)
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
             slot = layer.staged.get(e)
@@ -692,7 +727,9 @@ class HybridExecutor:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
             results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
             up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
-            self._compute_on_cpu(layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy)
+            self._compute_on_cpu(
+                layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy, lag=lag
+            )
             if results is not None:
                 self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
             if split is not None:
@@ -912,17 +949,21 @@ class HybridExecutor:
         up_sent: Callable[[], None] | None = None,
         record: dict | None = None,
         busy: bool = False,
+        lag: tuple[StartLag, float] | None = None,
     ) -> None:
         """The CPU experts into `results` (rows as in `inputs`; None: straight into `out`), and a split expert's
         CPU share, whose rows follow theirs in `inputs`, into the job's host buffers: first its columns of
         the up output, after which `up_sent` is called (it queues the GPU's share, or lets the stream that waits
         for it go), then its other experts, then its output units. `record`: the timeline record of a call the
-        worker serves; `busy`: the link copies meanwhile (what the cost tracker compares the time with). Nothing
-        here queues GPU work but what `up_sent` queues."""
+        worker serves; `busy`: the link copies meanwhile (what the cost tracker compares the time with); `lag`: the
+        measure of the CPU's start and when the link's first copy was queued. Nothing here queues GPU work but what
+        `up_sent` queues."""
         rows, row_weights, starts, ready = inputs
         if ready is not None:
             ready.synchronize()
         begin = time.perf_counter()
+        if lag is not None:
+            lag[0].observe((begin - lag[1]) * 1e3)
         if self.timeline:
             self.timeline.mark("cpu_start", record)
         if split is not None:
@@ -976,6 +1017,7 @@ class HybridExecutor:
         out: torch.Tensor,
         busy: bool = False,
         split: _SplitJob | None = None,
+        lag: tuple[StartLag, float] | None = None,
     ) -> _CpuJob:
         """Hand the CPU experts, and a split expert's CPU share, to the worker thread. On CUDA it releases the gate
         once for the split's up columns (`_CpuJob.up_release`) and once when done, whatever happens; the GPU
@@ -994,7 +1036,7 @@ class HybridExecutor:
             try:
                 with torch.inference_mode(inference), torch.no_grad():
                     self._compute_on_cpu(
-                        layer, experts, bounds, inputs, out, results, split, up_sent, record=record, busy=busy
+                        layer, experts, bounds, inputs, out, results, split, up_sent, record=record, busy=busy, lag=lag
                     )
             finally:
                 if gate is not None:

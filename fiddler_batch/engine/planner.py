@@ -12,6 +12,10 @@ computes a share of its weights' products, first from the up projection, then fr
 part to the GPU, which computes the rest from a partial copy (`Where.SPLIT`, `Plan.split_share`;
 `compute.split_points` and the executor's `_SplitJob` say how, exactly). `STRATEGIES` is the
 table of strategies; `spec.StrategyName` lists their names (a test keeps the two equal).
+
+The three resources do not start together: the link starts when the layer's first copy is queued, the CPU when the
+host has queued the layer's GPU work and sent the CPU its rows (`cpu_lag_ms`, which the executor measures:
+`adaptive.StartLag`), and the link may still be busy with copies queued before (`link_busy_ms`).
 """
 
 from __future__ import annotations
@@ -53,15 +57,17 @@ def predict_ms(
     cost: CostModel,
     overlap: bool,
     link_busy_ms: float = 0.0,
+    cpu_lag_ms: float = 0.0,
 ) -> float:
     """Predicted time of one layer's experts under a plan; the link is busy for `link_busy_ms` with copies
-    queued before this layer's (prefetches in flight)."""
+    queued before this layer's (prefetches in flight), and with overlap the CPU starts `cpu_lag_ms` after the link
+    (the host queues the GPU's work first)."""
     cpu = sum(cost.cpu(counts[e]) for e, w in enumerate(where) if w == Where.CPU)
     gpu_resident = sum(cost.gpu(counts[e]) for e, w in enumerate(where) if w == Where.RESIDENT)
     if not overlap:
         copies = sum(cost.copy_ms + cost.gpu(counts[e]) for e in copy_order)
         return cpu + (cost.cpu_fixed_ms if cpu else 0.0) + gpu_resident + copies + (link_busy_ms if copies else 0.0)
-    return _span(cpu, [counts[e] for e in copy_order], gpu_resident, cost, link_busy_ms)
+    return _span(cpu, [counts[e] for e in copy_order], gpu_resident, cost, link_busy_ms, cpu_lag_ms)
 
 
 def _span(
@@ -70,6 +76,7 @@ def _span(
     gpu_resident: float,
     cost: CostModel,
     link_busy_ms: float = 0.0,
+    cpu_lag_ms: float = 0.0,
     split: tuple[int, float, float] | None = None,
 ) -> float:
     """Makespan with the three resources working at once. CPU compute and copies share host memory
@@ -78,7 +85,8 @@ def _span(
     split expert: the CPU does that share of its time, first (before its whole experts) the up projection's part
     of it (at most `up share`, the up projection's part of the expert's weights), the link copies the rest, and
     the GPU computes the rest once the link's last copy and the CPU's up output have landed; the CPU's part
-    crosses the link (one more `cpu_fixed_ms`)."""
+    crosses the link (one more `cpu_fixed_ms`). The CPU starts `cpu_lag_ms` after the link starts this layer's copies
+    (or would have, with no copies queued before)."""
     both = (bool(cpu) and bool(copied_counts)) or split is not None
     copy_ms = cost.copy_ms * (cost.copy_contention if both else 1.0)
     # The GPU starts on resident experts; each copied expert runs once its copy has landed.
@@ -86,13 +94,13 @@ def _span(
     for n in copied_counts:
         link += copy_ms
         gpu = max(gpu, link) + cost.gpu(n)
-    fixed = cost.cpu_fixed_ms if cpu or split is not None else 0.0
+    fixed = cost.cpu_fixed_ms + cpu_lag_ms if cpu or split is not None else 0.0
     cpu_rate = cost.cpu_contention if both else 1.0
     if split is not None:
         n, share, up = split
         cpu += share * cost.cpu(n)
         link += (1.0 - share) * copy_ms
-        sent = min(share, up) * cost.cpu(n) * cpu_rate + cost.cpu_fixed_ms
+        sent = cpu_lag_ms + min(share, up) * cost.cpu(n) * cpu_rate + cost.cpu_fixed_ms
         gpu = max(gpu, link, sent) + (1.0 - share) * cost.gpu(n)
         fixed += cost.cpu_fixed_ms
     cpu_side = cpu * cpu_rate + fixed
@@ -107,6 +115,7 @@ def plan_layer(
     link_busy_ms: float = 0.0,
     split_below: int = 0,
     split_up: float = 2.0 / 3.0,
+    cpu_lag_ms: float = 0.0,
 ) -> Plan:
     """Assign every expert with routed tokens to RESIDENT, CPU or COPY (and at most one to SPLIT) under
     `strategy`.
@@ -115,7 +124,8 @@ def plan_layer(
     link_busy_ms: how long the link is still busy with copies queued before this layer's (prefetches);
     split_below: an off-GPU expert with fewer tokens than this may be split between the CPU and the GPU, when
     the strategy splits and that shortens the predicted layer time by `SPLIT_MIN_GAIN` (0: never); split_up: the
-    up projection's part of an expert's weights (`compute.up_share`), which the CPU computes first.
+    up projection's part of an expert's weights (`compute.up_share`), which the CPU computes first; cpu_lag_ms: how
+    long after the link the CPU starts (strategies that overlap them only).
     """
     chosen = STRATEGIES.get(strategy)
     if chosen is None:
@@ -131,13 +141,14 @@ def plan_layer(
     # Copy the experts with the most tokens first: the CPU would take longest on them, and the GPU work
     # after the last copy (the tail the link cannot hide) is then the smallest.
     offloaded.sort(key=lambda e: (-counts[e], e))
-    to_copy = chosen.copies(counts, where, offloaded, cost, link_busy_ms)
+    lag = cpu_lag_ms if chosen.overlap else 0.0
+    to_copy = chosen.copies(counts, where, offloaded, cost, link_busy_ms, lag)
     copied = set(to_copy)
     for e in offloaded:
         where[e] = Where.COPY if e in copied else Where.CPU
-    predicted = predict_ms(counts, where, to_copy, cost, chosen.overlap, link_busy_ms)
+    predicted = predict_ms(counts, where, to_copy, cost, chosen.overlap, link_busy_ms, lag)
     if chosen.splits and split_below > 0:
-        split = _best_split(counts, where, offloaded, cost, link_busy_ms, split_below, split_up)
+        split = _best_split(counts, where, offloaded, cost, link_busy_ms, lag, split_below, split_up)
         if split is not None and split[0] < predicted * (1.0 - SPLIT_MIN_GAIN):
             predicted, expert, share, copies = split
             for e in offloaded:
@@ -164,6 +175,7 @@ def _best_split(
     offloaded: list[int],
     cost: CostModel,
     link_busy_ms: float,
+    cpu_lag_ms: float,
     split_below: int,
     split_up: float,
 ) -> tuple[float, int, float, list[int]] | None:
@@ -182,14 +194,19 @@ def _best_split(
         cpu = sum(cost.cpu(counts[e]) for e in offloaded[k + 1 :])
         copied_counts = [counts[e] for e in copies]
         for share in SPLIT_SHARES:
-            total = _span(cpu, copied_counts, gpu_resident, cost, link_busy_ms, (n, share, split_up))
+            total = _span(cpu, copied_counts, gpu_resident, cost, link_busy_ms, cpu_lag_ms, (n, share, split_up))
             if best is None or total < best[0]:
                 best = (total, expert, share, copies)
     return best
 
 
 def _balanced_copies(
-    counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel, link_busy_ms: float
+    counts: Sequence[int],
+    where: list[Where],
+    offloaded: list[int],
+    cost: CostModel,
+    link_busy_ms: float,
+    cpu_lag_ms: float = 0.0,
 ) -> list[int]:
     """The prefix of `offloaded` (sorted by tokens, most first) to copy that minimises the makespan.
 
@@ -200,26 +217,31 @@ def _balanced_copies(
     gpu_resident = sum(cost.gpu(counts[e]) for e, w in enumerate(where) if w == Where.RESIDENT)
     copied_counts = [counts[e] for e in offloaded]
     cpu_left = sum(cpu_times)
-    best_k, best = 0, _span(cpu_left, [], gpu_resident, cost, link_busy_ms)
+    best_k, best = 0, _span(cpu_left, [], gpu_resident, cost, link_busy_ms, cpu_lag_ms)
     for k in range(1, len(offloaded) + 1):
         cpu_left = max(cpu_left - cpu_times[k - 1], 0.0) if k < len(offloaded) else 0.0
-        total = _span(cpu_left, copied_counts[:k], gpu_resident, cost, link_busy_ms)
+        total = _span(cpu_left, copied_counts[:k], gpu_resident, cost, link_busy_ms, cpu_lag_ms)
         if total < best:
             best_k, best = k, total
     return offloaded[:best_k]
 
 
 def _rule_copies(
-    counts: Sequence[int], where: list[Where], offloaded: list[int], cost: CostModel, link_busy_ms: float
+    counts: Sequence[int],
+    where: list[Where],
+    offloaded: list[int],
+    cost: CostModel,
+    link_busy_ms: float,
+    cpu_lag_ms: float = 0.0,
 ) -> list[int]:
     """The paper's Algorithm 1: copy an expert when copy + GPU beats the CPU for its token count (the rule
-    knows nothing of a busy link)."""
+    knows nothing of a busy link or a late CPU)."""
     return [e for e in offloaded if cost.cpu(counts[e]) > cost.copy_ms + cost.gpu(counts[e])]
 
 
-CopyChoice = Callable[[Sequence[int], list[Where], list[int], CostModel, float], list[int]]
-"""(counts, where so far, off-GPU experts with tokens sorted most first, cost, ms the link is still busy) -> the
-experts to copy, in order."""
+CopyChoice = Callable[[Sequence[int], list[Where], list[int], CostModel, float, float], list[int]]
+"""(counts, where so far, off-GPU experts with tokens sorted most first, cost, ms the link is still busy, ms the CPU
+starts after the link) -> the experts to copy, in order."""
 
 
 @dataclass(frozen=True)
@@ -237,6 +259,6 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {
     "balanced": Strategy("balanced", True, _balanced_copies, splits=True),
     "fiddler-rule": Strategy("fiddler-rule", False, _rule_copies),
-    "cpu": Strategy("cpu", True, lambda counts, where, offloaded, cost, busy: []),
-    "copy": Strategy("copy", True, lambda counts, where, offloaded, cost, busy: list(offloaded)),
+    "cpu": Strategy("cpu", True, lambda counts, where, offloaded, cost, busy, lag: []),
+    "copy": Strategy("copy", True, lambda counts, where, offloaded, cost, busy, lag: list(offloaded)),
 }

@@ -1,5 +1,6 @@
 """The cost model corrected by the run's own times (engine.adapt_costs): the arithmetic, the plans it changes, and
-an engine that adapts while it keeps the reference's tokens."""
+an engine that adapts while it keeps the reference's tokens; and the CPU's start after the link measured by the
+run (engine.cpu_lag)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from fiddler_batch.engine import adaptive
-from fiddler_batch.engine.adaptive import CostTracker, Ratio
+from fiddler_batch.engine.adaptive import CostTracker, Ratio, StartLag
+from fiddler_batch.engine.compute import up_share
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.planner import Where, plan_layer
 
@@ -144,3 +146,59 @@ def test_off_by_default_and_auto_adapts_with_a_gpu_only(reference):
     _, engine = engine_on_copy(ref_model, COST, adapt_costs="on")
     engine.set_cost_model(HOST)  # a new calibration starts the tracker afresh
     assert engine.executor.tracker.base is engine.executor.cost and engine.executor.tracker.cpu_alone.count == 0
+
+
+def test_the_cpus_start_lag_is_the_median_of_its_first_calls_rounded_down_then_fixed():
+    lag = StartLag(samples=5)
+    for ms in (0.9, 0.31, float("nan"), -1.0, 0.47, 5.0):  # nothing measured, or a clock step: ignored
+        lag.observe(ms)
+    assert not lag.fixed and lag.value_ms == 0.0  # four so far: plans as if the CPU started with the link
+    lag.observe(0.44)
+    assert lag.fixed and lag.value_ms == pytest.approx(0.45)  # the median 0.47, rounded down to 0.05 ms
+    lag.observe(100.0)
+    assert lag.value_ms == pytest.approx(0.45) and len(lag.observed) == 5  # fixed for the engine's life
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+@pytest.mark.parametrize("worker", [False, True])
+def test_an_engine_measures_its_cpus_start_lag_plans_with_it_and_keeps_the_tokens(reference, worker):
+    ref_model, ref_logits, ref_greedy, ref_beam = reference
+    model, engine = engine_on_copy(ref_model, COST, cpu_lag="on", cpu_worker=worker)
+    executor = engine.executor
+    assert executor.lag_measured and engine.describe()["cpu_lag"] is True
+    executor.lags = (StartLag(samples=4), StartLag(samples=4))
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)  # 14 tokens, 28 token slots per call: few
+        assert torch.equal(generate(model), ref_greedy)
+        few, many = executor.lags
+        assert few.fixed and few.value_ms >= 0.0 and not many.observed
+        assert engine.stats()["cpu_lag"] == (
+            f"{few.value_ms:.2f} ms in calls of at most 64 token slots, being measured (0 of 4) in larger ones"
+        )
+        assert torch.equal(generate(model, num_beams=3), ref_beam)  # its prefill: 84 slots, many
+    executor.join()
+    assert many.observed and f"({len(many.observed)} of 4) in larger" in engine.stats()["cpu_lag"]
+    # The plan a layer gets is the planner's for the lag in use, and a lag longer than any copy sends every
+    # off-GPU expert to the link.
+    layer = executor.layers[0]
+    resident = layer.on_device()
+    counts = [0 if on else 1 for on in resident]
+    for value in (0.0, 0.35, 100.0):
+        few.value_ms = value
+        expected = plan_layer(
+            counts, resident, COST, "balanced", 0.0, executor.split_below(layer), up_share(layer.layout), value
+        )
+        assert executor.own_plan(layer, counts) == expected
+    assert executor.own_plan(layer, counts).experts(Where.CPU) == []
+    assert set(executor.own_plan(layer, counts).copy_order) == {e for e, on in enumerate(resident) if not on}
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_the_cpus_start_lag_is_measured_with_a_gpu_only_by_default(reference):
+    _, engine = engine_on_copy(reference[0], COST)
+    assert engine.spec.cpu_lag == "auto" and not engine.executor.lag_measured
+    with torch.no_grad():
+        engine.model(PROMPTS)
+    assert not engine.executor.lags[0].observed and "cpu_lag" not in engine.stats()
+    _, engine = engine_on_copy(reference[0], COST, cpu_lag="off")
+    assert not engine.executor.lag_measured

@@ -175,6 +175,23 @@ def test_a_split_takes_a_share_of_one_expert_beside_whole_ones(monkeypatch):
     assert plan.predicted_ms == pytest.approx(max(4.0 + 4.0 * share, 5.2 * (1 - share)))
 
 
+def test_a_cpu_that_starts_late_gives_the_link_a_larger_share_and_whole_experts_to_copy():
+    # The CPU starts 1 ms after the link: a share f ends at 1 + 4f, the link's part at 5(1 - f). 9/16, the share
+    # with both starting together, would end at 3.25 ms; 7/16 ends at max(2.75, 2.8125) + the GPU's 0.2 x 9/16.
+    plan = plan_layer([1], [False], COST, "balanced", split_below=16, cpu_lag_ms=1.0)
+    assert plan.where == (S,) and plan.split_share == pytest.approx(7 / 16)
+    assert plan.predicted_ms == pytest.approx(5.0 * 9 / 16 + 0.2 * 9 / 16)
+    # Whole, the expert stays on the CPU while 4 ms + the lag beats the copy's 5.2 ms, and is copied after.
+    assert plan_layer([1], [False], COST, "balanced", cpu_lag_ms=1.0).where == (C,)
+    late = plan_layer([1], [False], COST, "balanced", cpu_lag_ms=1.5)
+    assert late.where == (P,) and late.predicted_ms == pytest.approx(5.2)
+    assert predict_ms([1], [C], [], COST, True, cpu_lag_ms=1.5) == pytest.approx(5.5)
+    # The paper's serial order has no overlap to balance: the lag changes nothing there.
+    for lag in (0.0, 1.5):
+        rule = plan_layer([1, 8, 16, 64], [False] * 4, COST, "fiddler-rule", cpu_lag_ms=lag)
+        assert rule == plan_layer([1, 8, 16, 64], [False] * 4, COST, "fiddler-rule")
+
+
 def test_no_split_at_or_above_split_below_nor_under_other_strategies():
     assert S not in plan_layer([20], [False], COST, "balanced", split_below=16).where
     assert S not in plan_layer([16, 16], [False, False], COST, "balanced", split_below=16).where
@@ -194,9 +211,9 @@ def test_splitting_is_never_predicted_slower_than_whole_experts():
         experts = rng.randint(1, 10)
         counts = [rng.choice([0, 1, 1, 2, 4, 9, 20, 70]) for _ in range(experts)]
         resident = [rng.random() < 0.3 for _ in range(experts)]
-        busy = rng.choice([0.0, 0.0, 3.0])
-        whole = plan_layer(counts, resident, COST, "balanced", link_busy_ms=busy)
-        split = plan_layer(counts, resident, COST, "balanced", link_busy_ms=busy, split_below=16)
+        busy, lag = rng.choice([0.0, 0.0, 3.0]), rng.choice([0.0, 0.0, 0.5, 2.0])
+        whole = plan_layer(counts, resident, COST, "balanced", link_busy_ms=busy, cpu_lag_ms=lag)
+        split = plan_layer(counts, resident, COST, "balanced", link_busy_ms=busy, split_below=16, cpu_lag_ms=lag)
         assert split.predicted_ms <= whole.predicted_ms + 1e-9
         assert list(split.where).count(S) <= 1
         if S in split.where:
