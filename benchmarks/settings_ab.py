@@ -1,7 +1,7 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,c]
-        [--modes default,adapting,whole,split,warm,nolag,behind,mainpool]
+        [--modes default,adapting,whole,split,warm,nolag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
 32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s) and c (beam width 4:
@@ -15,10 +15,6 @@ output tok/s). Each round runs every mode once per case, in an order that rotate
             the calls that ran it against the defaults of their time);
 - nolag:    `engine.cpu_lag: off` (plans start the CPU with the link; the others plan with the CPU's start lag
             that their own warm-up measured);
-- behind:   a split's CPU columns computed after the layer's GPU work is queued (the executor's `split_ahead` off;
-            by default they start ahead on the own kernel's helper thread);
-- mainpool: split not started ahead, and the own kernel's products computed on the calling thread (its OpenMP
-            team) rather than handed to the kernel's helper thread (`cpugemv.HELPER_THREAD` off);
 - warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
             as calibrations did before they read experts in turn). With this mode every mode plans on a full
             calibration made at the start, the others on one that reads experts in turn.
@@ -36,7 +32,7 @@ from interleave import arguments, rounds, summary_line
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
-from fiddler_batch.engine import Engine, cpugemv
+from fiddler_batch.engine import Engine
 from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.engine.costmodel import calibrate
 from fiddler_batch.spec import EngineSpec
@@ -48,8 +44,6 @@ MODES = {
     "split": {"split_experts": True},
     "warm": {},
     "nolag": {"cpu_lag": "off"},
-    "behind": {"split_ahead": False},
-    "mainpool": {"split_ahead": False, "cpugemv.HELPER_THREAD": False},
 }
 
 
@@ -73,18 +67,13 @@ def main() -> None:
     cases = {case: {"a": 1, "c": 4}[case] for case in args.cases.split(",")}
     results = {(mode, case): [] for mode in modes for case in cases}
 
-    def owner(key: str) -> tuple[object, str]:
-        """The object and attribute a mode's key sets: the executor's, or a module's (`module.NAME`)."""
-        module, _, name = key.rpartition(".")
-        return ({"cpugemv": cpugemv}[module], name) if module else (executor, key)
-
-    defaults = {key: getattr(*owner(key)) for mode in MODES.values() for key in mode}
+    defaults = {key: getattr(executor, key) for mode in MODES.values() for key in mode}
 
     lags: dict[str, tuple[StartLag, StartLag]] = {}
 
     def use(mode: str) -> None:
         for key, value in {**defaults, **MODES[mode]}.items():
-            setattr(*owner(key), value)
+            setattr(executor, key, value)
         executor.lags = lags.setdefault(mode, (StartLag(), StartLag()))  # each mode measures its own CPU start
         engine.set_cost_model(costs.get(mode, cost))  # a fresh tracker (adapting) or none
 

@@ -12,10 +12,6 @@ The library is compiled for this host's CPU (`-march=native`) the first time it 
 the compiler's version and the CPU's flags, so hosts of another kind sharing one cache folder each build their
 own. Where it cannot be built (no compiler, no OpenMP), the CPU experts use `F.linear` and the log says why.
 Whether it is used at all is the calibration's finding (`CostModel.cpu_gemv_ms`, `engine.cpu_gemv`).
-
-Products can also be started ahead (`start`): a helper thread of the library computes them while the caller goes
-on (the executor queues a layer's GPU work meanwhile), and `Ahead.wait` waits for them. `linear` hands its products
-to the same thread and waits (`HELPER_THREAD`). The numbers are the same either way.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,13 +37,7 @@ from fiddler_batch.machine import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-pthread", "-shared", "-fPIC")
-HELPER_THREAD = True
-"""`linear` runs its product on the library's helper thread too (and waits for it), so that every product of the
-kernel runs in the helper's team of OpenMP threads, those started ahead (`start`) and the others alike: a second
-team (the calling thread's) taking turns with it made the CPU experts slower (benchmarks/NOTES.md). False: `linear`
-computes on the calling thread."""
-
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_TOKENS = 32
 """The calibration measures the kernel up to this many tokens; beyond it the CPU expert never uses it (the kernel
 reads each weight once per call, but its arithmetic per weight grows with the tokens, where oneDNN's blocked
@@ -109,15 +99,10 @@ def _load() -> Callable[..., int] | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.info("the CPU's own matrix-vector kernel could not be built (%s): F.linear is used", exc)
         return None
-    c_long, c_ptr, c_int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
-    for name in ("fb_gemv_bf16", "fb_gemv_bf16_start"):
-        entry = getattr(library, name)
-        entry.restype = c_int
-        entry.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_int, c_ptr, c_long, c_int]
-    library.fb_gemv_bf16_wait.restype = c_int
-    library.fb_gemv_bf16_wait.argtypes = []
     fn = library.fb_gemv_bf16
-    fn.library = library  # the entry points of products started ahead (`start`)
+    fn.restype = ctypes.c_int
+    c_long, c_ptr, c_int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_int, c_ptr, c_long, c_int]
     return fn
 
 
@@ -156,78 +141,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., int] | N
     m, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
-    rows = x.reshape(-1, k)
-    y = torch.empty(rows.shape[0], m, dtype=torch.bfloat16)
-    if kernel is None and HELPER_THREAD:
-        ahead = _start([(rows, weight, y)])
-        if ahead is not None:
-            ahead.wait()
-            return y.reshape(*x.shape[:-1], m)
-    xf = rows.to(torch.float32).contiguous()
+    xf = x.reshape(-1, k).to(torch.float32).contiguous()
     n = xf.shape[0]
+    y = torch.empty(n, m, dtype=torch.bfloat16)
     if n and fn(weight.data_ptr(), m, k, weight.stride(0), xf.data_ptr(), n, y.data_ptr(), m, torch.get_num_threads()):
         raise MemoryError("the CPU's own matrix-vector kernel could not allocate its copy of the tokens")
     return y.reshape(*x.shape[:-1], m)
-
-
-class Ahead:
-    """Products `start` queued on the kernel's helper thread, until `wait` (which the executor calls before it reads
-    their outputs); holds their inputs and outputs meanwhile. Dropped unwaited (an error on the caller's way), it
-    waits first, so that the helper never reads or writes memory that has been freed."""
-
-    def __init__(self, wait: Callable[[], int], keep: list[torch.Tensor]):
-        self._wait: Callable[[], int] | None = wait
-        self._keep = keep
-
-    def wait(self) -> None:
-        wait, self._wait = self._wait, None
-        if wait is None:
-            return
-        failed = wait()
-        self._keep = []
-        if failed:
-            raise MemoryError("the CPU's own matrix-vector kernel could not allocate its copy of the tokens")
-
-    def __del__(self) -> None:
-        if self._wait is not None:
-            self._wait()
-
-
-def start(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Ahead | None:
-    """Start `out[:] = F.linear(x, weight)` for each (x, weight, out) on the kernel's helper thread (see `_start`)."""
-    return _start(products)
-
-
-def _start(products: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Ahead | None:
-    """Start `out[:] = F.linear(x, weight)` for each (x, weight, out) on the kernel's helper thread, in order, and
-    return at once. x: [n, in]; weight: as `usable` accepts; out: bf16 [n, out] with contiguous rows (columns of a
-    wider buffer will do). None, with nothing left running, where the kernel or its helper thread is not available:
-    the caller computes them itself."""
-    library = getattr(_kernel(), "library", None)
-    if library is None:
-        return None
-    keep: list[torch.Tensor] = []
-    threads = torch.get_num_threads()
-    ahead = Ahead(library.fb_gemv_bf16_wait, keep)
-    for x, weight, out in products:
-        m, k = weight.shape
-        if not usable(weight) or x.shape[-1] != k:
-            raise ValueError(
-                f"the kernel cannot compute a product of x {tuple(x.shape)} and weight {tuple(weight.shape)}"
-            )
-        xf = x.reshape(-1, k).to(torch.float32).contiguous()
-        n = xf.shape[0]
-        if (
-            out.dtype != torch.bfloat16
-            or out.device.type != "cpu"
-            or out.shape != (n, m)
-            or (m > 1 and out.stride(1) != 1)
-        ):
-            raise ValueError(f"the product's output must be bf16 {(n, m)} with contiguous rows")
-        keep += [xf, weight, out]
-        if n and library.fb_gemv_bf16_start(
-            weight.data_ptr(), m, k, weight.stride(0), xf.data_ptr(), n, out.data_ptr(), out.stride(0), threads
-        ):
-            ahead.wait()  # the helper could not take it: finish what it has, and let the caller compute them all
-            return None
-    return ahead

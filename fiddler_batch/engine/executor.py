@@ -284,9 +284,6 @@ class HybridExecutor:
         self._measured: CostModel | None = None  # the cost model as installed: both CPU layouts' times
         self.adapt_costs: AdaptCosts = adapt_costs
         self.tracker: CostTracker | None = None  # the run's measured times against `cost` (adaptive.py)
-        self.split_ahead = True
-        """A split's CPU columns start on the own kernel's helper thread before the layer's GPU work is queued, where
-        the kernel computes them (`_start_split_ahead`)."""
         self.cpu_lag: CpuLag = cpu_lag
         self.lags = (StartLag(), StartLag())  # the CPU's start after the link: calls of few token slots, of many
         self.set_cost(cost)
@@ -659,6 +656,16 @@ class HybridExecutor:
         stats.predicted_s += plan.predicted_ms / 1e3
         stats.layer_calls += 1
         stats.tokens_routed += num_tokens * top_k
+        if not layer.routed:
+            layer.routed = [0] * num_experts
+        counted = counts if self.count_mask is None else self._masked_counts(routing.host_index, num_experts)
+        for e, n in enumerate(counted):
+            layer.routed[e] += n
+        if timeline:
+            timeline.records[-1]["plan"] = {
+                w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY, Where.SPLIT)
+            }
+            timeline.records[-1]["split_share"] = plan.split_share
 
         bounds = [0] * (num_experts + 1)  # expert e owns sorted slots bounds[e]:bounds[e+1]
         for e, n in enumerate(counts):
@@ -677,28 +684,10 @@ class HybridExecutor:
             if self.lag_measured and plan.overlap and (split is not None or plan.copy_order)
             else None
         )
-        cpu_experts = plan.experts(Where.CPU)
-        if (
-            split is not None
-            and not self.cpu_worker
-            and (cpugemv.HELPER_THREAD or not cpu_experts)
-            and self._start_split_ahead(layer, split, routing, lag)
-        ):
-            lag = None  # measured where it started
-        # The bookkeeping waits until the link and the CPU have their work.
-        if not layer.routed:
-            layer.routed = [0] * num_experts
-        counted = counts if self.count_mask is None else self._masked_counts(routing.host_index, num_experts)
-        for e, n in enumerate(counted):
-            layer.routed[e] += n
-        if timeline:
-            timeline.records[-1]["plan"] = {
-                w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY, Where.SPLIT)
-            }
-            timeline.records[-1]["split_share"] = plan.split_share
         out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         gathered = hidden[tokens]  # [K*T, H]
 
+        cpu_experts = plan.experts(Where.CPU)
         host_experts = cpu_experts + ([split.expert] if split is not None else [])
         cpu_inputs = self._send_to_host(routing, gathered, host_experts, bounds) if host_experts else None
         # What ran at once, for the cost tracker: the CPU beside the layer's copies, the link beside its CPU work.
@@ -1208,50 +1197,13 @@ class HybridExecutor:
             if self.timeline:
                 self.timeline.records[-1]["gpu"]["split_landed"] = job.down_landed
 
-    def _start_split_ahead(
-        self, layer: LayerState, job: _SplitJob, routing: _Routing, lag: tuple[StartLag, float] | None
-    ) -> bool:
-        """Start the split's CPU columns of the up output on the own kernel's helper thread (`cpugemv.start`), where
-        the kernel computes them and the layer's input came back with the routing, so that the CPU reads the weights
-        while this thread queues the layer's GPU work; `_split_up_on_cpu` waits for them. `lag`: the measure of the
-        CPU's start, observed here. True when they started.
-
-        The caller starts them ahead beside whole CPU experts only where the kernel computes every product on its
-        helper thread (`cpugemv.HELPER_THREAD`): with the calling thread's team of OpenMP threads computing whole CPU
-        experts right after the helper's, beam search ran 0.92x as fast as with the split computed in turn
-        (benchmarks/NOTES.md)."""
-        n = job.stop - job.start
-        if not (self.split_ahead and routing.host_hidden is not None and self.gemv_for(n)):
-            return False
-        source = layer.host_expert(job.expert)
-        weights = [source["up"][a:b] for a, b in job.cpu_ranges]
-        if not all(cpugemv.usable(w) for w in weights):
-            return False
-        x = routing.host_hidden[routing.host_tokens[job.start : job.stop]]  # the rows `_send_to_host` gives it
-        job.ahead = cpugemv.start([(x, w, job.cpu_pre[:, a:b]) for (a, b), w in zip(job.cpu_ranges, weights)])
-        if job.ahead is None:
-            return False
-        if lag is not None:
-            lag[0].observe((time.perf_counter() - lag[1]) * 1e3)
-        if self.timeline:
-            self.timeline.mark("cpu_ahead")
-        return True
-
     def _split_up_on_cpu(self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, record: dict | None) -> None:
-        """The CPU's columns of the up output, into `job.cpu_pre` (`record`: the worker's timeline record): waited
-        for where they were started ahead, computed here otherwise."""
+        """The CPU's columns of the up output, into `job.cpu_pre` (`record`: the worker's timeline record)."""
         source = layer.host_expert(job.expert)
         pieces = [
             (source["up"][a:b], source["up_bias"][a:b] if "up_bias" in source else None) for a, b in job.cpu_ranges
         ]
-        if job.ahead is not None:
-            job.ahead.wait()
-            job.ahead = None
-            for (a, b), (_, bias) in zip(job.cpu_ranges, pieces):
-                if bias is not None:  # as `up_rows_into` adds it: one bf16 sum of the product and the bias
-                    job.cpu_pre[:, a:b] += bias
-        else:
-            up_rows_into(job.cpu_pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
+        up_rows_into(job.cpu_pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
         if self.timeline:
             self.timeline.mark("split_sent", record)
 
@@ -1371,7 +1323,6 @@ class _SplitJob:
     device_pre: torch.Tensor | None = None  # [n, up rows] the up output on the fast device
     cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
     cpu_down: torch.Tensor | None = None  # [n, outputs] the CPU's output units on the host (None: it has none)
-    ahead: cpugemv.Ahead | None = None  # the CPU's columns started on the kernel's helper thread (`_start_split_ahead`)
 
 
 def fiddler_experts_forward(

@@ -9,7 +9,6 @@
    lane i, and so on), then the elements past the last whole step one by one. So the value of an output does not
    depend on the thread count. */
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -145,89 +144,4 @@ int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, in
     }
     free(xs);
     return 0;
-}
-
-/* Products started ahead: the caller queues products (fb_gemv_bf16_start) that a helper thread of this library
-   computes in order while the caller goes on, then waits for all of them (fb_gemv_bf16_wait). The executor starts a
-   split expert's CPU columns this way before it queues the layer's GPU work, which would otherwise hold the CPU's
-   start back by the host's launch time (cpugemv.py). The helper is started on first use, and again in a child
-   process after a fork (which copies no threads). Each product is computed exactly as fb_gemv_bf16 computes it. */
-
-#define QUEUED 16
-
-struct product {
-    const uint16_t *w;
-    long m, k, ldw;
-    const float *x;
-    int n;
-    uint16_t *y;
-    long ldy;
-    int threads;
-};
-
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t queued = PTHREAD_COND_INITIALIZER, finished = PTHREAD_COND_INITIALIZER;
-static struct product queue[QUEUED];
-static long first, next; /* products [first, next) are not finished; queue[i % QUEUED] holds product i */
-static int helper_running, failed, fork_handler;
-
-static void *helper(void *unused) {
-    (void)unused;
-    pthread_mutex_lock(&lock);
-    for (;;) {
-        while (first == next) pthread_cond_wait(&queued, &lock);
-        const struct product p = queue[first % QUEUED];
-        pthread_mutex_unlock(&lock);
-        const int rc = fb_gemv_bf16(p.w, p.m, p.k, p.ldw, p.x, p.n, p.y, p.ldy, p.threads);
-        pthread_mutex_lock(&lock);
-        if (rc) failed = rc;
-        first++;
-        pthread_cond_broadcast(&finished);
-    }
-    return NULL;
-}
-
-static void after_fork_in_child(void) {
-    pthread_mutex_init(&lock, NULL);
-    pthread_cond_init(&queued, NULL);
-    pthread_cond_init(&finished, NULL);
-    first = next = 0;
-    helper_running = failed = 0;
-}
-
-/* Queue y = x @ w.T (as fb_gemv_bf16) for the helper thread; x and y must stay valid until fb_gemv_bf16_wait
-   returns. Returns 0, -2 when QUEUED products are waiting already, -3 when the helper could not be started. */
-int fb_gemv_bf16_start(const uint16_t *w, long m, long k, long ldw, const float *x, int n, uint16_t *y, long ldy,
-                       int threads) {
-    pthread_mutex_lock(&lock);
-    if (!fork_handler) fork_handler = pthread_atfork(NULL, NULL, after_fork_in_child) == 0;
-    if (!helper_running) {
-        pthread_t thread;
-        if (pthread_create(&thread, NULL, helper, NULL) != 0) {
-            pthread_mutex_unlock(&lock);
-            return -3;
-        }
-        pthread_detach(thread);
-        helper_running = 1;
-    }
-    if (next - first >= QUEUED) {
-        pthread_mutex_unlock(&lock);
-        return -2;
-    }
-    queue[next % QUEUED] = (struct product){w, m, k, ldw, x, n, y, ldy, threads};
-    next++;
-    pthread_cond_signal(&queued);
-    pthread_mutex_unlock(&lock);
-    return 0;
-}
-
-/* Wait until every product queued so far is computed. Returns 0, or -1 when one could not allocate its memory
-   (its output is then not written). */
-int fb_gemv_bf16_wait(void) {
-    pthread_mutex_lock(&lock);
-    while (first != next) pthread_cond_wait(&finished, &lock);
-    const int rc = failed;
-    failed = 0;
-    pthread_mutex_unlock(&lock);
-    return rc;
 }

@@ -179,130 +179,28 @@ def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_re
     assert engine.describe()["cpu_gemv"] is True
 
 
-@pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("share", [0.25, 0.75])
-def test_a_split_experts_cpu_share_comes_from_the_kernel(bf16_reference, monkeypatch, share, ahead):
+def test_a_split_experts_cpu_share_comes_from_the_kernel(bf16_reference, monkeypatch, share):
     """Every output of the kernel is one sum in one order, whatever rows it is given: the CPU's rows of a split
-    expert are the rows of the whole product, so the engine still matches the kernel's reference exactly, whether
-    its up columns were started ahead on the kernel's helper thread or computed in turn."""
+    expert are the rows of the whole product, so the engine still matches the kernel's reference exactly."""
     ref_model, ref_logits, ref_greedy, ref_beam = bf16_reference
     monkeypatch.setattr(cpugemv, "MAX_TOKENS", 1000)
     model, engine = _engine(ref_model, cpu_gemv="on", split_experts=True)
-    engine.executor.split_ahead = ahead
     # One expert per layer call split, the others copied: the CPU's only products are the split's.
     engine.set_planner(forced_split(share, lambda layer, e: Where.COPY))
-    kernel_calls, started = [], []
-    linear, start = cpugemv.linear, cpugemv.start
+    kernel_calls = []
+    linear = cpugemv.linear
     with torch.no_grad(), gemv_products():  # the reference's products (bound before the count below)
         # Counted: the engine's own calls of the kernel, not those of F.linear routed through it.
         monkeypatch.setattr(cpugemv, "linear", lambda *a, **k: kernel_calls.append(1) or linear(*a, **k))
-        monkeypatch.setattr(cpugemv, "start", lambda products: started.extend(products) or start(products))
         assert torch.equal(model(PROMPTS).logits, ref_logits)
         split_calls = engine.stats()["experts_split"]
         assert split_calls > 0 and engine.stats()["experts_cpu"] == 0
-        # Per split: the up rows (the gate and the up ranges of these layouts), started ahead or computed in turn,
-        # and in the layers where the CPU's share goes beyond the up projection (every other one) the down rows,
-        # all from the kernel.
-        assert len(started) == (2 * split_calls if ahead else 0)
-        assert len(kernel_calls) + len(started) >= 2 * split_calls
+        # Per split: the up rows (the gate and the up ranges of these layouts), and in the layers where the CPU's
+        # share goes beyond the up projection (every other one) the down rows, all from the kernel.
+        assert len(kernel_calls) >= 2 * split_calls
         assert torch.equal(generate(model), ref_greedy)
         assert torch.equal(generate(model, num_beams=3), ref_beam)
-
-
-@pytest.mark.parametrize("helper", [True, False])
-def test_a_split_beside_whole_cpu_experts_starts_ahead_where_the_helper_computes_them_too(
-    bf16_reference, monkeypatch, helper
-):
-    """With every product of the kernel on its helper thread, a split starts ahead whatever else the CPU computes;
-    with the whole experts' products on the calling thread, only where the split is the layer's only CPU work (the
-    two threads' teams would otherwise take turns within one layer)."""
-    ref_model, ref_logits, ref_greedy, _ = bf16_reference
-    monkeypatch.setattr(cpugemv, "MAX_TOKENS", 1000)
-    monkeypatch.setattr(cpugemv, "HELPER_THREAD", helper)
-    model, engine = _engine(ref_model, cpu_gemv="on", split_experts=True)
-    plans = []
-    planner = forced_split(0.25, lambda layer, e: Where.CPU)  # the others off the GPU on the CPU, whole
-    engine.set_planner(lambda layer, counts: plans.append(planner(layer, counts)) or plans[-1])
-    started = []  # whether the layer's plan had whole CPU experts, at each start
-    start = cpugemv.start
-    monkeypatch.setattr(
-        cpugemv, "start", lambda products: started.append(plans[-1].experts(Where.CPU)) or start(products)
-    )
-    with torch.no_grad(), gemv_products():
-        assert torch.equal(model(PROMPTS).logits, ref_logits)
-        assert torch.equal(generate(model), ref_greedy)
-    beside = [p for p in plans if p.experts(Where.SPLIT) and p.experts(Where.CPU)]
-    alone = [p for p in plans if p.experts(Where.SPLIT) and not p.experts(Where.CPU)]
-    assert beside and engine.stats()["experts_cpu_gemv"] > 0
-    if helper:
-        assert len(started) == len(alone) + len(beside)
-    else:
-        assert len(started) == len(alone) and not any(started)
-
-
-def test_products_started_ahead_are_the_kernels_products_written_where_asked():
-    torch.manual_seed(3)
-    wide = torch.randn(70, 96, dtype=torch.bfloat16)
-    x = torch.randn(3, 80, dtype=torch.bfloat16)
-    weights = [wide[:40, :80], wide[40:, 8:88], wide[5:6, :80]]  # rows of a wider tensor, one a single row
-    out = torch.full((3, 100), 7.0, dtype=torch.bfloat16)  # each product into columns of one buffer
-    columns = [(0, 40), (50, 80), (90, 91)]
-    ahead = cpugemv.start([(x, w, out[:, a:b]) for w, (a, b) in zip(weights, columns)])
-    assert ahead is not None
-    ahead.wait()
-    ahead.wait()  # once is enough
-    for w, (a, b) in zip(weights, columns):
-        assert torch.equal(out[:, a:b], cpugemv.linear(x, w))
-    assert torch.all(out[:, 40:50] == 7.0) and torch.all(out[:, 80:90] == 7.0) and torch.all(out[:, 91:] == 7.0)
-    # Dropped before it was waited for (an error on the caller's way), it waits for the helper first.
-    again = torch.zeros(3, 40, dtype=torch.bfloat16)
-    ahead = cpugemv.start([(x, weights[0], again)] * 3)
-    del ahead
-    assert torch.equal(again, out[:, :40])
-    with pytest.raises(ValueError, match="contiguous rows"):
-        cpugemv.start([(x, weights[0], torch.zeros(40, 3, dtype=torch.bfloat16).T)])
-    with pytest.raises(ValueError, match="cannot compute"):
-        cpugemv.start([(x, torch.ones(4, 80), torch.zeros(3, 4, dtype=torch.bfloat16))])
-
-
-def test_the_kernels_products_run_on_its_helper_thread_unless_told_otherwise(monkeypatch):
-    torch.manual_seed(5)
-    x, weight = torch.randn(3, 72, dtype=torch.bfloat16), torch.randn(20, 72, dtype=torch.bfloat16)
-    handed = []
-    real = cpugemv._start
-    monkeypatch.setattr(cpugemv, "_start", lambda products: handed.append(len(products)) or real(products))
-    on_helper = cpugemv.linear(x, weight)
-    assert handed == [1]
-    monkeypatch.setattr(cpugemv, "HELPER_THREAD", False)
-    assert torch.equal(cpugemv.linear(x, weight), on_helper) and handed == [1]  # the same numbers, computed here
-    _check_close_to_exact(on_helper, x, weight)
-
-
-def test_products_start_ahead_in_a_forked_child_too():
-    """A fork copies no threads: the child starts its own helper (the parent's had run before the fork)."""
-    torch.manual_seed(4)
-    x, weight = torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(48, 64, dtype=torch.bfloat16)
-    expected = cpugemv.linear(x, weight)
-    out = torch.zeros(2, 48, dtype=torch.bfloat16)
-    cpugemv.start([(x, weight, out)]).wait()
-    assert torch.equal(out, expected)
-    pid = os.fork()
-    if pid == 0:  # the child: exit 0 only when its products came back right
-        try:
-            child_out = torch.zeros(2, 48, dtype=torch.bfloat16)
-            ahead = cpugemv.start([(x, weight, child_out)])
-            ahead.wait()
-            os._exit(0 if torch.equal(child_out, expected) else 1)
-        finally:
-            os._exit(2)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
-def test_without_the_helpers_entry_points_nothing_starts_ahead(monkeypatch):
-    monkeypatch.setattr(cpugemv, "_kernel", lambda: lambda *args: 0)  # a kernel without `library`: another build
-    x, weight = torch.ones(1, 8, dtype=torch.bfloat16), torch.ones(4, 8, dtype=torch.bfloat16)
-    assert cpugemv.start([(x, weight, torch.zeros(1, 4, dtype=torch.bfloat16))]) is None
 
 
 def test_auto_takes_the_kernel_where_it_was_measured_faster(bf16_reference):
