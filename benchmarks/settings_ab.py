@@ -66,9 +66,7 @@ def main() -> None:
     ids = prompt_ids(32, model.config.vocab_size, 0)
     cases = {case: {"a": 1, "c": 4}[case] for case in args.cases.split(",")}
     results = {(mode, case): [] for mode in modes for case in cases}
-
     defaults = {key: getattr(executor, key) for mode in MODES.values() for key in mode}
-
     lags: dict[str, tuple[StartLag, StartLag]] = {}
 
     def use(mode: str) -> None:

@@ -621,13 +621,14 @@ class EngineSpec(BaseModel):
     cpu_lag: CpuLag = "auto"
     """Plan each layer with its CPU work starting as late after the link's copies as it does in this run. The link
     starts a layer's first copy at once; the CPU starts after the host has queued the layer's GPU work and sent it
-    its rows, on an H200 host about half a millisecond later, a sixth of a one-token expert's CPU time. The executor
-    measures that delay over the first 64 layer calls with both (decode-sized calls and prefill-sized ones apart),
-    fixes the median for the engine's life, and the planner then gives the link a larger share of a split expert,
-    or one more copy, where the CPU would finish last. 'auto' measures with a GPU only; 'on' on the CPU too (the
-    tests); 'off' plans as if both started together. Plans then depend on the delay measured; in float32 every plan
-    gives the same tokens, in bf16 a CPU product may differ from a GPU one in its last bits.
-    `engine_stats.cpu_lag` gives the values in use."""
+    its rows, on H200 hosts 0.55-0.95 ms later (an eighth to a quarter of a one-token expert's CPU time). The
+    executor measures that delay over the first 64 layer calls with both (decode-sized calls and prefill-sized ones
+    apart), fixes the median for the engine's life, and the planner then gives the link a larger share of a split
+    expert, or one more copy, where the CPU would finish last. 'auto' measures with a GPU only; 'on' on the CPU too
+    (the tests); 'off' plans as if both started together. Against 'off', interleaved on one H200 host at 8 layers:
+    single-request decode 1.04x and beam search 1.04x with 50% of experts resident, 1.01x and 1.01x with 25%
+    (benchmarks/NOTES.md). Plans then depend on the delay measured; in float32 every plan gives the same tokens, in
+    bf16 a CPU product may differ from a GPU one in its last bits. `engine_stats.cpu_lag` gives the values in use."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)
