@@ -1,7 +1,7 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,c]
-        [--modes default,adapting,whole,split,warm,nolag]
+        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05] [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
 32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s) and c (beam width 4:
@@ -15,6 +15,9 @@ output tok/s). Each round runs every mode once per case, in an order that rotate
             the calls that ran it against the defaults of their time);
 - nolag:    `engine.cpu_lag: off` (plans start the CPU with the link; the others plan with the CPU's start lag
             that their own warm-up measured);
+- gain20, gain10, gain05: the least predicted gain of a split at 20%, 10% and 5% in every layer
+            (`planner.SPLIT_MIN_GAIN` and `SPLIT_MIN_GAIN_FEW`; the defaults: 20% beside two or more other
+            off-GPU experts, 5% beside one or none);
 - warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
             as calibrations did before they read experts in turn). With this mode every mode plans on a full
             calibration made at the start, the others on one that reads experts in turn.
@@ -32,7 +35,7 @@ from interleave import arguments, rounds, summary_line
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
-from fiddler_batch.engine import Engine
+from fiddler_batch.engine import Engine, planner
 from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.engine.costmodel import calibrate
 from fiddler_batch.spec import EngineSpec
@@ -44,11 +47,23 @@ MODES = {
     "split": {"split_experts": True},
     "warm": {},
     "nolag": {"cpu_lag": "off"},
+    "gain20": {},
+    "gain10": {},
+    "gain05": {},
 }
+SPLIT_GAINS = {"gain20": 0.20, "gain10": 0.10, "gain05": 0.05}
+"""The planner's least gain of a split, in every layer, in the modes that set it (the others keep the defaults)."""
 
 
 def main() -> None:
-    args = arguments(6, "a,c", MODES).parse_args()
+    parser = arguments(6, "a,c", MODES)
+    parser.add_argument(
+        "--one-lag",
+        action="store_true",
+        help="every mode plans with the CPU start lag the first mode's warm-up measured (for modes that change only "
+        "plans, so that the lag's measurement does not differ between them)",
+    )
+    args = parser.parse_args()
     modes = args.modes.split(",")
     model = build_model(layers=args.layers, seed=0)
     engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
@@ -68,11 +83,15 @@ def main() -> None:
     results = {(mode, case): [] for mode in modes for case in cases}
     defaults = {key: getattr(executor, key) for mode in MODES.values() for key in mode}
     lags: dict[str, tuple[StartLag, StartLag]] = {}
+    default_gains = (planner.SPLIT_MIN_GAIN, planner.SPLIT_MIN_GAIN_FEW)
 
     def use(mode: str) -> None:
         for key, value in {**defaults, **MODES[mode]}.items():
             setattr(executor, key, value)
-        executor.lags = lags.setdefault(mode, (StartLag(), StartLag()))  # each mode measures its own CPU start
+        gain = SPLIT_GAINS.get(mode)  # both in the executor's plan cache key
+        planner.SPLIT_MIN_GAIN, planner.SPLIT_MIN_GAIN_FEW = default_gains if gain is None else (gain, gain)
+        # Each mode measures its own CPU start, or with --one-lag every mode takes the first one's.
+        executor.lags = lags.setdefault(modes[0] if args.one_lag else mode, (StartLag(), StartLag()))
         engine.set_cost_model(costs.get(mode, cost))  # a fresh tracker (adapting) or none
 
     print(

@@ -1,7 +1,7 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
     python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--resident 0.25] [--whole]
-        [--prompt 32] [--show 3] [--worker] [--graphs] [--nolag]
+        [--prompt 32] [--show 3] [--worker] [--graphs] [--nolag] [--split-gain 0.2]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident (`--resident`), turns on the executor's trace and prints,
 for the last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
@@ -20,7 +20,7 @@ import torch
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
-from fiddler_batch.engine import Engine
+from fiddler_batch.engine import Engine, planner
 from fiddler_batch.engine.executor import Timeline
 from fiddler_batch.generation import static_cache_settings
 from fiddler_batch.spec import EngineSpec
@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help="engine.cpu_worker: true")
     parser.add_argument("--graphs", action="store_true", help="engine.cuda_graphs: true (and the static KV cache)")
     parser.add_argument("--nolag", action="store_true", help="engine.cpu_lag: off (the CPU starts with the link)")
+    parser.add_argument("--split-gain", type=float, default=None, help="the least gain of a split, in every layer")
     args = parser.parse_args()
+    if args.split_gain is not None:
+        planner.SPLIT_MIN_GAIN = planner.SPLIT_MIN_GAIN_FEW = args.split_gain
     model = build_model(layers=8, seed=0)
     prompt = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
     engine = Engine.from_model(

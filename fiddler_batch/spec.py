@@ -556,13 +556,15 @@ class EngineSpec(BaseModel):
     travel while this layer's CPU experts and the next layer's attention run. 0 turns it off."""
     split_experts: bool = True
     """Let a layer split one off-GPU expert with few tokens between the CPU and the GPU when the cost model
-    predicts a layer at least 20% shorter (balanced strategy only): the CPU computes a share of its products from
+    predicts a layer at least 5% shorter where the layer has at most two off-GPU experts, 20% where it has more
+    (balanced strategy only): the CPU computes a share of its products from
     host memory, first of the up projection, then of the down one, and sends it to the GPU, which computes the
     rest from a partial copy (with `cpu_gemv`, the CPU's share from the own kernel at few tokens, as its whole
     experts). Every output number is the same as unsplit. Measured on H200 hosts against whole experts, 8 layers
     (benchmarks/NOTES.md), runs interleaved: single-request decode 1.03x with 25% of experts resident and 1.10x
     with 50%, beam search 1.01x and 1.09x; in a bench, one after the other: 0.98x and 1.19x, beam search 1.02x and
-    1.12x. false keeps every expert whole."""
+    1.12x; the 5% where a layer has two off-GPU experts, against 20% there, decode 0.99-1.06x on three hosts (25%
+    resident). false keeps every expert whole."""
     cpu_worker: bool = False
     """Compute a layer's CPU experts on a worker thread while the main thread queues the rest of the step on
     the GPU (the layer's sum, the next layer's attention and router) behind a wait that the worker releases, so

@@ -472,7 +472,8 @@ class HybridExecutor:
         lag = self._lag(sum(counts)).value_ms if self.lag_measured else 0.0
         # A plan is a pure function of these (and the cost model): decode and beam-search steps see the same few
         # count patterns again and again, and planning one takes tens of microseconds of the host's time.
-        key = (tuple(counts), tuple(resident), self.strategy, backlog, below, up, lag, planner_rules.SPLIT_MIN_GAIN)
+        gains = (planner_rules.SPLIT_MIN_GAIN, planner_rules.SPLIT_MIN_GAIN_FEW)
+        key = (tuple(counts), tuple(resident), self.strategy, backlog, below, up, lag, gains)
         if cost is not self._plans_for:
             self._plans.clear()
             self._plans_for = cost

@@ -123,7 +123,7 @@ def plan_layer(
     counts[e]: tokens routed to expert e in this step; resident[e]: e's weights are on the fast device;
     link_busy_ms: how long the link is still busy with copies queued before this layer's (prefetches);
     split_below: an off-GPU expert with fewer tokens than this may be split between the CPU and the GPU, when
-    the strategy splits and that shortens the predicted layer time by `SPLIT_MIN_GAIN` (0: never); split_up: the
+    the strategy splits and that shortens the predicted layer time by `split_min_gain` (0: never); split_up: the
     up projection's part of an expert's weights (`compute.up_share`), which the CPU computes first; cpu_lag_ms: how
     long after the link the CPU starts (strategies that overlap them only).
     """
@@ -149,7 +149,7 @@ def plan_layer(
     predicted = predict_ms(counts, where, to_copy, cost, chosen.overlap, link_busy_ms, lag)
     if chosen.splits and split_below > 0:
         split = _best_split(counts, where, offloaded, cost, link_busy_ms, lag, split_below, split_up)
-        if split is not None and split[0] < predicted * (1.0 - SPLIT_MIN_GAIN):
+        if split is not None and split[0] < predicted * (1.0 - split_min_gain(len(offloaded))):
             predicted, expert, share, copies = split
             for e in offloaded:
                 where[e] = Where.COPY if e in copies else Where.CPU
@@ -162,11 +162,23 @@ SPLIT_SHARES = tuple(i / 16 for i in range(1, 16))
 """The CPU shares of a split expert the planner weighs."""
 
 SPLIT_MIN_GAIN = 0.2
-"""A split is planned only when it shortens the predicted layer time by at least this fraction. A lone off-GPU
-expert split between the CPU and the link is predicted about a third shorter, and was measured a fifth shorter on
-an H200 host (a 1-token decode layer from 7.6-8.0 ms to 6.0-6.7); a split beside other off-GPU experts is
-predicted 5-15% shorter, less than the CPU's share of a split runs above its calibrated share, and those layers
-were measured slower (7.5-8.0 ms whole, 8.5 ms split; benchmarks/NOTES.md)."""
+"""A split beside two or more other off-GPU experts is planned only when it shortens the predicted layer time by at
+least this fraction. Such splits are predicted 5-15% shorter, within the cost model's error for the layer's CPU
+side (several experts and a share), and beam search, where most of them are, measured 0.94-1.04x with them on three
+H200 hosts (8 layers; benchmarks/NOTES.md)."""
+
+SPLIT_MIN_GAIN_FEW = 0.05
+"""The same for a split that is its layer's only off-GPU expert or has one other beside it: a batch-1 decode layer
+with two off-GPU experts at one token each, one on the CPU and one copied, is predicted about 14% shorter with the
+copied one split (the CPU takes about 3/16 of it). On H200 hosts at 8 layers with 25% of experts resident such
+layers took 7.3 ms against 8.6 in a timeline, and single-request decode measured 0.99x, 1.06x and 1.04x on three
+hosts against splits at 20% in every layer (benchmarks/NOTES.md). A lone split is predicted about a third shorter."""
+
+
+def split_min_gain(offloaded: int) -> float:
+    """The least predicted gain for which a layer with `offloaded` off-GPU experts with tokens (the split one
+    among them) is split."""
+    return SPLIT_MIN_GAIN_FEW if offloaded <= 2 else SPLIT_MIN_GAIN
 
 
 def _best_split(

@@ -348,13 +348,17 @@ def test_plans_are_reused_only_for_the_same_inputs_and_cost_model(mixtral, monke
     assert executor.own_plan(layer, counts).experts(Where.CPU) == [off[0]] and len(calls) == 3
     monkeypatch.setattr(executor, "strategy", "balanced")
     assert executor.own_plan(layer, counts) is first and len(calls) == 3
-    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN", 0.99)
+    few, many = planner_rules.SPLIT_MIN_GAIN_FEW, planner_rules.SPLIT_MIN_GAIN
+    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN_FEW", 0.99)  # the threshold of a layer with one off-GPU expert
     assert Where.SPLIT not in executor.own_plan(layer, counts).where and len(calls) == 4
-    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN", 0.2)
+    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN_FEW", few)
+    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN", 0.99)  # the other threshold: planned again, the same plan
+    assert executor.own_plan(layer, counts) == first and len(calls) == 5
+    monkeypatch.setattr(planner_rules, "SPLIT_MIN_GAIN", many)
     slow_link = replace(COST, copy_ms=COST.copy_ms * 100)
     engine.set_cost_model(slow_link)
     plan = executor.own_plan(layer, counts)
-    assert len(calls) == 5 and plan == plan_layer(*calls[-1]) and calls[-1][2] is executor.planning_cost()
+    assert len(calls) == 6 and plan == plan_layer(*calls[-1]) and calls[-1][2] is executor.planning_cost()
 
 
 def test_pinned_buffers_hand_out_views_of_their_start():

@@ -22,8 +22,9 @@ from .families import FAMILIES
 from .families import build as build_family
 
 SPLIT_GAINS = 0.03
-"""SPLIT_MIN_GAIN for the tests of the balanced planner's splits: under the default a test model's layers with several
-off-GPU experts (qwen3_moe's top 4 of 16) are never split."""
+"""The least gain of a split (`planner.SPLIT_MIN_GAIN` and `SPLIT_MIN_GAIN_FEW`) for the tests of the balanced
+planner's splits: under the defaults a test model's layers with several off-GPU experts (qwen3_moe's top 4 of 16) are
+never split."""
 
 
 @pytest.mark.parametrize("family_model", list(FAMILIES), indirect=True)
@@ -31,6 +32,7 @@ off-GPU experts (qwen3_moe's top 4 of 16) are never split."""
 def test_tokens_match_reference(reference, plan, monkeypatch):
     ref_model, ref_logits, ref_greedy, ref_beam = reference
     monkeypatch.setattr(planner, "SPLIT_MIN_GAIN", SPLIT_GAINS)
+    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN_FEW", SPLIT_GAINS)
     model, engine = make_engine(ref_model, plan)
     with torch.no_grad():
         logits = model(PROMPTS).logits
@@ -80,6 +82,7 @@ def test_one_staging_slot_reused_within_a_layer(reference):
 def test_splitting_off_or_without_a_spare_slot_keeps_experts_whole(reference, monkeypatch):
     ref_model, ref_logits, ref_greedy, ref_beam = reference
     monkeypatch.setattr(planner, "SPLIT_MIN_GAIN", SPLIT_GAINS)
+    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN_FEW", SPLIT_GAINS)
     model = copy.deepcopy(ref_model)
     engine = Engine.from_model(model, EngineSpec(device="cpu", resident_share=0.25), cost=COST)
     engine.set_strategy("balanced")

@@ -146,7 +146,7 @@ def test_balanced_splits_a_lone_expert_between_the_cpu_and_the_link():
 
 
 def test_the_gpus_share_of_a_split_waits_for_the_cpus_up_output(monkeypatch):
-    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN", 0.0)  # the arithmetic of the split, whatever it gains
+    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN_FEW", 0.0)  # the arithmetic of the split, whatever it gains
     # A CPU twice as fast as the link (2 ms against 4 ms), and a GPU share that takes 2 ms per whole expert: for
     # a share f the CPU takes 2f; the GPU starts once the link's 4(1 - f) and the CPU's up output have landed and
     # takes 2(1 - f). The CPU sends its up output after min(f, split_up) of its time.
@@ -160,19 +160,26 @@ def test_the_gpus_share_of_a_split_waits_for_the_cpus_up_output(monkeypatch):
     assert plan.split_share == pytest.approx(13 / 16) and plan.predicted_ms == pytest.approx(4 / 3 + 0.375)
 
 
-def test_a_split_takes_a_share_of_one_expert_beside_whole_ones(monkeypatch):
-    # Two 1-token experts: whole, one on the CPU and one copied (5.2 ms). Splitting one and leaving the other to
-    # the CPU balances the two sides closer: the CPU does 4 + 4f, the link 5(1 - f), about 13% shorter.
-    # Under SPLIT_MIN_GAIN: on the GPU hosts such gains were not there in the run, so the experts stay whole.
-    whole = plan_layer([1, 1], [False, False], COST, "balanced", split_below=16)
+def test_a_split_beside_one_whole_expert_is_planned_and_beside_more_only_for_a_larger_gain(monkeypatch):
+    # Two 1-token experts: whole, one on the CPU and one copied (5.2 ms). Splitting the copied one balances the two
+    # sides closer: the CPU does 4 + 4f, the link 5(1 - f), about 13% shorter, over SPLIT_MIN_GAIN_FEW.
+    whole = plan_layer([1, 1], [False, False], COST, "balanced")
     assert sorted(whole.where) == sorted([C, P]) and whole.predicted_ms == pytest.approx(5.2)
-    least = planner.SPLIT_MIN_GAIN
-    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN", 0.03)
     plan = plan_layer([1, 1], [False, False], COST, "balanced", split_below=16)
-    assert sorted(plan.where) == sorted([C, S])
-    assert 5.2 * (1 - planner.SPLIT_MIN_GAIN) > plan.predicted_ms > 5.2 * (1 - least)
+    assert sorted(plan.where) == sorted([C, S]) and plan.copy_order == ()
     share = plan.split_share
     assert plan.predicted_ms == pytest.approx(max(4.0 + 4.0 * share, 5.2 * (1 - share)))
+    assert 5.2 * (1 - planner.SPLIT_MIN_GAIN_FEW) > plan.predicted_ms > 5.2 * (1 - planner.SPLIT_MIN_GAIN)
+    # Three: whole, one copied and two on the CPU (8 ms). Copying one, splitting the next (11/16 on the CPU) and
+    # leaving the third to the CPU takes max(4 + 4 x 11/16, 5 + 5 x 5/16 + 0.2 x 5/16) = 6.75 ms, about 16% shorter:
+    # under SPLIT_MIN_GAIN, which a layer with more than two off-GPU experts needs, so they stay whole.
+    three = plan_layer([1, 1, 1], [False] * 3, COST, "balanced", split_below=16)
+    assert S not in three.where and three.predicted_ms == pytest.approx(8.0)
+    monkeypatch.setattr(planner, "SPLIT_MIN_GAIN", 0.1)
+    split = plan_layer([1, 1, 1], [False] * 3, COST, "balanced", split_below=16)
+    assert sorted(split.where) == sorted([P, S, C]) and split.split_share == pytest.approx(11 / 16)
+    assert split.predicted_ms == pytest.approx(6.75)
+    assert planner.split_min_gain(3) == 0.1 and planner.split_min_gain(2) == planner.split_min_gain(1)
 
 
 def test_a_cpu_that_starts_late_gives_the_link_a_larger_share_and_whole_experts_to_copy():
@@ -198,7 +205,7 @@ def test_no_split_at_or_above_split_below_nor_under_other_strategies():
     for strategy in ("cpu", "copy", "fiddler-rule"):
         plan = plan_layer([1, 1, 2], [False] * 3, COST, strategy, split_below=1000)
         assert S not in plan.where and plan.split_share == 0.0
-    # A gain under SPLIT_MIN_GAIN is not worth the extra transfers: a link that is busy for longer than the
+    # A gain under the least one is not worth the extra transfers: a link that is busy for longer than the
     # CPU needs for the whole expert leaves nothing to split.
     plan = plan_layer([1], [False], COST, "balanced", link_busy_ms=20.0, split_below=16)
     assert plan.where == (C,)
@@ -220,7 +227,8 @@ def test_splitting_is_never_predicted_slower_than_whole_experts():
             splits += 1
             assert 0.0 < split.split_share < 1.0
             assert counts[split.where.index(S)] < 16
-            assert split.predicted_ms < whole.predicted_ms * (1 - planner.SPLIT_MIN_GAIN)
+            offloaded = sum(1 for n, r in zip(counts, resident) if n and not r)
+            assert split.predicted_ms < whole.predicted_ms * (1 - planner.split_min_gain(offloaded))
             assert set(split.copy_order) == {e for e, w in enumerate(split.where) if w == P}
         else:
             assert split == whole
