@@ -2,20 +2,20 @@
 
     python benchmarks/gpu_check.py
 
-A 4-layer model of Mixtral's shape at a smaller width, float32 (TF32 off), 25% of experts resident:
-for each strategy (balanced, fiddler-rule, cpu, copy), the balanced planner with splits on (`balanced-split`)
-and a forced plan that splits one expert per layer call between the CPU and the GPU (`split-forced`), the balanced
-planner with its times corrected by the run's (`balanced-adapt`, `engine.adapt_costs: on`), with 1
-and 4 staging slots (one slot makes every copied expert of a layer reuse the same buffer, which exposes a
-missing stream dependency; a split needs two, so with one the plans keep experts whole), with the CPU worker
-(a stream waiting for host results exposes a missing wait), with 4 slots without it, and with 4 slots and two
-experts of the next layer prefetched per call (`pf`; `staged`: prefetched experts computed), the logits' relative
-error and whether greedy and beam-search tokens equal the reference. Then, in bf16, the 8-layer
-Mixtral-8x7B-geometry slice at 25% resident (balanced) against the whole model on the GPU: bf16 results
-differ with the order of operations, so the yardstick is how far transformers' own two experts
-implementations (eager loop and grouped_mm) are from each other on the same prompt; the same on 32 tokens
-with every off-GPU expert computed on the CPU by the project's own kernel (`engine.cpu_gemv: on`), and with
-splits on, whose CPU shares come from the kernel too. Exits 1 on a mismatch.
+A 4-layer model of Mixtral's shape at a smaller width, float32 (TF32 off), 25% of experts resident: for each strategy
+(balanced, fiddler-rule, cpu, copy), the balanced planner with splits on (`balanced-split`) and a forced plan that
+splits one expert per layer call between the CPU and the GPU (`split-forced`), the balanced planner with its times
+corrected by the run's (`balanced-adapt`, `engine.adapt_costs: on`), with 1 and 4 staging slots (one slot makes every
+copied expert of a layer reuse the same buffer, which exposes a missing stream dependency; a split needs two, so with
+one the plans keep experts whole), with the CPU worker (a stream waiting for host results exposes a missing wait),
+with 4 slots without it, and with 4 slots and two experts of the next layer prefetched per call (`pf`; `staged`:
+prefetched experts computed; `graphed`: experts replayed from CUDA graphs, `engine.expert_graphs`), the logits'
+relative error and whether greedy and beam-search tokens equal the reference. Then, in bf16, the 8-layer
+Mixtral-8x7B-geometry slice at 25% resident (balanced) against the whole model on the GPU: bf16 results differ with
+the order of operations, so the yardstick is how far transformers' own two experts implementations (eager loop and
+grouped_mm) are from each other on the same prompt; the same on 32 tokens with every off-GPU expert computed on the
+CPU by the project's own kernel (`engine.cpu_gemv: on`), and with splits on, whose CPU shares come from the kernel
+too. Exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main() -> int:
     failures = 0
     print(
         f"{'slots':>5} {'worker':<6} {'pf':>2} {'strategy':<13} {'rel err':>9} greedy beam   cpu copied resident "
-        "split staged"
+        "split staged graphed"
     )
     for slots, worker, prefetch in ((1, True, 0), (4, True, 0), (4, False, 0), (4, False, 2)):
         spec = EngineSpec(resident_share=0.25, staging_slots=slots, cpu_worker=worker, prefetch_experts=prefetch)
@@ -185,7 +185,7 @@ def main() -> int:
                 f"{slots:>5} {str(engine.executor.cpu_worker):<6} {prefetch:>2} {strategy:<13} {rel:>9.2e} "
                 f"{str(same[0]):<6} {str(same[1]):<6}"
                 f"{s['experts_cpu']:>4} {s['experts_copied']:>6} {s['experts_resident']:>8} {s['experts_split']:>5} "
-                f"{s['prefetch_hits']:>6}"
+                f"{s['prefetch_hits']:>6} {s['graph_replays']:>7}"
             )
         engine.set_planner(None)
         engine.close(release_host=False)  # the pinned experts serve the next placement

@@ -584,6 +584,17 @@ class EngineSpec(BaseModel):
     GPU only; models whose static cache is not made of plain full-attention layers (sliding-window,
     linear-attention or indexed layers), or whose code cannot be captured, decode without graphs, on the
     dynamic cache."""
+    expert_graphs: bool = True
+    """Queue the GPU's part of the experts of a small layer call (at most 16 token slots: tokens x experts per token)
+    as CUDA graphs: each expert computed whole on the GPU (resident, prefetched or copied), and a split expert's GPU
+    share before and after the CPU's columns arrive, is captured once per expert (or staging slot and share) and
+    rows, over buffers the call keeps at fixed addresses, and replayed with one launch. At one token the host takes
+    about 0.13 ms to launch a resident expert kernel by kernel and 0.005 ms to replay it (H200 host,
+    `benchmarks/launch_probe.py`), time that in a decode layer comes before or after its CPU share. The same kernels
+    on the same shapes: tokens are the same. Measured on H200 hosts against launching them one by one (runs
+    interleaved, ratios of medians): single-request decode 1.01-1.07x at 8 layers and 1.02-1.04x at 32 layers, beam
+    search 1.01-1.04x at 8 layers; small gains within the hosts' run-to-run spread (benchmarks/NOTES.md). GPU only; a
+    capture that fails turns them off with one log line."""
     cpu_packed: CpuPacked = "off"
     """Compute CPU experts from a second copy of their up and down weights packed once for oneDNN (bf16 weights
     only). 'auto' packs when the calibration measured the packed expert at least 10% faster at some token count the

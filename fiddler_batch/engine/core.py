@@ -201,6 +201,7 @@ class Engine:
             cpu_gemv=spec.cpu_gemv,
             adapt_costs=spec.adapt_costs,
             cpu_lag=spec.cpu_lag,
+            expert_graphs=spec.expert_graphs,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -373,6 +374,7 @@ class Engine:
             info["split_experts"] = self.executor.split_experts
             info["cpu_worker"] = self.executor.cpu_worker
             info["cuda_graphs"] = self.executor.graphs is not None
+            info["expert_graphs"] = self.executor.expert_graphs is not None
             info["cpu_packed_experts"] = self.executor.packed_experts()
             info["cpu_gemv"] = self.executor.gemv_ready
             info["adapt_costs"] = self.executor.tracker is not None

@@ -37,6 +37,12 @@ CUDA the main thread computes the layer's other experts while the worker compute
 A split expert's CPU share runs on the worker too, first: the worker lets the stream go once for its columns of
 the up output (behind that wait the main thread has queued the GPU's share, which needs them) and once at the end.
 The paper's serial order (`plan.overlap` false) keeps the CPU experts on the calling thread.
+
+With `expert_graphs` (on CUDA), a call of at most `callgraphs.MAX_SLOTS` token slots keeps its gathered rows, routing
+weights and per-slot outputs at fixed addresses (`callgraphs.CallBuffers`) and queues each expert the GPU computes
+whole (resident, staged or copied), and a split expert's GPU share before and after the CPU's columns arrive,
+through `callgraphs.ExpertGraphs`: captured once per expert (or staging slot and share), rows and buffers, then
+replayed with one launch instead of a handful.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from torch import nn
 from fiddler_batch.engine import cpugemv, cpupack
 from fiddler_batch.engine import planner as planner_rules
 from fiddler_batch.engine.adaptive import CostTracker, StartLag
+from fiddler_batch.engine.callgraphs import MAX_SLOTS, CallBuffers, ExpertGraphs, tensor_key
 from fiddler_batch.engine.compute import (
     activate,
     expert_forward,
@@ -190,6 +197,7 @@ class Stats:
     route_wait_s: float = 0.0  # host time from entering the experts to having a plan (waits for the GPU)
     predicted_s: float = 0.0  # the planner's predicted expert time, summed
     graph_steps: int = 0  # decode steps replayed as CUDA graphs (engine.cuda_graphs)
+    graph_replays: int = 0  # GPU work of whole experts and split shares replayed as CUDA graphs (expert_graphs)
     copy_events: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -245,6 +253,7 @@ class HybridExecutor:
         cpu_gemv: CpuGemv = "off",
         adapt_costs: AdaptCosts = "off",
         cpu_lag: CpuLag = "off",
+        expert_graphs: bool = False,
     ):
         self.device = device
         self.layers = layers
@@ -286,6 +295,8 @@ class HybridExecutor:
         self.tracker: CostTracker | None = None  # the run's measured times against `cost` (adaptive.py)
         self.cpu_lag: CpuLag = cpu_lag
         self.lags = (StartLag(), StartLag())  # the CPU's start after the link: calls of few token slots, of many
+        self.expert_graphs = ExpertGraphs(device) if expert_graphs and self.cuda else None
+        self.call_buffers = CallBuffers()  # a small call's tensors at fixed addresses, for expert_graphs
         self.set_cost(cost)
 
     # -- the cost model and packed CPU experts -------------------------------------------------------
@@ -637,6 +648,8 @@ class HybridExecutor:
         num_tokens, top_k = top_k_index.shape
         num_experts = layer.layout.num_experts
         stats = self.stats
+        graphs = self.expert_graphs if num_tokens * top_k <= MAX_SLOTS else None
+        unsettled = graphs.unsettled if graphs is not None else 0
 
         start = time.perf_counter()
         if self.tracker is not None:
@@ -648,7 +661,7 @@ class HybridExecutor:
             self._release_staged()  # staged for a layer that did not run next: never used
         target = self._prefetch_target(layer, num_tokens)
         guess = self._guess(target, hidden, top_k) if target is not None else None
-        routing = self._route(hidden, top_k_index, top_k_weights, num_experts, guess)
+        routing = self._route(hidden, top_k_index, top_k_weights, num_experts, guess, fixed=graphs is not None)
         counts = routing.counts
         if timeline:
             timeline.mark("routed")
@@ -673,7 +686,7 @@ class HybridExecutor:
             bounds[e + 1] = bounds[e] + n
         tokens, weights = routing.tokens, routing.weights
         link_queued = time.perf_counter()
-        split = self._split_job(layer, plan, bounds, hidden.dtype)
+        split = self._split_job(layer, plan, bounds, hidden.dtype, graphs)
         if split is not None:
             self._copy_split_up(layer, split)
         started = self._start_copies(layer, plan)  # the link starts before anything else is queued
@@ -685,8 +698,15 @@ class HybridExecutor:
             if self.lag_measured and plan.overlap and (split is not None or plan.copy_order)
             else None
         )
-        out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-        gathered = hidden[tokens]  # [K*T, H]
+        if graphs is None:
+            out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+            gathered = hidden[tokens]  # [K*T, H]
+        else:  # at fixed addresses, which the graphs replay over
+            shape = (num_tokens * top_k, hidden.shape[1])
+            out = self.call_buffers.get("out", shape, hidden.dtype, hidden.device)
+            gathered = torch.index_select(
+                hidden, 0, tokens, out=self.call_buffers.get("gathered", shape, hidden.dtype, hidden.device)
+            )
 
         cpu_experts = plan.experts(Where.CPU)
         host_experts = cpu_experts + ([split.expert] if split is not None else [])
@@ -707,14 +727,14 @@ class HybridExecutor:
                 if slot.landed is not None:
                     torch.cuda.current_stream(self.device).wait_event(slot.landed)
                 stats.prefetch_hits += 1
-            out[a:b] = expert_forward(layer.module, layer.layout, expert, gathered[a:b], weights[a:b])
+            self._gpu_expert(layer, expert, gathered, weights, out, a, b, graphs)
             if slot is not None and slot.released is not None:
                 slot.released.record(torch.cuda.current_stream(self.device))
             stats.experts_resident += 1
             stats.tokens_resident += b - a
         if split is not None:
             self._split_up_on_device(layer, split, gathered)
-        self._run_copied(layer, plan, gathered, weights, bounds, out, started, link_busy)
+        self._run_copied(layer, plan, gathered, weights, bounds, out, started, link_busy, graphs)
         if split is not None:
             self._copy_split_down(layer, split)
         if self._staged_for is layer:
@@ -723,6 +743,8 @@ class HybridExecutor:
             timeline.mark("gpu_queued")
         if routing.predicted is not None:
             self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
+        if lag is not None and graphs is not None and graphs.unsettled != unsettled:
+            lag = None  # graphs were captured before the CPU's start: a one-off delay, not the run's
         if job is not None:
             self._finish_cpu(layer, job, bounds, out, weights)
         elif cpu_inputs is not None:
@@ -779,12 +801,14 @@ class HybridExecutor:
         top_k_weights: torch.Tensor,
         num_experts: int,
         guess: torch.Tensor | None,
+        fixed: bool = False,
     ) -> _Routing:
         """The router's choices on the host, sorted into the eager loop's order there: the one point where the
         host waits for the GPU. One wait brings back the choices, their weights, the next layer's guessed counts
         (`guess`, for a prefetch) and, in a call small enough (`HIDDEN_WITH_ROUTING_BYTES`), the layer's input,
         so that the CPU experts can start without a second round trip. The order goes back to the device with
-        one copy each way, where sorting there would queue several small kernels before the routing is known."""
+        one copy each way, where sorting there would queue several small kernels before the routing is known.
+        `fixed`: the weights on the device at a fixed address (`CallBuffers`, for graphs that read them)."""
         num_tokens, top_k = top_k_index.shape
         self.join()  # on CUDA the stream waits for the worker's results: wait for it here rather than spin below
         small = hidden.numel() * hidden.element_size() <= HIDDEN_WITH_ROUTING_BYTES
@@ -807,12 +831,20 @@ class HybridExecutor:
         counts = torch.bincount(flat, minlength=num_experts).tolist()
         predicted = [int(n) for n in guessed.tolist()] if guessed is not None else None
         if not self.cuda:
-            return _Routing(counts, predicted, tokens, weights, by_token, index, tokens, weights, host_hidden)
+            fast_weights = weights
+            if fixed:  # the same buffer from call to call, as on CUDA
+                fast_weights = self.call_buffers.get("weights", tuple(weights.shape), weights.dtype, self.device)
+                fast_weights.copy_(weights)
+            return _Routing(counts, predicted, tokens, fast_weights, by_token, index, tokens, weights, host_hidden)
         slots = torch.stack([tokens, by_token]) if by_token is not None else tokens[None]
         staged_slots = self._pinned_copy("slots_out", slots)
         staged_weights = self._pinned_copy("weights_out", weights)
         device_slots = staged_slots.to(self.device, non_blocking=True)
-        device_weights = staged_weights.to(self.device, non_blocking=True)
+        if fixed:
+            device_weights = self.call_buffers.get("weights", tuple(weights.shape), weights.dtype, self.device)
+            device_weights.copy_(staged_weights, non_blocking=True)
+        else:
+            device_weights = staged_weights.to(self.device, non_blocking=True)
         return _Routing(
             counts,
             predicted,
@@ -900,10 +932,11 @@ class HybridExecutor:
         out: torch.Tensor,
         started: _Started | None = None,
         busy: bool = False,
+        graphs: ExpertGraphs | None = None,
     ) -> None:
         """Compute each COPY expert in a staging slot once its copy has landed; `started`: those whose copies
         `_start_copies` queued already. The others are copied here. `busy`: the CPU computes experts meanwhile
-        (what the cost tracker compares the copies' time with).
+        (what the cost tracker compares the copies' time with); `graphs`: the call's computes may replay graphs.
 
         With overlap the copies run on their own stream while the main stream computes; each expert's
         compute is queued right after its copy, so a slot reused within the layer is only overwritten
@@ -926,7 +959,7 @@ class HybridExecutor:
             if stream is not None:
                 main.wait_event(slot.landed)
             a, b = bounds[e], bounds[e + 1]
-            out[a:b] = expert_forward(layer.module, layer.layout, slot.weights, gathered[a:b], weights[a:b])
+            self._gpu_expert(layer, slot.weights, gathered, weights, out, a, b, graphs)
             if slot.released is not None:
                 slot.released.record(main)
             self.stats.experts_copied += 1
@@ -939,6 +972,36 @@ class HybridExecutor:
                 self.tracker.add_copy_events(start, end, len(plan.copy_order), busy)
             if self.timeline:
                 self.timeline.records[-1]["gpu"].update(copy_start=start, copy_end=end)
+
+    def _gpu_expert(
+        self,
+        layer: LayerState,
+        expert: dict[str, torch.Tensor],
+        gathered: torch.Tensor,
+        weights: torch.Tensor,
+        out: torch.Tensor,
+        a: int,
+        b: int,
+        graphs: ExpertGraphs | None,
+    ) -> None:
+        """Queue one expert the fast device computes whole over sorted slots [a, b), into those rows of `out`: through
+        `graphs` when given (`gathered`, `weights` and `out` then at fixed addresses), else eagerly."""
+
+        def work() -> None:
+            out[a:b] = expert_forward(layer.module, layer.layout, expert, gathered[a:b], weights[a:b])
+
+        def key() -> tuple:
+            tensors = (out, gathered, weights, *expert.values())
+            return ("expert", id(layer.module), a, b, *map(tensor_key, tensors))
+
+        self._queue(graphs, key, work)
+
+    def _queue(self, graphs: ExpertGraphs | None, key: Callable[[], tuple], work: Callable[[], None]) -> None:
+        """Queue `work` (GPU work over tensors at fixed addresses, named by `key()`) through `graphs`, or eagerly."""
+        if graphs is None:
+            work()
+        elif graphs.run(key(), work):
+            self.stats.graph_replays += 1
 
     def _compute_on_cpu(
         self,
@@ -1091,6 +1154,8 @@ class HybridExecutor:
         cut short by an error on the main thread, which is what the caller sees; the job's own error is not raised
         a second time."""
         self._drop_packed()
+        if self.expert_graphs is not None:
+            self.expert_graphs.clear()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.exception()  # waits, raises nothing
@@ -1113,9 +1178,17 @@ class HybridExecutor:
     # (`_split_up_to_device`, `_split_down_to_device`): on the calling thread right after each part, or with the
     # CPU worker ahead of time, behind the stream's waits for the worker (`_finish_cpu`).
 
-    def _split_job(self, layer: LayerState, plan: Plan, bounds: list[int], dtype: torch.dtype) -> _SplitJob | None:
+    def _split_job(
+        self,
+        layer: LayerState,
+        plan: Plan,
+        bounds: list[int],
+        dtype: torch.dtype,
+        graphs: ExpertGraphs | None = None,
+    ) -> _SplitJob | None:
         """The plan's split expert (None: it splits none), with its staging slot held and the host buffers its CPU
-        share is written into (pinned on CUDA; `dtype`: the layer's activations')."""
+        share is written into (pinned on CUDA; `dtype`: the layer's activations'; `graphs`: its GPU share may replay
+        graphs)."""
         experts = plan.experts(Where.SPLIT)
         if not experts:
             return None
@@ -1142,6 +1215,7 @@ class HybridExecutor:
             device_ranges=up_row_ranges(layer.layout, units, intermediate) if units < intermediate else [],
             cpu_pre=self.split_out.get((n, layer.layout.up_width), dtype),
             cpu_down=self.split_result.get((n, outputs), dtype) if outputs else None,
+            graphs=graphs,
         )
 
     def _copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
@@ -1174,12 +1248,30 @@ class HybridExecutor:
     def _split_up_on_device(self, layer: LayerState, job: _SplitJob, gathered: torch.Tensor) -> None:
         """Queue the GPU's columns of the up output (none when the CPU computes them all)."""
         x = gathered[job.start : job.stop]
-        job.device_pre = torch.empty(x.shape[0], layer.layout.up_width, dtype=x.dtype, device=x.device)
+        shape = (x.shape[0], layer.layout.up_width)
+        if job.graphs is None:
+            job.device_pre = torch.empty(shape, dtype=x.dtype, device=x.device)
+        else:
+            job.device_pre = self.call_buffers.get("split_pre", shape, x.dtype, x.device)
         if not job.device_ranges:
             return
         if self.cuda and job.up_landed is not None:
             torch.cuda.current_stream(self.device).wait_event(job.up_landed)
-        up_rows_into(job.device_pre, job.device_ranges, job.device_pieces, x)
+        pre, ranges, pieces = job.device_pre, job.device_ranges, job.device_pieces
+
+        def key() -> tuple:
+            weights = [t for piece in pieces for t in piece if t is not None]
+            return (
+                "up",
+                job.start,
+                job.stop,
+                tuple(ranges),
+                tensor_key(pre),
+                tensor_key(gathered),
+                *map(tensor_key, weights),
+            )
+
+        self._queue(job.graphs, key, lambda: up_rows_into(pre, ranges, pieces, x))
 
     def _copy_split_down(self, layer: LayerState, job: _SplitJob) -> None:
         """Queue the copy of the down rows of the GPU's output units into the split's slot (after the layer's
@@ -1212,19 +1304,27 @@ class HybridExecutor:
         """Queue the GPU's output units of the split expert, which need the CPU's columns of the up output (in
         `job.cpu_pre`): their copy over, the gate on the whole up output and the down rows the link brought.
         `weights`: the routing weights of every sorted slot, on the fast device."""
-        device_pre = job.device_pre
-        arrived = job.cpu_pre.to(device_pre.device, non_blocking=True) if self.cuda else job.cpu_pre  # one copy
-        for a, b in job.cpu_ranges:
-            device_pre[:, a:b] = arrived[:, a:b]
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         if main is not None and job.down_landed is not None:
             main.wait_event(job.down_landed)
         slot = job.slot
         rows_out = layer.layout.hidden - job.outputs
+        down = slot.weights["down"][:rows_out]
         bias = slot.weights["down_bias"][:rows_out] if "down_bias" in slot.weights else None
-        h = activate(layer.module, layer.layout, device_pre)
-        a, b = job.start, job.stop
-        out[a:b, job.outputs :] = partial_down(slot.weights["down"][:rows_out], bias, h, weights[a:b])
+        pre, host, a, b = job.device_pre, job.cpu_pre, job.start, job.stop
+
+        def work() -> None:
+            arrived = host.to(pre.device, non_blocking=True) if self.cuda else host  # one copy
+            for lo, hi in job.cpu_ranges:
+                pre[:, lo:hi] = arrived[:, lo:hi]
+            h = activate(layer.module, layer.layout, pre)
+            out[a:b, job.outputs :] = partial_down(down, bias, h, weights[a:b])
+
+        def key() -> tuple:
+            tensors = (host, pre, down, out, weights) + ((bias,) if bias is not None else ())
+            return ("down", id(layer.module), a, b, job.outputs, tuple(job.cpu_ranges), *map(tensor_key, tensors))
+
+        self._queue(job.graphs, key, work)
         if self.timeline:
             self.timeline.mark("split_done")
         if slot.released is not None:
@@ -1324,6 +1424,7 @@ class _SplitJob:
     device_pre: torch.Tensor | None = None  # [n, up rows] the up output on the fast device
     cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
     cpu_down: torch.Tensor | None = None  # [n, outputs] the CPU's output units on the host (None: it has none)
+    graphs: ExpertGraphs | None = None  # the GPU's share replays graphs (a small call with engine.expert_graphs)
 
 
 def fiddler_experts_forward(
