@@ -1,11 +1,12 @@
 """CUDA graphs for the experts that a small experts call computes on the GPU (`engine.expert_graphs`).
 
-In a decode step the executor queues, per layer call, each expert the GPU computes (resident, staged by a
+In a decode step the executor queues, per layer call, each expert the GPU computes whole (resident, staged by a
 prefetch, or copied) as a handful of kernels: the up product, the gate, the down product, the scaling by the
-routing weight and the write into the call's rows. The GPU runs them in microseconds; the host takes about 0.13
-ms to launch them from Python (`benchmarks/launch_probe.py` on an H200 host, one token), and in a layer with a
-resident expert and a split one that time comes before the CPU starts its share, on the step's critical path.
-Replayed as a CUDA graph, the same kernels take the host about 0.005 ms to launch.
+routing weight and the write into the call's rows; a split expert's GPU share is a few more, before the CPU starts
+and after its columns arrive. The GPU runs them in microseconds; the host takes about 0.13 ms per expert to launch
+them from Python (`benchmarks/launch_probe.py` on an H200 host, one token), and in a layer with a resident expert and
+a split one that time comes before or after the CPU's share, on the step's critical path. Replayed as a CUDA graph,
+the same kernels take the host about 0.005 ms to launch.
 
 `ExpertGraphs.run(key, work)` takes a function that queues GPU work on the current stream, reading and writing
 only tensors made outside it. The first call with a key runs it on the graphs' own stream (which lets the
