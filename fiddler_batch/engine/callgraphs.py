@@ -32,6 +32,8 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from fiddler_batch.engine.graphs import first_line, on_side_stream
+
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 16
@@ -110,13 +112,8 @@ class ExpertGraphs:
 
     def _on_stream(self, work: Callable[[], None]) -> None:
         """Run `work` on the graphs' stream, ordered after what is queued before and before what follows."""
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        try:
-            with torch.cuda.stream(self.stream):
-                work()
-        finally:
-            current.wait_stream(self.stream)
+        with on_side_stream(self.stream, self.device):
+            work()
 
     def _capture(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
         """`work` captured without running it; None when it cannot be (graphs are then off)."""
@@ -125,11 +122,10 @@ class ExpertGraphs:
         except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly from now on
             self.disabled = True
             self.clear()
-            first = str(exc).splitlines()[0] if str(exc) else ""
             log.warning(
                 "expert graphs: an expert's GPU work could not be captured (%s: %s); experts are launched eagerly",
                 type(exc).__name__,
-                first,
+                first_line(exc),
             )
             return None
         self.captures += 1
@@ -140,17 +136,12 @@ class ExpertGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        try:
-            with torch.cuda.stream(self.stream):  # a capture ends on the stream it began on, failed or not
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
-                    work()
-                finally:
-                    graph.capture_end()
-        finally:
-            current.wait_stream(self.stream)
+        with on_side_stream(self.stream, self.device):  # a capture ends on the stream it began on
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                work()
+            finally:
+                graph.capture_end()
         return graph
 
     def _replay(self, graph: torch.cuda.CUDAGraph) -> None:

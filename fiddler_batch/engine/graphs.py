@@ -52,6 +52,25 @@ WARM_SIGNATURES = 256
 """Signatures remembered as warm (a job's batches differ in rows and lengths; the oldest are forgotten)."""
 
 
+@contextmanager
+def on_side_stream(side: torch.cuda.Stream, device: torch.device) -> Iterator[None]:
+    """Make `side` current, ordered after the work queued before and before the work after (graphs are captured
+    there; a capture ends on the stream it began on, failed or not)."""
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, for a one-line warning."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
 @dataclass
 class Cut:
     """One experts call between two graphs: its inputs as the earlier graph leaves them, and the buffer the
@@ -284,19 +303,8 @@ class DecodeGraphs:
             return self._original(*args, **kwargs)
         return self._replay(chain, kwargs)
 
-    @contextmanager
-    def _on_side_stream(self) -> Iterator[None]:
-        """Make the capture stream current, ordered after the work queued before and before the work after."""
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        try:
-            with torch.cuda.stream(self.stream):
-                yield
-        finally:
-            current.wait_stream(self.stream)
-
     def _on_capture_stream(self, kwargs: dict[str, Any]) -> Any:
-        with self._on_side_stream():
+        with on_side_stream(self.stream, self.device):
             return self._original(**kwargs)
 
     # -- capture --------------------------------------------------------------------------------------
@@ -310,7 +318,7 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self.capturing = chain
         try:
-            with self._on_side_stream():  # a capture ends on the stream it began on, failed or not
+            with on_side_stream(self.stream, self.device):  # a capture ends on the stream it began on
                 try:
                     self._begin()
                     chain.output = self._original(**{**kwargs, **inputs})
@@ -320,11 +328,10 @@ class DecodeGraphs:
                     raise
         except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
             self.disabled = True
-            first = str(exc).splitlines()[0] if str(exc) else ""
             log.warning(
                 "CUDA graphs: a decode step could not be captured (%s: %s); decode runs without graphs",
                 type(exc).__name__,
-                first,
+                first_line(exc),
             )
             return None
         finally:
