@@ -1,19 +1,22 @@
 """Where decode time goes: a per-layer timeline of a few decode steps, host and GPU clocks side by side.
 
     python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--resident 0.25] [--whole]
-        [--prompt 32] [--show 3] [--worker] [--graphs] [--nolag] [--split-gain 0.2]
+        [--prompt 32] [--show 3] [--worker] [--graphs] [--nolag] [--split-gain 0.2] [--warmup 4] [--layers 8]
+        [--eager-experts] [--launch]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident (`--resident`), turns on the executor's trace and prints,
 for the last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
 start and end, leaving) and GPU times (copies, and with --prefetch the next layer's prefetched experts and
 their copies) in ms from the start of the run, then the gaps between layers (host time outside the experts:
-attention, norms, the generate loop). With `--steps 1 --prompt 1024` it shows a long prefill's layers; the last
-line says when the first layer was entered and the last one left, against the call's wall time.
+attention, norms, the generate loop). With `--steps 1 --prompt 1024` it shows a long prefill's layers; a line
+says when the first layer was entered and the last one left, against the call's wall time, and the last lines
+give, per plan shape, the median host time between each two marks of a call (where the host spends a layer).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -39,10 +42,14 @@ def main() -> None:
     parser.add_argument("--graphs", action="store_true", help="engine.cuda_graphs: true (and the static KV cache)")
     parser.add_argument("--nolag", action="store_true", help="engine.cpu_lag: off (the CPU starts with the link)")
     parser.add_argument("--split-gain", type=float, default=None, help="the least gain of a split, in every layer")
+    parser.add_argument("--warmup", type=int, default=4, help="new tokens generated before the timed steps")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the model slice")
+    parser.add_argument("--eager-experts", action="store_true", help="engine.expert_graphs: false")
+    parser.add_argument("--launch", action="store_true", help="engine.launch_thread: true")
     args = parser.parse_args()
     if args.split_gain is not None:
         planner.SPLIT_MIN_GAIN = planner.SPLIT_MIN_GAIN_FEW = args.split_gain
-    model = build_model(layers=8, seed=0)
+    model = build_model(layers=args.layers, seed=0)
     prompt = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
     engine = Engine.from_model(
         model,
@@ -53,14 +60,18 @@ def main() -> None:
             cpu_worker=args.worker,
             cuda_graphs=args.graphs,
             cpu_lag="off" if args.nolag else "auto",
+            expert_graphs=not args.eager_experts,
         ),
     )
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy(args.strategy)
     executor = engine.executor
+    executor.launch = args.launch
     cache = static_cache_settings(engine, args.steps)
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, **cache)  # warm-up
+        model.generate(  # warm-up
+            prompt, max_new_tokens=args.warmup, min_new_tokens=args.warmup, do_sample=False, pad_token_id=0, **cache
+        )
         torch.cuda.synchronize()
         base = torch.cuda.Event(enable_timing=True)
         base.record()
@@ -86,6 +97,26 @@ def main() -> None:
     first, last = (records[0]["host"]["enter"] - t0) * 1e3, (records[-1]["host"]["exit"] - t0) * 1e3
     print(f"first layer entered at {first:.1f} ms, last left at {last:.1f} ms, of {wall * 1e3:.1f} ms")
     print(f"{args.steps} steps in {wall * 1e3:.1f} ms; stats {engine.stats()}")
+    summarize(records)
+
+
+def summarize(records: list[dict]) -> None:
+    """Per plan shape (experts resident, on the CPU, copied, split): the calls, the median host time between each
+    two marks that follow each other in a call, and the median time from entering a call to entering the next."""
+    shapes: dict[tuple, dict[str, list[float]]] = {}
+    for record, following in zip(records, records[1:]):
+        plan = record["plan"]
+        shape = tuple(len(plan[k]) for k in ("RESIDENT", "CPU", "COPY", "SPLIT"))
+        steps = shapes.setdefault(shape, {})
+        marks = sorted(record["host"].items(), key=lambda item: item[1])
+        for (a, ta), (b, tb) in zip(marks, marks[1:]):
+            steps.setdefault(f"{a}>{b}", []).append((tb - ta) * 1e3)
+        steps.setdefault("layer", []).append((following["host"]["enter"] - record["host"]["enter"]) * 1e3)
+    print("per plan (resident, cpu, copied, split): calls, then median host ms between marks")
+    for shape, steps in sorted(shapes.items()):
+        calls = len(steps["layer"])
+        parts = " ".join(f"{name} {statistics.median(v):.3f}" for name, v in steps.items() if len(v) * 2 >= calls)
+        print(f"  {shape} {calls} calls: {parts}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,14 @@ weights and per-slot outputs at fixed addresses (`callgraphs.CallBuffers`) and q
 whole (resident, staged or copied), and a split expert's GPU share before and after the CPU's columns arrive,
 through `callgraphs.ExpertGraphs`: captured once per expert (or staging slot and share), rows and buffers, then
 replayed with one launch instead of a handful.
+
+With `launch_thread`, a call whose CPU experts (or split share) take their rows from the input that came back with
+the routing hands its GPU work to the launch thread once the link's copies are queued, and the calling thread
+computes the CPU's share at once. The launch thread gathers the rows and queues the resident, split and copied
+experts, then, behind waits on a flag in pinned memory that the CPU sets (`hostwait.StreamGate`; `ThreadGate`
+without CUDA, where it blocks the thread instead), what needs the CPU's results: the split's gate and down product,
+the copies of the results in, the layer's sum. The calling thread joins it before returning, so the call's work is
+queued in the same order as without it.
 """
 
 from __future__ import annotations
@@ -72,7 +80,7 @@ from fiddler_batch.engine.compute import (
 )
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.graphs import DecodeGraphs
-from fiddler_batch.engine.hostwait import StreamGate
+from fiddler_batch.engine.hostwait import StreamGate, ThreadGate
 from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
@@ -198,6 +206,7 @@ class Stats:
     predicted_s: float = 0.0  # the planner's predicted expert time, summed
     graph_steps: int = 0  # decode steps replayed as CUDA graphs (engine.cuda_graphs)
     graph_replays: int = 0  # GPU work of whole experts and split shares replayed as CUDA graphs (expert_graphs)
+    graph_captures: int = 0  # of that work, captured (each capture is then replayed)
     copy_events: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -254,6 +263,7 @@ class HybridExecutor:
         adapt_costs: AdaptCosts = "off",
         cpu_lag: CpuLag = "off",
         expert_graphs: bool = False,
+        launch_thread: bool = False,
     ):
         self.device = device
         self.layers = layers
@@ -286,6 +296,12 @@ class HybridExecutor:
         """CPU experts run on a worker thread (asked for, and on CUDA the driver can wait on host memory)."""
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the worker's latest job, until joined
+        self.launch = launch_thread
+        """A small call's GPU work is queued on the launch thread while this thread computes its CPU share
+        (`engine.launch_thread`)."""
+        self._launch_gate: StreamGate | ThreadGate | None = None
+        self._launch_gate_opened = False
+        self._launcher: ThreadPoolExecutor | None = None
         self.graphs: DecodeGraphs | None = None  # set by the engine with engine.cuda_graphs (graphs.py)
         self.cpu_packed: CpuPacked = cpu_packed
         self.cpu_gemv: CpuGemv = cpu_gemv
@@ -698,25 +714,100 @@ class HybridExecutor:
             if self.lag_measured and plan.overlap and (split is not None or plan.copy_order)
             else None
         )
-        if graphs is None:
-            out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-            gathered = hidden[tokens]  # [K*T, H]
-        else:  # at fixed addresses, which the graphs replay over
-            shape = (num_tokens * top_k, hidden.shape[1])
-            out = self.call_buffers.get("out", shape, hidden.dtype, hidden.device)
-            gathered = torch.index_select(
-                hidden, 0, tokens, out=self.call_buffers.get("gathered", shape, hidden.dtype, hidden.device)
-            )
-
         cpu_experts = plan.experts(Where.CPU)
         host_experts = cpu_experts + ([split.expert] if split is not None else [])
-        cpu_inputs = self._send_to_host(routing, gathered, host_experts, bounds) if host_experts else None
         # What ran at once, for the cost tracker: the CPU beside the layer's copies, the link beside its CPU work.
         cpu_busy = plan.overlap and bool(plan.copy_order)
         link_busy = plan.overlap and bool(host_experts)
+        gate = None
+        if self.launch and host_experts and plan.overlap and not self.cpu_worker and routing.host_hidden is not None:
+            gate = self.launch_gate()
+
+        def queue_device_share(job: _CpuJob | None) -> torch.Tensor:
+            """The layer's GPU work, with the CPU's results behind `gate` when `job` (launched), and its sum."""
+            out, gathered = self._gather(hidden, tokens, graphs)
+            if timeline:
+                timeline.mark("gathered")
+            self._queue_device_experts(layer, plan, bounds, gathered, weights, out, started, link_busy, split, graphs)
+            if routing.predicted is not None:
+                self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
+            if job is not None:
+                self._finish_cpu(layer, job, bounds, out, weights, gate)
+            return self._sum(hidden, out, routing, num_tokens, top_k)
+
+        if gate is not None:
+            # The CPU's rows came back with the routing: it computes them at once, while the GPU's share and what
+            # needs the CPU's results (behind `gate`) are queued on the launch thread.
+            cpu_inputs = self._send_to_host(routing, None, host_experts, bounds)
+            job, cpu_work = self._cpu_job(layer, cpu_experts, bounds, cpu_inputs, None, cpu_busy, split, gate)
+            result = self._launched(lambda: queue_device_share(job), lambda: cpu_work(lag))
+            stats.forward_s += time.perf_counter() - start
+            if timeline:
+                timeline.mark("exit")
+            return result
+
+        out, gathered = self._gather(hidden, tokens, graphs)
+        if timeline:
+            timeline.mark("gathered")
+        cpu_inputs = self._send_to_host(routing, gathered, host_experts, bounds) if host_experts else None
+        if timeline:
+            timeline.mark("host_rows")
         job = None
         if cpu_inputs is not None and plan.overlap and self.cpu_worker:
             job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy, split, lag)
+        self._queue_device_experts(layer, plan, bounds, gathered, weights, out, started, link_busy, split, graphs)
+        if routing.predicted is not None:
+            self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
+        if lag is not None and graphs is not None and graphs.unsettled != unsettled:
+            lag = None  # graphs were captured before the CPU's start: a one-off delay, not the run's
+        if job is not None:
+            self._finish_cpu(layer, job, bounds, out, weights, self.gate)
+        elif cpu_inputs is not None:
+            if self.cuda and not plan.overlap:
+                torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
+            results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
+            up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
+            self._compute_on_cpu(
+                layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy, lag=lag
+            )
+            if results is not None:
+                self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
+            if split is not None:
+                self._split_down_to_device(split, out)
+        result = self._sum(hidden, out, routing, num_tokens, top_k)
+        stats.forward_s += time.perf_counter() - start
+        if timeline:
+            timeline.mark("exit")
+        return result
+
+    def _gather(
+        self, hidden: torch.Tensor, tokens: torch.Tensor, graphs: ExpertGraphs | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's per-slot outputs (uninitialised) and its rows gathered in sorted slot order, [K*T, H] each; with
+        `graphs`, at fixed addresses, which the graphs replay over."""
+        shape = (tokens.shape[0], hidden.shape[1])
+        if graphs is None:
+            return torch.empty(shape, dtype=hidden.dtype, device=hidden.device), hidden[tokens]
+        out = self.call_buffers.get("out", shape, hidden.dtype, hidden.device)
+        gathered = self.call_buffers.get("gathered", shape, hidden.dtype, hidden.device)
+        return out, torch.index_select(hidden, 0, tokens, out=gathered)
+
+    def _queue_device_experts(
+        self,
+        layer: LayerState,
+        plan: Plan,
+        bounds: list[int],
+        gathered: torch.Tensor,
+        weights: torch.Tensor,
+        out: torch.Tensor,
+        started: _Started | None,
+        link_busy: bool,
+        split: _SplitJob | None,
+        graphs: ExpertGraphs | None,
+    ) -> None:
+        """Queue what the fast device computes of a layer call: its resident (and staged) experts, a split expert's
+        share of the up output, its copied experts once landed, and the copy of the split's down rows."""
+        stats, timeline = self.stats, self.timeline
         for e in plan.experts(Where.RESIDENT):
             a, b = bounds[e], bounds[e + 1]
             slot = layer.staged.get(e)
@@ -732,43 +823,30 @@ class HybridExecutor:
                 slot.released.record(torch.cuda.current_stream(self.device))
             stats.experts_resident += 1
             stats.tokens_resident += b - a
+        if timeline:
+            timeline.mark("resident_queued")
         if split is not None:
             self._split_up_on_device(layer, split, gathered)
+        if timeline:
+            timeline.mark("split_up_queued")
         self._run_copied(layer, plan, gathered, weights, bounds, out, started, link_busy, graphs)
+        if timeline:
+            timeline.mark("copied_queued")
         if split is not None:
             self._copy_split_down(layer, split)
         if self._staged_for is layer:
             self._release_staged()  # its computes are queued; a later copy into these slots waits for them
         if timeline:
             timeline.mark("gpu_queued")
-        if routing.predicted is not None:
-            self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
-        if lag is not None and graphs is not None and graphs.unsettled != unsettled:
-            lag = None  # graphs were captured before the CPU's start: a one-off delay, not the run's
-        if job is not None:
-            self._finish_cpu(layer, job, bounds, out, weights)
-        elif cpu_inputs is not None:
-            if self.cuda and not plan.overlap:
-                torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
-            results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
-            up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
-            self._compute_on_cpu(
-                layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy, lag=lag
-            )
-            if results is not None:
-                self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
-            if split is not None:
-                self._split_down_to_device(split, out)
 
+    def _sum(
+        self, hidden: torch.Tensor, out: torch.Tensor, routing: _Routing, num_tokens: int, top_k: int
+    ) -> torch.Tensor:
+        """The layer's result [T, H]: each token's expert outputs (`out`, in sorted slot order) added up."""
         if top_k <= 2:
             # At most two adds per row, which round alike in either order: one call, deterministic on CUDA too.
-            result = torch.zeros_like(hidden).index_add_(0, tokens, out)
-        else:
-            result = self._sum_in_expert_order(out, tokens, num_tokens, top_k, routing.by_token)
-        stats.forward_s += time.perf_counter() - start
-        if timeline:
-            timeline.mark("exit")
-        return result
+            return torch.zeros_like(hidden).index_add_(0, routing.tokens, out)
+        return self._sum_in_expert_order(out, routing.tokens, num_tokens, top_k, routing.by_token)
 
     def _masked_counts(self, host_index: torch.Tensor, num_experts: int) -> list[int]:
         """Tokens routed to each expert among the tokens of `count_mask` (padding and finished rows left out);
@@ -860,7 +938,7 @@ class HybridExecutor:
     # -- pieces -------------------------------------------------------------------------------------
 
     def _send_to_host(
-        self, routing: _Routing, gathered: torch.Tensor, experts: list[int], bounds: list[int]
+        self, routing: _Routing, gathered: torch.Tensor | None, experts: list[int], bounds: list[int]
     ) -> HostInputs:
         """The rows of `experts` (activations and routing weights) on the host: gathered there from the layer's
         input when the routing brought it back, else copied from `gathered` (asynchronously, with an event)."""
@@ -1000,8 +1078,11 @@ class HybridExecutor:
         """Queue `work` (GPU work over tensors at fixed addresses, named by `key()`) through `graphs`, or eagerly."""
         if graphs is None:
             work()
-        elif graphs.run(key(), work):
+            return
+        captures = graphs.captures
+        if graphs.run(key(), work):
             self.stats.graph_replays += 1
+        self.stats.graph_captures += graphs.captures - captures
 
     def _compute_on_cpu(
         self,
@@ -1009,7 +1090,7 @@ class HybridExecutor:
         experts: list[int],
         bounds: list[int],
         inputs: HostInputs,
-        out: torch.Tensor,
+        out: torch.Tensor | None,
         results: torch.Tensor | None,
         split: _SplitJob | None = None,
         up_sent: Callable[[], None] | None = None,
@@ -1074,6 +1155,41 @@ class HybridExecutor:
 
     # -- the CPU worker -----------------------------------------------------------------------------
 
+    def _cpu_job(
+        self,
+        layer: LayerState,
+        experts: list[int],
+        bounds: list[int],
+        inputs: HostInputs,
+        out: torch.Tensor | None,
+        busy: bool,
+        split: _SplitJob | None,
+        gate: StreamGate | ThreadGate | None,
+    ) -> tuple[_CpuJob, Callable[[tuple[StartLag, float] | None], None]]:
+        """The CPU experts of a layer call, and a split expert's CPU share, as a job for a thread other than the one
+        that queues the GPU work: what that thread needs to queue the rest (`_finish_cpu`), and the work (given the
+        lag measure, run on the computing thread). With `gate` the work writes its results into a host buffer and
+        releases the gate once for the split's up columns (`_CpuJob.up_release`) and once when done, whatever
+        happens; without it (the worker without CUDA) it writes `out`."""
+        rows = inputs[0]
+        results = self.outbound.get(tuple(rows.shape), rows.dtype) if gate is not None else None
+        record = self.timeline.records[-1] if self.timeline else None
+        gated_split = gate is not None and split is not None
+        up_release = gate.arm() if gated_split else 0
+        release = gate.arm() if gate is not None else 0
+        up_sent = (lambda: gate.release(up_release)) if gated_split else None
+
+        def work(lag: tuple[StartLag, float] | None) -> None:
+            try:
+                self._compute_on_cpu(
+                    layer, experts, bounds, inputs, out, results, split, up_sent, record=record, busy=busy, lag=lag
+                )
+            finally:
+                if gate is not None:
+                    gate.release(release)
+
+        return _CpuJob(experts, inputs[2], results, release, split, up_release), work
+
     def _start_cpu(
         self,
         layer: LayerState,
@@ -1085,28 +1201,14 @@ class HybridExecutor:
         split: _SplitJob | None = None,
         lag: tuple[StartLag, float] | None = None,
     ) -> _CpuJob:
-        """Hand the CPU experts, and a split expert's CPU share, to the worker thread. On CUDA it releases the gate
-        once for the split's up columns (`_CpuJob.up_release`) and once when done, whatever happens; the GPU
-        work that needs them is queued by `_finish_cpu`."""
-        rows = inputs[0]
-        results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
-        record = self.timeline.records[-1] if self.timeline else None
-        gate = self.gate
-        gated_split = gate is not None and split is not None
-        up_release = gate.arm() if gated_split else 0
-        release = gate.arm() if gate is not None else 0
-        up_sent = (lambda: gate.release(up_release)) if gated_split else None
+        """Hand the CPU experts, and a split expert's CPU share, to the worker thread (`_cpu_job`); the GPU work that
+        needs them is queued by `_finish_cpu`."""
+        job, work = self._cpu_job(layer, experts, bounds, inputs, out, busy, split, self.gate)
         inference = torch.is_inference_mode_enabled()  # grad and inference modes are per thread: the caller's
 
-        def work() -> None:
-            try:
-                with torch.inference_mode(inference), torch.no_grad():
-                    self._compute_on_cpu(
-                        layer, experts, bounds, inputs, out, results, split, up_sent, record=record, busy=busy, lag=lag
-                    )
-            finally:
-                if gate is not None:
-                    gate.release(release)
+        def on_worker() -> None:
+            with torch.inference_mode(inference), torch.no_grad():
+                work(lag)
 
         if self._worker is None:
             # The thread's own OpenMP and MKL thread counts (MKL's is per thread, and a BLAS call alone does not
@@ -1118,30 +1220,81 @@ class HybridExecutor:
                 initargs=(self.cpu_threads,),
             )
         self.join()
-        self._pending = self._worker.submit(work)
-        return _CpuJob(experts, inputs[2], results, release, split, up_release)
+        self._pending = self._worker.submit(on_worker)
+        return job
 
     def _finish_cpu(
-        self, layer: LayerState, job: _CpuJob, bounds: list[int], out: torch.Tensor, weights: torch.Tensor
+        self,
+        layer: LayerState,
+        job: _CpuJob,
+        bounds: list[int],
+        out: torch.Tensor,
+        weights: torch.Tensor,
+        gate: StreamGate | ThreadGate | None,
     ) -> None:
-        """On CUDA: queue the waits for the worker and what follows each (the split's GPU share after its up
-        columns; the copies of the results after the rest), and return (the host joins the worker at the next
-        routing). Without CUDA: join it (its experts' results are in `out`), then the split's GPU share."""
+        """Queue, behind `gate`, what follows the CPU's work (the split's GPU share after its up columns; the copies
+        of the results after the rest), and return: the worker's caller joins it at the next routing. Without a
+        gate (the worker without CUDA): join the worker (its experts' results are in `out`), then the split's GPU
+        share."""
         split = job.split
-        if self.gate is None:
+        if gate is None:
             self.join()
             if split is not None:
                 self._split_up_to_device(layer, split, out, weights)
                 self._split_down_to_device(split, out)
             return
-        stream = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
         if split is not None:
-            self.gate.hold(stream, job.up_release)
+            gate.hold(stream, job.up_release)
             self._split_up_to_device(layer, split, out, weights)
-        self.gate.hold(stream, job.release)
+        gate.hold(stream, job.release)
         self._results_to_device(job.experts, bounds, job.starts, job.results, out)
         if split is not None:
             self._split_down_to_device(split, out)
+
+    # -- the launch thread ----------------------------------------------------------------------------
+
+    def launch_gate(self) -> StreamGate | ThreadGate | None:
+        """The gate that holds a launched call's GPU work for its CPU's results (None: the driver cannot wait on
+        host memory, and calls run in the usual order)."""
+        if not self._launch_gate_opened:
+            self._launch_gate = StreamGate.open(self.device) if self.cuda else ThreadGate()
+            self._launch_gate_opened = True
+        return self._launch_gate
+
+    def _launched(self, device_share: Callable[[], torch.Tensor], cpu_share: Callable[[], None]) -> torch.Tensor:
+        """Run `device_share` (it queues the layer's GPU work and returns its result) on the launch thread, on this
+        thread's stream and modes, while this thread runs `cpu_share`; then join it. An error of either is raised
+        after both have ended (the CPU's first)."""
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        inference = torch.is_inference_mode_enabled()
+
+        def on_launcher() -> torch.Tensor:
+            with torch.inference_mode(inference), torch.no_grad():
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    return device_share()
+
+        if self._launcher is None:
+            self._launcher = ThreadPoolExecutor(
+                1,
+                thread_name_prefix="fiddler-gpu-launch",
+                initializer=self._init_launcher,
+                initargs=(torch.get_num_threads(),),
+            )
+        pending = self._launcher.submit(on_launcher)
+        try:
+            cpu_share()
+        except BaseException:
+            pending.exception()  # waits (the CPU's share released the gate): its own error, if any, is not raised
+            raise
+        return pending.result()
+
+    def _init_launcher(self, threads: int) -> None:
+        """The launch thread's device and thread count (MKL's is per thread: the caller's, so that the CPU's sums
+        without CUDA give the same bits there)."""
+        torch.set_num_threads(threads)
+        if self.cuda:
+            torch.cuda.set_device(self.device)
 
     def join(self) -> None:
         """Wait for the worker's latest job; re-raises its error."""
@@ -1162,6 +1315,9 @@ class HybridExecutor:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._launcher is not None:
+            self._launcher.shutdown(wait=True)
+            self._launcher = None
 
     # -- a split expert -----------------------------------------------------------------------------
     #
