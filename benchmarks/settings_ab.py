@@ -1,7 +1,7 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,c]
-        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts,launch] [--one-lag]
+        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts] [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
 32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s) and c (beam width 4:
@@ -20,8 +20,6 @@ output tok/s). Each round runs every mode once per case, in an order that rotate
             off-GPU experts, 5% beside one or none);
 - eagerexperts: `engine.expert_graphs: false` (the GPU's whole experts in small calls launched one kernel at a
             time instead of replayed as CUDA graphs);
-- launch:   `engine.launch_thread: true` (a small call's GPU work queued on a second thread while the calling thread
-            computes its CPU share; what needs the CPU's results waits behind a flag);
 - warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
             as calibrations did before they read experts in turn). With this mode every mode plans on a full
             calibration made at the start, the others on one that reads experts in turn.
@@ -55,7 +53,6 @@ MODES = {
     "gain10": {},
     "gain05": {},
     "eagerexperts": {"expert_graphs": None},
-    "launch": {"launch": True},
 }
 SPLIT_GAINS = {"gain20": 0.20, "gain10": 0.10, "gain05": 0.05}
 """The planner's least gain of a split, in every layer, in the modes that set it (the others keep the defaults)."""

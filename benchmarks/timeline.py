@@ -2,7 +2,7 @@
 
     python benchmarks/timeline.py [--strategy balanced] [--steps 6] [--prefetch 2] [--resident 0.25] [--whole]
         [--prompt 32] [--show 3] [--worker] [--graphs] [--nolag] [--split-gain 0.2] [--warmup 4] [--layers 8]
-        [--eager-experts] [--launch]
+        [--eager-experts]
 
 Builds the 8-layer Mixtral-geometry slice at 25% resident (`--resident`), turns on the executor's trace and prints,
 for the last steps, each MoE layer's plan and the host times (entering the experts, routing known, CPU experts
@@ -45,7 +45,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="new tokens generated before the timed steps")
     parser.add_argument("--layers", type=int, default=8, help="layers of the model slice")
     parser.add_argument("--eager-experts", action="store_true", help="engine.expert_graphs: false")
-    parser.add_argument("--launch", action="store_true", help="engine.launch_thread: true")
     args = parser.parse_args()
     if args.split_gain is not None:
         planner.SPLIT_MIN_GAIN = planner.SPLIT_MIN_GAIN_FEW = args.split_gain
@@ -66,7 +65,6 @@ def main() -> None:
     engine.set_cost_model(cost_model_for(engine, engine.spec))
     engine.set_strategy(args.strategy)
     executor = engine.executor
-    executor.launch = args.launch
     cache = static_cache_settings(engine, args.steps)
     with torch.no_grad():
         model.generate(  # warm-up

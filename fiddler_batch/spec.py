@@ -593,17 +593,9 @@ class EngineSpec(BaseModel):
     `benchmarks/launch_probe.py`), time that in a decode layer comes before or after its CPU share. The same kernels
     on the same shapes: tokens are the same. Measured on H200 hosts against launching them one by one (runs
     interleaved, ratios of medians): single-request decode 1.01-1.07x at 8 layers and 1.02-1.04x at 32 layers, beam
-    search 1.01-1.04x at 8 layers; small gains within the hosts' run-to-run spread (benchmarks/NOTES.md). GPU only; a
-    capture that fails turns them off with one log line."""
-    launch_thread: bool = False
-    """Queue a small layer call's GPU work on a second thread while the calling thread computes its CPU experts (and
-    a split expert's CPU share) from the rows that came back with the routing. Without it the calling thread queues
-    the gathered rows, the resident and copied experts and the split's GPU share first, and the CPU starts after
-    them; with it the CPU starts once the link's copies are queued, and the GPU work that needs the CPU's results
-    (their copy in, the split's gate and down product, the layer's sum) is queued ahead behind a wait on a flag in
-    pinned memory that the CPU sets (`hostwait.StreamGate`), so nothing is left to queue after the CPU ends. The
-    same kernels on the same rows: tokens are the same. Where the driver cannot wait on host memory, calls run in
-    the usual order."""
+    search 1.01-1.04x at 8 layers and 1.11x at 32 layers with 50% resident (one host, where the graphs were still
+    captured 280-450 times a run); small gains within the hosts' run-to-run spread but for the last
+    (benchmarks/NOTES.md). GPU only; a capture that fails turns them off with one log line."""
     cpu_packed: CpuPacked = "off"
     """Compute CPU experts from a second copy of their up and down weights packed once for oneDNN (bf16 weights
     only). 'auto' packs when the calibration measured the packed expert at least 10% faster at some token count the

@@ -202,7 +202,6 @@ class Engine:
             adapt_costs=spec.adapt_costs,
             cpu_lag=spec.cpu_lag,
             expert_graphs=spec.expert_graphs,
-            launch_thread=spec.launch_thread,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -376,7 +375,6 @@ class Engine:
             info["cpu_worker"] = self.executor.cpu_worker
             info["cuda_graphs"] = self.executor.graphs is not None
             info["expert_graphs"] = self.executor.expert_graphs is not None
-            info["launch_thread"] = self.executor.launch
             info["cpu_packed_experts"] = self.executor.packed_experts()
             info["cpu_gemv"] = self.executor.gemv_ready
             info["adapt_costs"] = self.executor.tracker is not None

@@ -43,14 +43,6 @@ weights and per-slot outputs at fixed addresses (`callgraphs.CallBuffers`) and q
 whole (resident, staged or copied), and a split expert's GPU share before and after the CPU's columns arrive,
 through `callgraphs.ExpertGraphs`: captured once per expert (or staging slot and share), rows and buffers, then
 replayed with one launch instead of a handful.
-
-With `launch_thread`, a call whose CPU experts (or split share) take their rows from the input that came back with
-the routing hands its GPU work to the launch thread once the link's copies are queued, and the calling thread
-computes the CPU's share at once. The launch thread gathers the rows and queues the resident, split and copied
-experts, then, behind waits on a flag in pinned memory that the CPU sets (`hostwait.StreamGate`; `ThreadGate`
-without CUDA, where it blocks the thread instead), what needs the CPU's results: the split's gate and down product,
-the copies of the results in, the layer's sum. The calling thread joins it before returning, so the call's work is
-queued in the same order as without it.
 """
 
 from __future__ import annotations
@@ -80,7 +72,7 @@ from fiddler_batch.engine.compute import (
 )
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.graphs import DecodeGraphs
-from fiddler_batch.engine.hostwait import StreamGate, ThreadGate
+from fiddler_batch.engine.hostwait import StreamGate
 from fiddler_batch.engine.layout import ExpertLayout
 from fiddler_batch.engine.memory import PinnedBuffer
 from fiddler_batch.engine.planner import Plan, Where, plan_layer
@@ -263,7 +255,6 @@ class HybridExecutor:
         adapt_costs: AdaptCosts = "off",
         cpu_lag: CpuLag = "off",
         expert_graphs: bool = False,
-        launch_thread: bool = False,
     ):
         self.device = device
         self.layers = layers
@@ -296,12 +287,6 @@ class HybridExecutor:
         """CPU experts run on a worker thread (asked for, and on CUDA the driver can wait on host memory)."""
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the worker's latest job, until joined
-        self.launch = launch_thread
-        """A small call's GPU work is queued on the launch thread while this thread computes its CPU share
-        (`engine.launch_thread`)."""
-        self._launch_gate: StreamGate | ThreadGate | None = None
-        self._launch_gate_opened = False
-        self._launcher: ThreadPoolExecutor | None = None
         self.graphs: DecodeGraphs | None = None  # set by the engine with engine.cuda_graphs (graphs.py)
         self.cpu_packed: CpuPacked = cpu_packed
         self.cpu_gemv: CpuGemv = cpu_gemv
@@ -719,33 +704,6 @@ class HybridExecutor:
         # What ran at once, for the cost tracker: the CPU beside the layer's copies, the link beside its CPU work.
         cpu_busy = plan.overlap and bool(plan.copy_order)
         link_busy = plan.overlap and bool(host_experts)
-        gate = None
-        if self.launch and host_experts and plan.overlap and not self.cpu_worker and routing.host_hidden is not None:
-            gate = self.launch_gate()
-
-        def queue_device_share(job: _CpuJob | None) -> torch.Tensor:
-            """The layer's GPU work, with the CPU's results behind `gate` when `job` (launched), and its sum."""
-            out, gathered = self._gather(hidden, tokens, graphs)
-            if timeline:
-                timeline.mark("gathered")
-            self._queue_device_experts(layer, plan, bounds, gathered, weights, out, started, link_busy, split, graphs)
-            if routing.predicted is not None:
-                self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
-            if job is not None:
-                self._finish_cpu(layer, job, bounds, out, weights, gate)
-            return self._sum(hidden, out, routing, num_tokens, top_k)
-
-        if gate is not None:
-            # The CPU's rows came back with the routing: it computes them at once, while the GPU's share and what
-            # needs the CPU's results (behind `gate`) are queued on the launch thread.
-            cpu_inputs = self._send_to_host(routing, None, host_experts, bounds)
-            job, cpu_work = self._cpu_job(layer, cpu_experts, bounds, cpu_inputs, None, cpu_busy, split, gate)
-            result = self._launched(lambda: queue_device_share(job), lambda: cpu_work(lag))
-            stats.forward_s += time.perf_counter() - start
-            if timeline:
-                timeline.mark("exit")
-            return result
-
         out, gathered = self._gather(hidden, tokens, graphs)
         if timeline:
             timeline.mark("gathered")
@@ -761,7 +719,7 @@ class HybridExecutor:
         if lag is not None and graphs is not None and graphs.unsettled != unsettled:
             lag = None  # graphs were captured before the CPU's start: a one-off delay, not the run's
         if job is not None:
-            self._finish_cpu(layer, job, bounds, out, weights, self.gate)
+            self._finish_cpu(layer, job, bounds, out, weights)
         elif cpu_inputs is not None:
             if self.cuda and not plan.overlap:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
@@ -938,7 +896,7 @@ class HybridExecutor:
     # -- pieces -------------------------------------------------------------------------------------
 
     def _send_to_host(
-        self, routing: _Routing, gathered: torch.Tensor | None, experts: list[int], bounds: list[int]
+        self, routing: _Routing, gathered: torch.Tensor, experts: list[int], bounds: list[int]
     ) -> HostInputs:
         """The rows of `experts` (activations and routing weights) on the host: gathered there from the layer's
         input when the routing brought it back, else copied from `gathered` (asynchronously, with an event)."""
@@ -1090,7 +1048,7 @@ class HybridExecutor:
         experts: list[int],
         bounds: list[int],
         inputs: HostInputs,
-        out: torch.Tensor | None,
+        out: torch.Tensor,
         results: torch.Tensor | None,
         split: _SplitJob | None = None,
         up_sent: Callable[[], None] | None = None,
@@ -1155,41 +1113,6 @@ class HybridExecutor:
 
     # -- the CPU worker -----------------------------------------------------------------------------
 
-    def _cpu_job(
-        self,
-        layer: LayerState,
-        experts: list[int],
-        bounds: list[int],
-        inputs: HostInputs,
-        out: torch.Tensor | None,
-        busy: bool,
-        split: _SplitJob | None,
-        gate: StreamGate | ThreadGate | None,
-    ) -> tuple[_CpuJob, Callable[[tuple[StartLag, float] | None], None]]:
-        """The CPU experts of a layer call, and a split expert's CPU share, as a job for a thread other than the one
-        that queues the GPU work: what that thread needs to queue the rest (`_finish_cpu`), and the work (given the
-        lag measure, run on the computing thread). With `gate` the work writes its results into a host buffer and
-        releases the gate once for the split's up columns (`_CpuJob.up_release`) and once when done, whatever
-        happens; without it (the worker without CUDA) it writes `out`."""
-        rows = inputs[0]
-        results = self.outbound.get(tuple(rows.shape), rows.dtype) if gate is not None else None
-        record = self.timeline.records[-1] if self.timeline else None
-        gated_split = gate is not None and split is not None
-        up_release = gate.arm() if gated_split else 0
-        release = gate.arm() if gate is not None else 0
-        up_sent = (lambda: gate.release(up_release)) if gated_split else None
-
-        def work(lag: tuple[StartLag, float] | None) -> None:
-            try:
-                self._compute_on_cpu(
-                    layer, experts, bounds, inputs, out, results, split, up_sent, record=record, busy=busy, lag=lag
-                )
-            finally:
-                if gate is not None:
-                    gate.release(release)
-
-        return _CpuJob(experts, inputs[2], results, release, split, up_release), work
-
     def _start_cpu(
         self,
         layer: LayerState,
@@ -1201,14 +1124,28 @@ class HybridExecutor:
         split: _SplitJob | None = None,
         lag: tuple[StartLag, float] | None = None,
     ) -> _CpuJob:
-        """Hand the CPU experts, and a split expert's CPU share, to the worker thread (`_cpu_job`); the GPU work that
-        needs them is queued by `_finish_cpu`."""
-        job, work = self._cpu_job(layer, experts, bounds, inputs, out, busy, split, self.gate)
+        """Hand the CPU experts, and a split expert's CPU share, to the worker thread. On CUDA it releases the gate
+        once for the split's up columns (`_CpuJob.up_release`) and once when done, whatever happens; the GPU
+        work that needs them is queued by `_finish_cpu`."""
+        rows = inputs[0]
+        results = self.outbound.get(tuple(rows.shape), rows.dtype) if self.cuda else None
+        record = self.timeline.records[-1] if self.timeline else None
+        gate = self.gate
+        gated_split = gate is not None and split is not None
+        up_release = gate.arm() if gated_split else 0
+        release = gate.arm() if gate is not None else 0
+        up_sent = (lambda: gate.release(up_release)) if gated_split else None
         inference = torch.is_inference_mode_enabled()  # grad and inference modes are per thread: the caller's
 
-        def on_worker() -> None:
-            with torch.inference_mode(inference), torch.no_grad():
-                work(lag)
+        def work() -> None:
+            try:
+                with torch.inference_mode(inference), torch.no_grad():
+                    self._compute_on_cpu(
+                        layer, experts, bounds, inputs, out, results, split, up_sent, record=record, busy=busy, lag=lag
+                    )
+            finally:
+                if gate is not None:
+                    gate.release(release)
 
         if self._worker is None:
             # The thread's own OpenMP and MKL thread counts (MKL's is per thread, and a BLAS call alone does not
@@ -1220,81 +1157,30 @@ class HybridExecutor:
                 initargs=(self.cpu_threads,),
             )
         self.join()
-        self._pending = self._worker.submit(on_worker)
-        return job
+        self._pending = self._worker.submit(work)
+        return _CpuJob(experts, inputs[2], results, release, split, up_release)
 
     def _finish_cpu(
-        self,
-        layer: LayerState,
-        job: _CpuJob,
-        bounds: list[int],
-        out: torch.Tensor,
-        weights: torch.Tensor,
-        gate: StreamGate | ThreadGate | None,
+        self, layer: LayerState, job: _CpuJob, bounds: list[int], out: torch.Tensor, weights: torch.Tensor
     ) -> None:
-        """Queue, behind `gate`, what follows the CPU's work (the split's GPU share after its up columns; the copies
-        of the results after the rest), and return: the worker's caller joins it at the next routing. Without a
-        gate (the worker without CUDA): join the worker (its experts' results are in `out`), then the split's GPU
-        share."""
+        """On CUDA: queue the waits for the worker and what follows each (the split's GPU share after its up
+        columns; the copies of the results after the rest), and return (the host joins the worker at the next
+        routing). Without CUDA: join it (its experts' results are in `out`), then the split's GPU share."""
         split = job.split
-        if gate is None:
+        if self.gate is None:
             self.join()
             if split is not None:
                 self._split_up_to_device(layer, split, out, weights)
                 self._split_down_to_device(split, out)
             return
-        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        stream = torch.cuda.current_stream(self.device)
         if split is not None:
-            gate.hold(stream, job.up_release)
+            self.gate.hold(stream, job.up_release)
             self._split_up_to_device(layer, split, out, weights)
-        gate.hold(stream, job.release)
+        self.gate.hold(stream, job.release)
         self._results_to_device(job.experts, bounds, job.starts, job.results, out)
         if split is not None:
             self._split_down_to_device(split, out)
-
-    # -- the launch thread ----------------------------------------------------------------------------
-
-    def launch_gate(self) -> StreamGate | ThreadGate | None:
-        """The gate that holds a launched call's GPU work for its CPU's results (None: the driver cannot wait on
-        host memory, and calls run in the usual order)."""
-        if not self._launch_gate_opened:
-            self._launch_gate = StreamGate.open(self.device) if self.cuda else ThreadGate()
-            self._launch_gate_opened = True
-        return self._launch_gate
-
-    def _launched(self, device_share: Callable[[], torch.Tensor], cpu_share: Callable[[], None]) -> torch.Tensor:
-        """Run `device_share` (it queues the layer's GPU work and returns its result) on the launch thread, on this
-        thread's stream and modes, while this thread runs `cpu_share`; then join it. An error of either is raised
-        after both have ended (the CPU's first)."""
-        stream = torch.cuda.current_stream(self.device) if self.cuda else None
-        inference = torch.is_inference_mode_enabled()
-
-        def on_launcher() -> torch.Tensor:
-            with torch.inference_mode(inference), torch.no_grad():
-                with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    return device_share()
-
-        if self._launcher is None:
-            self._launcher = ThreadPoolExecutor(
-                1,
-                thread_name_prefix="fiddler-gpu-launch",
-                initializer=self._init_launcher,
-                initargs=(torch.get_num_threads(),),
-            )
-        pending = self._launcher.submit(on_launcher)
-        try:
-            cpu_share()
-        except BaseException:
-            pending.exception()  # waits (the CPU's share released the gate): its own error, if any, is not raised
-            raise
-        return pending.result()
-
-    def _init_launcher(self, threads: int) -> None:
-        """The launch thread's device and thread count (MKL's is per thread: the caller's, so that the CPU's sums
-        without CUDA give the same bits there)."""
-        torch.set_num_threads(threads)
-        if self.cuda:
-            torch.cuda.set_device(self.device)
 
     def join(self) -> None:
         """Wait for the worker's latest job; re-raises its error."""
@@ -1315,9 +1201,6 @@ class HybridExecutor:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        if self._launcher is not None:
-            self._launcher.shutdown(wait=True)
-            self._launcher = None
 
     # -- a split expert -----------------------------------------------------------------------------
     #

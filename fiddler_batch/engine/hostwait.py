@@ -1,4 +1,4 @@
-"""A CUDA stream that waits for the host: the GPU side of the executor's CPU worker and of its launch thread.
+"""A CUDA stream that waits for the host: the GPU side of the executor's CPU worker.
 
 The executor computes a layer's CPU experts on a worker thread and lets the main thread go on queueing the
 rest of the step (the layer's sum, the next layer's attention, norms and router) behind a wait on a flag in
@@ -10,16 +10,12 @@ The wait is the driver's stream memory operation `cuStreamWaitValue32` (CUDA 11.
 point), called through ctypes on the driver library that PyTorch's CUDA build already loaded; no kernel and
 no SM is tied up while it waits. Where the driver lacks it, `StreamGate.open` returns None and the executor
 computes CPU experts on the calling thread as before.
-
-`ThreadGate` has the same calls for work without CUDA: `hold` blocks the calling thread until the release, so that
-the executor's launch thread, which computes the "fast device's" share there, follows the same order as a stream.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 
 import torch
 
@@ -85,26 +81,3 @@ class StreamGate:
     def release(self, value: int) -> None:
         """Set the counter to `value` (a plain store: the results written before it are visible first)."""
         self._cell.value = value
-
-
-class ThreadGate:
-    """`StreamGate`'s calls for work without CUDA: `hold(stream, value)` blocks the calling thread (`stream` is
-    ignored) until `release` has set the counter to `value` or beyond."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._value = 0
-        self._next = 0
-
-    def arm(self) -> int:
-        self._next += 1
-        return self._next
-
-    def hold(self, stream: object, value: int) -> None:
-        with self._changed:
-            self._changed.wait_for(lambda: self._value >= value)
-
-    def release(self, value: int) -> None:
-        with self._changed:
-            self._value = max(self._value, value)
-            self._changed.notify_all()

@@ -137,6 +137,7 @@ def test_replayed_experts_give_the_reference(reference, plan, monkeypatch):
     assert torch.equal(generate(model, num_beams=3), ref_beam)
     stats = engine.stats()
     assert graphs.captures > 0 and stats["graph_replays"] == graphs.replays > 0
+    assert stats["graph_captures"] == graphs.captures
     kinds = {key[0] for key in graphs.graphs}
     assert "expert" in kinds
     if "split" in plan:  # a split's GPU share replays too: after the CPU's columns, and before them below 2/3
