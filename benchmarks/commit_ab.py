@@ -13,6 +13,11 @@ that prepared the module, so each engine runs its own executor. Cases as in `gra
 tokens, greedy: decode tok/s), c (beam width 4: output tok/s), b and b4k (prompts of 1024 and 4096 tokens, 8 new
 tokens: time to the first token). Prints every run as it ends, then per case the medians, the ratio to the other
 tree, and the slowest run as a share of the median.
+
+The same code on both sides (an A/A run on an H200 host, benchmarks/NOTES.md) gave 1.00x and 0.99x with this
+tree's engine built first, 1.06x and 1.04x for the other's with it built first: ratios within about 6% over 4
+rounds are what the same code gives. Run a comparison both ways (once with `--other-first`) and take the geometric
+mean of the two ratios of this tree to the other.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ def metrics(raw: dict) -> dict[str, float]:
 def main() -> None:
     parser = arguments(6, "a,c,b")
     parser.add_argument("--other", type=Path, required=True, help="a tree holding the other commit's fiddler_batch")
+    parser.add_argument(
+        "--other-first",
+        action="store_true",
+        help="build the other tree's engine (and pin its experts) before this tree's: run a comparison once each way "
+        "(with the same code on both sides the engine built first ran 1.00-1.06x faster, benchmarks/NOTES.md)",
+    )
     args = parser.parse_args()
     name = import_other(args.other)
     other_engine = importlib.import_module(f"{name}.engine")
@@ -65,12 +76,16 @@ def main() -> None:
     other_cost = importlib.import_module(f"{name}.engine.costmodel")
     other_scenarios = importlib.import_module(f"{name}.bench.scenarios")
 
+    def build_other():
+        return other_engine.Engine.from_model(
+            build_model(layers=args.layers, seed=0), other_spec.EngineSpec(resident_share=args.resident)
+        )
+
+    other = build_other() if args.other_first else None
     this = Engine.from_model(build_model(layers=args.layers, seed=0), EngineSpec(resident_share=args.resident))
     cost = cost_model_for(this, this.spec)
     this.set_cost_model(cost)
-    other = other_engine.Engine.from_model(
-        build_model(layers=args.layers, seed=0), other_spec.EngineSpec(resident_share=args.resident)
-    )
+    other = other or build_other()
     other.set_cost_model(other_cost.CostModel.from_json(cost.to_json()))
     engines = {"this": (this, generate_once), "other": (other, other_scenarios.generate_once)}
     print(f"cost model: cpu(1) {cost.cpu(1):.2f} ms, copy {cost.copy_ms:.2f} ms, crossover {cost.crossover()}")
@@ -94,7 +109,8 @@ def main() -> None:
                 results[(mode, case)].append(value)
                 print(f"round {round_} {case} {mode:<5} {METRIC[case]} {value:.4g}", flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
+    built = "other, then this" if args.other_first else "this, then other"
+    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds; engines built {built}")
     for case in cases:
         for mode in engines:
             runs = results[(mode, case)]

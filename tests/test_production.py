@@ -103,7 +103,9 @@ def test_requeue_asks_slurm_to_run_the_task_again(tmp_path: Path, demo_path: Pat
 
 def test_an_overlapping_run_of_the_same_job_exits_4_and_leaves_the_first_alone(tmp_path: Path, demo_path: Path) -> None:
     job = write_job(tmp_path, RECORDS, batching=STATIC, generation={"max_new_tokens": 4})
-    first = start(job)
+    # The first run waits 10 s after its first part, so that it still holds the job while the second one starts (a
+    # loaded 2-core machine takes seconds to start a run; paced at 0.4 s a part, the first could finish before).
+    first = start(job, env={**PACED, "FIDDLER_BATCH_FAULTS": "after-part@1:sleep=10,after-part@*:sleep=0.4"})
     wait_for_parts(job, 1, first)
     second = cli("run", str(job), env={"OMP_NUM_THREADS": "1"})
     assert second.returncode == 4, second.stderr

@@ -132,6 +132,8 @@ class LayerState:
     staged: dict[int, StagingSlot] = field(default_factory=dict)  # expert -> slot a prefetch copied it into
     packed: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # expert -> its weights packed for
     # the CPU (cpupack.py), for the host experts engine.cpu_packed packs
+    _views: dict[tuple[bool, int], dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    # (resident?, expert) -> its weights as views, made once: a layer call asks for them several times
 
     def is_resident(self) -> list[bool]:
         return [row >= 0 for row in self.resident_row]
@@ -141,16 +143,22 @@ class LayerState:
         return [row >= 0 or e in self.staged for e, row in enumerate(self.resident_row)]
 
     def host_expert(self, e: int) -> dict[str, torch.Tensor]:
-        row = self.host_row[e]
-        return {role: t[row] for role, t in self.host.items()}
+        views = self._views.get((False, e))
+        if views is None:
+            row = self.host_row[e]
+            views = self._views[(False, e)] = {role: t[row] for role, t in self.host.items()}
+        return views
 
     def expert_template(self) -> dict[str, torch.Tensor]:
         """One tensor per role with an expert's shape and dtype in its trailing dimensions."""
         return self.host if self.host_row.count(-1) < len(self.host_row) else self.resident
 
     def resident_expert(self, e: int) -> dict[str, torch.Tensor]:
-        row = self.resident_row[e]
-        return {role: t[row] for role, t in self.resident.items()}
+        views = self._views.get((True, e))
+        if views is None:
+            row = self.resident_row[e]
+            views = self._views[(True, e)] = {role: t[row] for role, t in self.resident.items()}
+        return views
 
 
 def _host_experts(layer: LayerState) -> list[int]:
@@ -166,6 +174,7 @@ class StagingSlot:
         cuda = device.type == "cuda"
         self.landed = torch.cuda.Event() if cuda else None  # copy finished
         self.released = torch.cuda.Event() if cuda else None  # compute on it finished
+        self.down_landed = torch.cuda.Event() if cuda else None  # a split's down rows copied into it
         self.used = False
         self.held = False  # holds a prefetched expert not yet consumed: ordinary copies skip it
 
@@ -643,9 +652,15 @@ class HybridExecutor:
     # -- the experts forward ------------------------------------------------------------------------
 
     def forward(
-        self, layer: LayerState, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        layer: LayerState,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        result: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden: [T, H]; top_k_index, top_k_weights: [T, K] -> [T, H]."""
+        """hidden: [T, H]; top_k_index, top_k_weights: [T, K] -> [T, H], written into `result` when given (a
+        tensor like `hidden`: the buffer a decode graph reads next)."""
         num_tokens, top_k = top_k_index.shape
         num_experts = layer.layout.num_experts
         stats = self.stats
@@ -660,6 +675,10 @@ class HybridExecutor:
             timeline.begin(layer.index, num_tokens)
         if self._staged_for is not None and self._staged_for is not layer:
             self._release_staged()  # staged for a layer that did not run next: never used
+        # Every call takes staging slots from the ring's start: the same plan then uses the same slots, and its GPU
+        # work the same graphs (a graph's key holds the slot), where a ring that ran on took each in turn. What an
+        # earlier call queued on a slot is done: its routing waited for the stream, after every use of the slot.
+        self.next_slot = 0
         target = self._prefetch_target(layer, num_tokens)
         guess = self._guess(target, hidden, top_k) if target is not None else None
         routing = self._route(hidden, top_k_index, top_k_weights, num_experts, guess, fixed=graphs is not None)
@@ -688,9 +707,7 @@ class HybridExecutor:
         tokens, weights = routing.tokens, routing.weights
         link_queued = time.perf_counter()
         split = self._split_job(layer, plan, bounds, hidden.dtype, graphs)
-        if split is not None:
-            self._copy_split_up(layer, split)
-        started = self._start_copies(layer, plan)  # the link starts before anything else is queued
+        started = self._queue_link(layer, plan, split)  # the link starts before anything else is queued
         if timeline:
             timeline.mark("link_queued")
         # The CPU's start after the link's, where both have work and run at once (what `StartLag` measures).
@@ -732,7 +749,7 @@ class HybridExecutor:
                 self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
             if split is not None:
                 self._split_down_to_device(split, out)
-        result = self._sum(hidden, out, routing, num_tokens, top_k)
+        result = self._sum(hidden, out, routing, num_tokens, top_k, result)
         stats.forward_s += time.perf_counter() - start
         if timeline:
             timeline.mark("exit")
@@ -790,7 +807,7 @@ class HybridExecutor:
         self._run_copied(layer, plan, gathered, weights, bounds, out, started, link_busy, graphs)
         if timeline:
             timeline.mark("copied_queued")
-        if split is not None:
+        if split is not None and not split.down_queued:
             self._copy_split_down(layer, split)
         if self._staged_for is layer:
             self._release_staged()  # its computes are queued; a later copy into these slots waits for them
@@ -798,13 +815,21 @@ class HybridExecutor:
             timeline.mark("gpu_queued")
 
     def _sum(
-        self, hidden: torch.Tensor, out: torch.Tensor, routing: _Routing, num_tokens: int, top_k: int
+        self,
+        hidden: torch.Tensor,
+        out: torch.Tensor,
+        routing: _Routing,
+        num_tokens: int,
+        top_k: int,
+        result: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The layer's result [T, H]: each token's expert outputs (`out`, in sorted slot order) added up."""
+        """The layer's result [T, H]: each token's expert outputs (`out`, in sorted slot order) added up, into
+        `result` when given."""
         if top_k <= 2:
             # At most two adds per row, which round alike in either order: one call, deterministic on CUDA too.
-            return torch.zeros_like(hidden).index_add_(0, routing.tokens, out)
-        return self._sum_in_expert_order(out, routing.tokens, num_tokens, top_k, routing.by_token)
+            zeros = torch.zeros_like(hidden) if result is None else result.zero_()
+            return zeros.index_add_(0, routing.tokens, out)
+        return self._sum_in_expert_order(out, routing.tokens, num_tokens, top_k, routing.by_token, result)
 
     def _masked_counts(self, host_index: torch.Tensor, num_experts: int) -> list[int]:
         """Tokens routed to each expert among the tokens of `count_mask` (padding and finished rows left out);
@@ -924,15 +949,18 @@ class HybridExecutor:
         ready.record(torch.cuda.current_stream(self.device))
         return host_rows, row_weights, starts, ready
 
-    def _issue_copy(self, layer: LayerState, e: int, stream: torch.cuda.Stream | None) -> StagingSlot:
+    def _issue_copy(
+        self, layer: LayerState, e: int, stream: torch.cuda.Stream | None, entered: bool = False
+    ) -> StagingSlot:
         """Queue expert e's copy into the next free staging slot: on `stream` (after the compute that last read
-        the slot), or on the main stream in order (None)."""
+        the slot; `entered`: the caller made it the current stream already), or on the main stream in order
+        (None)."""
         slot = self._take_slot()
         source = layer.host_expert(e)
         if stream is not None:
             if slot.used:
                 stream.wait_event(slot.released)
-            with torch.cuda.stream(stream):
+            with nullcontext() if entered else torch.cuda.stream(stream):
                 for role, t in slot.weights.items():
                     t.copy_(source[role], non_blocking=True)
             slot.landed.record(stream)
@@ -945,10 +973,25 @@ class HybridExecutor:
         slot.used = True
         return slot
 
-    def _start_copies(self, layer: LayerState, plan: Plan) -> _Started | None:
-        """With overlap, queue the copies of the plan's first COPY experts (on CUDA on the copy stream), as many as
-        there are free staging slots (each into its own slot, so no compute of this call has to be queued
-        between them), before the layer's other work is queued."""
+    def _queue_link(self, layer: LayerState, plan: Plan, split: _SplitJob | None) -> _Started | None:
+        """Queue the link's work of a layer call that comes before anything else of it, in one visit to the copy
+        stream (on CUDA): a split expert's up rows, the first copies (`_start_copies`), and the split's down rows
+        when every copy got a slot there (the link's order is the same as with them queued after the last copy,
+        which `_queue_device_experts` does otherwise)."""
+        if split is None and not (plan.overlap and plan.copy_order):
+            return None
+        with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
+            if split is not None:
+                self._copy_split_up(layer, split, entered=True)
+            started = self._start_copies(layer, plan, entered=True)
+            if split is not None and (started is None or len(started.copies) == len(plan.copy_order)):
+                self._copy_split_down(layer, split, entered=True)
+        return started
+
+    def _start_copies(self, layer: LayerState, plan: Plan, entered: bool = False) -> _Started | None:
+        """With overlap, queue the copies of the plan's first COPY experts (on CUDA on the copy stream; `entered`:
+        the caller made it current), as many as there are free staging slots (each into its own slot, so no
+        compute of this call has to be queued between them), before the layer's other work is queued."""
         if not (plan.overlap and plan.copy_order):
             return None
         free = sum(not slot.held for slot in self.slots)
@@ -956,7 +999,8 @@ class HybridExecutor:
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record(self.copy_stream)
-        return _Started([(e, self._issue_copy(layer, e, self.copy_stream)) for e in plan.copy_order[:free]], start)
+        stream = self.copy_stream
+        return _Started([(e, self._issue_copy(layer, e, stream, entered)) for e in plan.copy_order[:free]], start)
 
     def _run_copied(
         self,
@@ -1262,8 +1306,9 @@ class HybridExecutor:
         destination.copy_(source, non_blocking=self.cuda)
         self.stats.bytes_copied += source.numel() * source.element_size()
 
-    def _copy_split_up(self, layer: LayerState, job: _SplitJob) -> None:
-        """Queue the copy of the up rows of the GPU's units into the split's slot."""
+    def _copy_split_up(self, layer: LayerState, job: _SplitJob, entered: bool = False) -> None:
+        """Queue the copy of the up rows of the GPU's units into the split's slot (`entered`: the copy stream is
+        current already)."""
         slot = job.slot
         source = layer.host_expert(job.expert)
         up, bias = slot.weights["up"], slot.weights.get("up_bias")
@@ -1271,7 +1316,7 @@ class HybridExecutor:
         if stream is not None and slot.used:
             stream.wait_event(slot.released)
         offset = 0
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with torch.cuda.stream(stream) if stream is not None and not entered else nullcontext():
             for a, b in job.device_ranges:
                 rows = slice(offset, offset + b - a)
                 self._copy(up[rows], source["up"][a:b])
@@ -1312,22 +1357,26 @@ class HybridExecutor:
 
         self._queue(job.graphs, key, lambda: up_rows_into(pre, ranges, pieces, x))
 
-    def _copy_split_down(self, layer: LayerState, job: _SplitJob) -> None:
+    def _copy_split_down(self, layer: LayerState, job: _SplitJob, entered: bool = False) -> None:
         """Queue the copy of the down rows of the GPU's output units into the split's slot (after the layer's
-        whole copies: they are needed last)."""
+        whole copies: they are needed last; `entered`: the copy stream is current already)."""
         slot = job.slot
         source = layer.host_expert(job.expert)
         rows = layer.layout.hidden - job.outputs
         stream = self.copy_stream
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with torch.cuda.stream(stream) if stream is not None and not entered else nullcontext():
             self._copy(slot.weights["down"][:rows], source["down"][job.outputs :])
             if "down_bias" in slot.weights:
                 self._copy(slot.weights["down_bias"][:rows], source["down_bias"][job.outputs :])
-        if stream is not None:
-            job.down_landed = torch.cuda.Event(enable_timing=self.timeline is not None)
-            job.down_landed.record(stream)
-            if self.timeline:
-                self.timeline.records[-1]["gpu"]["split_landed"] = job.down_landed
+        job.down_queued = True
+        if stream is None:
+            return
+        # The slot's own event unless a timeline reads this one's time later: the main stream's wait for it is
+        # queued in this call, before the slot's next split records it again.
+        job.down_landed = torch.cuda.Event(enable_timing=True) if self.timeline else slot.down_landed
+        job.down_landed.record(stream)
+        if self.timeline:
+            self.timeline.records[-1]["gpu"]["split_landed"] = job.down_landed
 
     def _split_up_on_cpu(self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, record: dict | None) -> None:
         """The CPU's columns of the up output, into `job.cpu_pre` (`record`: the worker's timeline record)."""
@@ -1344,7 +1393,7 @@ class HybridExecutor:
         `job.cpu_pre`): their copy over, the gate on the whole up output and the down rows the link brought.
         `weights`: the routing weights of every sorted slot, on the fast device."""
         main = torch.cuda.current_stream(self.device) if self.cuda else None
-        if main is not None and job.down_landed is not None:
+        if main is not None:
             main.wait_event(job.down_landed)
         slot = job.slot
         rows_out = layer.layout.hidden - job.outputs
@@ -1390,19 +1439,28 @@ class HybridExecutor:
 
     @staticmethod
     def _sum_in_expert_order(
-        out: torch.Tensor, tokens: torch.Tensor, num_tokens: int, top_k: int, by_token: torch.Tensor | None = None
+        out: torch.Tensor,
+        tokens: torch.Tensor,
+        num_tokens: int,
+        top_k: int,
+        by_token: torch.Tensor | None = None,
+        result: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each token's expert outputs added as the eager loop adds them: from zeros, one expert after another
         in ascending order, rounding to the dtype after each add. `out` holds the sorted slots (expert-major) and
         `tokens` their tokens; `by_token`, when given, is `tokens`' stable sort (each token's slots, still in
         expert order). One index_add_ would not do: on CUDA its order with repeated indices is not fixed, and on
-        the CPU it sums a half-precision call's repeated indices in float and rounds once."""
+        the CPU it sums a half-precision call's repeated indices in float and rounds once. `result`: the tensor
+        to add into, else a new one."""
         if by_token is None:
             by_token = torch.sort(tokens, stable=True).indices
         per_token = out[by_token].view(num_tokens, top_k, out.shape[-1])
-        result = torch.zeros_like(per_token[:, 0])
+        if result is None:
+            result = torch.zeros_like(per_token[:, 0])
+        else:
+            result.zero_()
         for k in range(top_k):
-            result = result + per_token[:, k]
+            result.add_(per_token[:, k])
         return result
 
 
@@ -1459,7 +1517,8 @@ class _SplitJob:
     device_ranges: list[tuple[int, int]]  # and the GPU
     device_pieces: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # in the slot
     up_landed: torch.cuda.Event | None = None
-    down_landed: torch.cuda.Event | None = None
+    down_queued: bool = False  # the copy of its down rows is queued
+    down_landed: torch.cuda.Event | None = None  # and done (on CUDA)
     device_pre: torch.Tensor | None = None  # [n, up rows] the up output on the fast device
     cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
     cpu_down: torch.Tensor | None = None  # [n, outputs] the CPU's output units on the host (None: it has none)

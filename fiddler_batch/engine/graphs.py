@@ -379,7 +379,7 @@ class DecodeGraphs:
         with torch.no_grad():
             for graph, cut in zip(chain.graphs, chain.cuts):
                 graph.replay()
-                cut.result.copy_(executor.forward(cut.layer, cut.hidden, cut.top_k_index, cut.top_k_weights))
+                executor.forward(cut.layer, cut.hidden, cut.top_k_index, cut.top_k_weights, cut.result)
             chain.graphs[-1].replay()
         self.replays += 1
         executor.stats.graph_steps += 1

@@ -145,6 +145,37 @@ def test_replayed_experts_give_the_reference(reference, plan, monkeypatch):
 
 
 @pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+@pytest.mark.parametrize("plan", ["split", "all-copied"])
+def test_every_call_takes_staging_slots_from_the_rings_start(reference, plan):
+    """The same plan uses the same slots from call to call, so its GPU work replays the same graphs: each call's
+    first slot is the ring's first; within a call the ring goes on (3 slots, calls that copy more experts)."""
+    ref_model, ref_logits, _, _ = reference
+    model, engine = make_engine(ref_model, plan, staging_slots=3)
+    executor = engine.executor
+    graphs = executor.expert_graphs = ReplayingGraphs(max_graphs=MAX_SLOTS * 64)
+    taken, take, forward = [], executor._take_slot, executor.forward
+
+    def logged_take():
+        slot = take()
+        taken[-1].append(executor.slots.index(slot))
+        return slot
+
+    def logged_forward(*args, **kwargs):
+        taken.append([])
+        return forward(*args, **kwargs)
+
+    executor._take_slot, executor.forward = logged_take, logged_forward
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    generate(model)
+    calls = [slots for slots in taken if slots]
+    assert calls and all(slots == [i % 3 for i in range(len(slots))] for slots in calls)
+    if plan == "all-copied":
+        assert any(len(slots) > 3 for slots in calls)  # calls that went round the ring
+    assert graphs.replays > 0
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
 @pytest.mark.parametrize("plan", ["all-resident", "split"])
 def test_keys_without_the_tensors_replay_the_wrong_expert(reference, plan):
     """The check above can fail: with keys that leave out the tensors, a replay computes with the weights (a resident

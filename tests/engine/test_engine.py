@@ -239,8 +239,8 @@ def test_a_layers_first_copies_are_queued_before_its_computes_and_each_expert_is
     events = []
     issue, compute, forward = executor._issue_copy, executor_mod.expert_forward, executor.forward
 
-    def logged_issue(layer, e, stream):
-        slot = issue(layer, e, stream)
+    def logged_issue(layer, e, stream, entered=False):
+        slot = issue(layer, e, stream, entered)
         events.append(("copy", e, id(slot)))
         return slot
 
@@ -276,6 +276,40 @@ def test_a_layers_first_copies_are_queued_before_its_computes_and_each_expert_is
                 read.discard(event[2])
             else:
                 read.add(slot_of[event[1]])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_layer_call_writes_its_sum_into_a_given_buffer(family):
+    """A decode graph hands the executor the buffer its next part reads: the call's sum lands there, the same as
+    a call's own result, whatever the buffer held (top 2 of 8 and top 4 of 16 experts: both ways of summing)."""
+    model, engine = make_engine(build(family), "mixed")
+    executor = engine.executor
+    layer = executor.layers[0]
+    generator = torch.Generator().manual_seed(0)
+    num_tokens, hidden_size = 5, model.config.hidden_size
+    top_k, num_experts = model.config.num_experts_per_tok, layer.layout.num_experts
+    index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=generator)
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator)
+    with torch.no_grad():
+        expected = executor.forward(layer, hidden, index, weights)
+        given = torch.full_like(hidden, 7.0)
+        assert executor.forward(layer, hidden, index, weights, given) is given
+    assert torch.equal(given, expected)
+
+
+def test_a_layers_expert_views_are_made_once(mixtral):
+    """The views of an expert's rows a layer call asks for several times are made once, and are its rows."""
+    _, engine = make_engine(mixtral, "mixed")
+    layer = engine.executor.layers[0]
+    host = next(e for e, row in enumerate(layer.host_row) if row >= 0)
+    resident = next(e for e, row in enumerate(layer.resident_row) if row >= 0)
+    assert layer.host_expert(host) is layer.host_expert(host)
+    assert layer.resident_expert(resident) is layer.resident_expert(resident)
+    for role, t in layer.host.items():
+        assert torch.equal(layer.host_expert(host)[role], t[layer.host_row[host]])
+    for role, t in layer.resident.items():
+        assert torch.equal(layer.resident_expert(resident)[role], t[layer.resident_row[resident]])
 
 
 def test_an_error_in_the_cpu_worker_is_raised_by_the_forward_pass(mixtral, monkeypatch):

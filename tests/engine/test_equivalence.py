@@ -114,6 +114,68 @@ def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
     assert stats["experts_copied"] > stats["layer_calls"]  # several whole copies per layer besides the split
 
 
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+@pytest.mark.parametrize("slots", [2, 8])
+def test_a_split_layers_link_carries_its_up_rows_then_its_whole_copies_then_its_down_rows(reference, slots):
+    """The link's order in a split layer call: the split's up rows, the whole copies in the plan's order, the split's
+    down rows. With a slot for every copy (8 slots) the host queues all of it before any expert is computed; with
+    copies that wait for a slot (2: the split holds one) the down rows follow the last copy, after computes."""
+    ref_model, ref_logits, _, _ = reference
+    model, engine = make_engine(ref_model, "split", staging_slots=slots)
+    engine.set_planner(forced_split(0.5, rule=lambda layer, e: Where.COPY))
+    executor = engine.executor
+    events = []
+    plan, up, down, issue = executor.plan, executor._copy_split_up, executor._copy_split_down, executor._issue_copy
+    compute = executor_mod.expert_forward
+
+    def logged_plan(layer, counts):
+        result = plan(layer, counts)
+        events.append(("call", result.copy_order))
+        return result
+
+    def logged_up(*args, **kwargs):
+        events.append(("up",))
+        return up(*args, **kwargs)
+
+    def logged_down(*args, **kwargs):
+        events.append(("down",))
+        return down(*args, **kwargs)
+
+    def logged_issue(layer, e, *args, **kwargs):
+        events.append(("copy", e))
+        return issue(layer, e, *args, **kwargs)
+
+    def logged_compute(*args, **kwargs):
+        events.append(("compute",))
+        return compute(*args, **kwargs)
+
+    for name, wrapper in (
+        ("plan", logged_plan),
+        ("_copy_split_up", logged_up),
+        ("_copy_split_down", logged_down),
+        ("_issue_copy", logged_issue),
+    ):
+        setattr(executor, name, wrapper)
+    executor_mod.expert_forward = logged_compute
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(PROMPTS).logits, ref_logits)
+    finally:
+        executor_mod.expert_forward = compute
+    calls = [i for i, event in enumerate(events) if event[0] == "call"]
+    assert len(calls) == len(executor.layers)
+    waited = 0  # calls whose down rows were queued after a compute
+    for start, end in zip(calls, calls[1:] + [len(events)]):
+        copy_order, call = events[start][1], events[start + 1 : end]
+        link = [event for event in call if event[0] != "compute"]
+        assert link == [("up",), *(("copy", e) for e in copy_order), ("down",)]
+        before_down = call[: call.index(("down",))]
+        waited += ("compute",) in before_down
+        if slots == 8:
+            assert ("compute",) not in before_down
+    assert waited == (0 if slots == 8 else len(calls))
+
+
 @pytest.mark.parametrize("family_model", ["mixtral", "deepseek_v2"], indirect=True)
 @pytest.mark.parametrize("share", [1 / 16, 2 / 3, 0.999])
 @pytest.mark.parametrize("plan", ["split", "split-worker"])
@@ -216,3 +278,6 @@ def test_layer_sum_rounds_as_the_eager_loop(dtype, top_k):
         rows = sorted_experts == e
         expected.index_add_(0, tokens[rows], out[rows])
     assert torch.equal(HybridExecutor._sum_in_expert_order(out, tokens, num_tokens, top_k), expected)
+    given = torch.full_like(expected, 3.0)  # the buffer a decode graph reads next, holding the last step's sum
+    assert HybridExecutor._sum_in_expert_order(out, tokens, num_tokens, top_k, result=given) is given
+    assert torch.equal(given, expected)
