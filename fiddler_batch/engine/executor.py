@@ -808,7 +808,8 @@ class HybridExecutor:
         if timeline:
             timeline.mark("copied_queued")
         if split is not None and not split.down_queued:
-            self._copy_split_down(layer, split)
+            with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
+                self._copy_split_down(layer, split)
         if self._staged_for is layer:
             self._release_staged()  # its computes are queued; a later copy into these slots waits for them
         if timeline:
@@ -982,16 +983,16 @@ class HybridExecutor:
             return None
         with torch.cuda.stream(self.copy_stream) if self.cuda else nullcontext():
             if split is not None:
-                self._copy_split_up(layer, split, entered=True)
-            started = self._start_copies(layer, plan, entered=True)
+                self._copy_split_up(layer, split)
+            started = self._start_copies(layer, plan)
             if split is not None and (started is None or len(started.copies) == len(plan.copy_order)):
-                self._copy_split_down(layer, split, entered=True)
+                self._copy_split_down(layer, split)
         return started
 
-    def _start_copies(self, layer: LayerState, plan: Plan, entered: bool = False) -> _Started | None:
-        """With overlap, queue the copies of the plan's first COPY experts (on CUDA on the copy stream; `entered`:
-        the caller made it current), as many as there are free staging slots (each into its own slot, so no
-        compute of this call has to be queued between them), before the layer's other work is queued."""
+    def _start_copies(self, layer: LayerState, plan: Plan) -> _Started | None:
+        """With overlap, queue the copies of the plan's first COPY experts (on CUDA on the copy stream, which the
+        caller made current), as many as there are free staging slots (each into its own slot, so no compute of
+        this call has to be queued between them), before the layer's other work is queued."""
         if not (plan.overlap and plan.copy_order):
             return None
         free = sum(not slot.held for slot in self.slots)
@@ -1000,7 +1001,7 @@ class HybridExecutor:
             start = torch.cuda.Event(enable_timing=True)
             start.record(self.copy_stream)
         stream = self.copy_stream
-        return _Started([(e, self._issue_copy(layer, e, stream, entered)) for e in plan.copy_order[:free]], start)
+        return _Started([(e, self._issue_copy(layer, e, stream, entered=True)) for e in plan.copy_order[:free]], start)
 
     def _run_copied(
         self,
@@ -1306,9 +1307,9 @@ class HybridExecutor:
         destination.copy_(source, non_blocking=self.cuda)
         self.stats.bytes_copied += source.numel() * source.element_size()
 
-    def _copy_split_up(self, layer: LayerState, job: _SplitJob, entered: bool = False) -> None:
-        """Queue the copy of the up rows of the GPU's units into the split's slot (`entered`: the copy stream is
-        current already)."""
+    def _copy_split_up(self, layer: LayerState, job: _SplitJob) -> None:
+        """Queue the copy of the up rows of the GPU's units into the split's slot (on CUDA on the copy stream, which
+        the caller made current)."""
         slot = job.slot
         source = layer.host_expert(job.expert)
         up, bias = slot.weights["up"], slot.weights.get("up_bias")
@@ -1316,14 +1317,13 @@ class HybridExecutor:
         if stream is not None and slot.used:
             stream.wait_event(slot.released)
         offset = 0
-        with torch.cuda.stream(stream) if stream is not None and not entered else nullcontext():
-            for a, b in job.device_ranges:
-                rows = slice(offset, offset + b - a)
-                self._copy(up[rows], source["up"][a:b])
-                if bias is not None:
-                    self._copy(bias[rows], source["up_bias"][a:b])
-                job.device_pieces.append((up[rows], None if bias is None else bias[rows]))
-                offset += b - a
+        for a, b in job.device_ranges:
+            rows = slice(offset, offset + b - a)
+            self._copy(up[rows], source["up"][a:b])
+            if bias is not None:
+                self._copy(bias[rows], source["up_bias"][a:b])
+            job.device_pieces.append((up[rows], None if bias is None else bias[rows]))
+            offset += b - a
         if stream is not None:
             slot.landed.record(stream)
             job.up_landed = slot.landed
@@ -1357,17 +1357,16 @@ class HybridExecutor:
 
         self._queue(job.graphs, key, lambda: up_rows_into(pre, ranges, pieces, x))
 
-    def _copy_split_down(self, layer: LayerState, job: _SplitJob, entered: bool = False) -> None:
+    def _copy_split_down(self, layer: LayerState, job: _SplitJob) -> None:
         """Queue the copy of the down rows of the GPU's output units into the split's slot (after the layer's
-        whole copies: they are needed last; `entered`: the copy stream is current already)."""
+        whole copies: they are needed last; on CUDA on the copy stream, which the caller made current)."""
         slot = job.slot
         source = layer.host_expert(job.expert)
         rows = layer.layout.hidden - job.outputs
         stream = self.copy_stream
-        with torch.cuda.stream(stream) if stream is not None and not entered else nullcontext():
-            self._copy(slot.weights["down"][:rows], source["down"][job.outputs :])
-            if "down_bias" in slot.weights:
-                self._copy(slot.weights["down_bias"][:rows], source["down_bias"][job.outputs :])
+        self._copy(slot.weights["down"][:rows], source["down"][job.outputs :])
+        if "down_bias" in slot.weights:
+            self._copy(slot.weights["down_bias"][:rows], source["down_bias"][job.outputs :])
         job.down_queued = True
         if stream is None:
             return

@@ -116,7 +116,9 @@ def test_a_split_slot_is_not_overwritten_by_the_layers_other_copies(reference):
 
 @pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
 @pytest.mark.parametrize("slots", [2, 8])
-def test_a_split_layers_link_carries_its_up_rows_then_its_whole_copies_then_its_down_rows(reference, slots):
+def test_a_split_layers_link_carries_its_up_rows_then_its_whole_copies_then_its_down_rows(
+    reference, slots, monkeypatch
+):
     """The link's order in a split layer call: the split's up rows, the whole copies in the plan's order, the split's
     down rows. With a slot for every copy (8 slots) the host queues all of it before any expert is computed; with
     copies that wait for a slot (2: the split holds one) the down rows follow the last copy, after computes."""
@@ -155,13 +157,10 @@ def test_a_split_layers_link_carries_its_up_rows_then_its_whole_copies_then_its_
         ("_copy_split_down", logged_down),
         ("_issue_copy", logged_issue),
     ):
-        setattr(executor, name, wrapper)
-    executor_mod.expert_forward = logged_compute
-    try:
-        with torch.no_grad():
-            assert torch.equal(model(PROMPTS).logits, ref_logits)
-    finally:
-        executor_mod.expert_forward = compute
+        monkeypatch.setattr(executor, name, wrapper)
+    monkeypatch.setattr(executor_mod, "expert_forward", logged_compute)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
     calls = [i for i, event in enumerate(events) if event[0] == "call"]
     assert len(calls) == len(executor.layers)
     waited = 0  # calls whose down rows were queued after a compute
