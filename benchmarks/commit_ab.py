@@ -29,16 +29,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from graphs_ab import CASES
-from interleave import arguments, rounds, summary
+from interleave import CASES, METRIC, arguments, metrics, rounds, summary
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
 from fiddler_batch.engine import Engine
 from fiddler_batch.spec import EngineSpec
-
-METRIC = {"a": "decode", "c": "out", "b": "ttft", "b4k": "ttft"}
 
 
 def import_other(tree: Path) -> str:
@@ -53,11 +50,6 @@ def import_other(tree: Path) -> str:
         path.write_text(path.read_text().replace("fiddler_batch", "fiddler_other"))
     sys.path.insert(0, str(root))
     return "fiddler_other"
-
-
-def metrics(raw: dict) -> dict[str, float]:
-    tokens = raw["new_tokens"]
-    return {"decode": (tokens - 1) / raw["decode_s"], "out": tokens / raw["total_s"], "ttft": raw["ttft_s"]}
 
 
 def main() -> None:

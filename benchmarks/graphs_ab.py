@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from interleave import arguments, rounds, summary
+from interleave import CASES, METRIC, arguments, metrics, rounds, summary
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -36,13 +36,10 @@ from fiddler_batch.generation import STATIC_CACHE
 from fiddler_batch.spec import EngineSpec
 
 MODES = ("eager", "static", "graphs", "split")
-CASES = {"a": (32, 64, 1), "c": (32, 64, 4), "b": (1024, 8, 1), "b4k": (4096, 8, 1)}  # prompt, new tokens, width
 
 
 def generate(engine: Engine, ids: torch.Tensor, new: int, width: int, static: bool) -> dict[str, float]:
-    raw = generate_once(engine, ids, new, width, cache=STATIC_CACHE if static else {})
-    tokens, ttft = raw["new_tokens"], raw["ttft_s"]
-    return {"tokens": tokens, "ttft": ttft, "decode": (tokens - 1) / raw["decode_s"], "out": tokens / raw["total_s"]}
+    return metrics(generate_once(engine, ids, new, width, cache=STATIC_CACHE if static else {}))
 
 
 def main() -> None:
@@ -54,7 +51,6 @@ def main() -> None:
     executor = engine.executor
     cases = args.cases.split(",")
     modes = tuple(args.modes.split(","))
-    metric = {"a": "decode", "c": "out", "b": "ttft", "b4k": "ttft"}
     results = {(mode, case): [] for mode in modes for case in cases}
     outside = {(mode, case): [] for mode in modes for case in cases}
 
@@ -83,10 +79,10 @@ def main() -> None:
         for mode in order:
             for case in cases:
                 raw = run(mode, case)
-                results[(mode, case)].append(raw[metric[case]])
+                results[(mode, case)].append(raw[METRIC[case]])
                 outside[(mode, case)].append(raw["outside_ms"])
                 print(
-                    f"round {round_} {case} {mode:<7} {metric[case]} {raw[metric[case]]:.4g} "
+                    f"round {round_} {case} {mode:<7} {METRIC[case]} {raw[METRIC[case]]:.4g} "
                     f"(ttft {raw['ttft']:.3f} s), {raw['outside_ms']:.2f} ms per layer call outside the experts, "
                     f"{raw['graph_steps']} graph steps",
                     flush=True,
@@ -95,9 +91,9 @@ def main() -> None:
     for case in cases:
         for mode in modes:
             runs = results[(mode, case)]
-            median, ratio, slowest = summary(runs, results[(modes[0], case)], lower_is_better=metric[case] == "ttft")
+            median, ratio, slowest = summary(runs, results[(modes[0], case)], lower_is_better=METRIC[case] == "ttft")
             print(
-                f"{case} {mode:<7} {metric[case]} {median:.4g} ({ratio:.3f}x {modes[0]}; slowest run "
+                f"{case} {mode:<7} {METRIC[case]} {median:.4g} ({ratio:.3f}x {modes[0]}; slowest run "
                 f"{slowest:.0%} of median) outside the experts {statistics.median(outside[(mode, case)]):.2f} ms "
                 f"per layer call; runs {[round(r, 4) for r in runs]}"
             )

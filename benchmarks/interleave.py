@@ -1,13 +1,28 @@
 """Interleaved A/B rounds for the benchmark scripts that compare engine modes or trees in one process
 (`worker_ab.py`, `graphs_ab.py`, `settings_ab.py`, `commit_ab.py`): the order of the modes rotates from round to
 round, so that a drift of the host's speed falls on every mode alike, and each mode's runs are summed up against the
-first mode's; the options they share."""
+first mode's; the options, cases and metrics they share."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 from collections.abc import Iterator, Sequence
+
+CASES = {"a": (32, 64, 1), "c": (32, 64, 4), "b": (1024, 8, 1), "b4k": (4096, 8, 1)}
+"""(prompt tokens, new tokens, beam width) of each case: a single-request decode, c beam search, b and b4k long
+prefills."""
+
+METRIC = {"a": "decode", "c": "out", "b": "ttft", "b4k": "ttft"}
+"""Each case's metric in `metrics`: decode tok/s, output tok/s, or the time to the first token (lower is better)."""
+
+LABEL = {"decode": "decode tok/s", "out": "output tok/s", "ttft": "TTFT s"}
+
+
+def metrics(raw: dict) -> dict[str, float]:
+    """The metrics of one `generate_once` result."""
+    tokens = raw["new_tokens"]
+    return {"decode": (tokens - 1) / raw["decode_s"], "out": tokens / raw["total_s"], "ttft": raw["ttft_s"]}
 
 
 def arguments(reps: int, cases: str, modes: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -42,10 +57,12 @@ def summary(runs: Sequence[float], base: Sequence[float], lower_is_better: bool 
 def summary_line(
     case: str, mode: str, runs: Sequence[float], base: Sequence[float], base_name: str, width: int, extra: str = ""
 ) -> str:
-    """One mode's line of a decode (a) or beam-search (c) case: median tok/s, the ratio to the base mode's, the
-    slowest run's share, `extra`, then the runs."""
-    median, ratio, slowest = summary(runs, base)
+    """One mode's line of a case (`CASES`): the median of its metric, the ratio to the base mode's (of times for a
+    prefill), the slowest run's share, `extra`, then the runs."""
+    metric = METRIC[case]
+    median, ratio, slowest = summary(runs, base, lower_is_better=metric == "ttft")
+    digits = 4 if metric == "ttft" else 2
     return (
-        f"{case} {mode:<{width}} {'decode' if case == 'a' else 'output'} tok/s {median:6.2f} "
-        f"({ratio:.3f}x {base_name}; slowest {slowest:.0%} of median){extra}; runs {[round(r, 2) for r in runs]}"
+        f"{case} {mode:<{width}} {LABEL[metric]} {median:6.{digits}f} ({ratio:.3f}x {base_name}; slowest "
+        f"{slowest:.0%} of median){extra}; runs {[round(r, digits) for r in runs]}"
     )

@@ -1,12 +1,12 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
-    python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,b,c]
+    python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,b,c,b4k]
         [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts] [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
-32 layers fit a 128 GB host), scenarios a (prompt 32, 64 new tokens, greedy: decode tok/s), b (prompt 1024, one new
-token: the time to the first token, TTFT) and c (beam width 4: output tok/s). Each round runs every mode once per case,
-in an order that rotates from round to round. Modes:
+32 layers fit a 128 GB host), the cases of `interleave.CASES`: a (prompt 32, 64 new tokens, greedy: decode tok/s), c
+(beam width 4: output tok/s), b and b4k (prompts of 1024 and 4096 tokens, 8 new tokens: the time to the first token,
+TTFT). Each round runs every mode once per case, in an order that rotates from round to round. Modes:
 
 - default:  the engine's defaults;
 - adapting: `engine.adapt_costs: on`, a fresh tracker for each run, so each run learns from its own first layer
@@ -33,7 +33,7 @@ share of the median.
 from __future__ import annotations
 
 import torch
-from interleave import arguments, rounds, summary, summary_line
+from interleave import CASES, LABEL, METRIC, arguments, metrics, rounds, summary_line
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -82,10 +82,8 @@ def main() -> None:
         print(f"warm calibration: cpu(1) {costs['warm'].fastest_cpu(1):.2f} ms, {costs['warm'].meta}")
     else:
         cost = cost_model_for(engine, engine.spec)
-    ids = prompt_ids(32, model.config.vocab_size, 0)
-    prefill = prompt_ids(1024, model.config.vocab_size, 0)
-    cases = {case: {"a": 1, "b": 1, "c": 4}[case] for case in args.cases.split(",")}
-    inputs = {"a": (ids, 64), "b": (prefill, 1), "c": (ids, 64)}
+    cases = args.cases.split(",")
+    inputs = {case: (prompt_ids(CASES[case][0], model.config.vocab_size, 0), *CASES[case][1:]) for case in cases}
     results = {(mode, case): [] for mode in modes for case in cases}
     defaults = {key: getattr(executor, key) for mode in MODES.values() for key in mode}
     lags: dict[str, tuple[StartLag, StartLag]] = {}
@@ -106,25 +104,20 @@ def main() -> None:
     )
     for mode in modes:  # warm-up: a whole run of each case in each mode
         use(mode)
-        for case, width in cases.items():
-            generate_once(engine, *inputs[case], width)
+        for case in cases:
+            generate_once(engine, *inputs[case])
     for round_, order in rounds(modes, args.reps):
         for mode in order:
-            for case, width in cases.items():
+            for case in cases:
                 use(mode)
                 engine.reset_stats()
-                raw = generate_once(engine, *inputs[case], width)
+                value = metrics(generate_once(engine, *inputs[case]))[METRIC[case]]
                 stats = engine.stats()
-                if case == "b":
-                    speed, unit = raw["ttft_s"], "s TTFT"
-                elif width == 1:
-                    speed, unit = (raw["new_tokens"] - 1) / raw["decode_s"], "tok/s"
-                else:
-                    speed, unit = raw["new_tokens"] / raw["total_s"], "tok/s"
-                results[(mode, case)].append(speed)
+                results[(mode, case)].append(value)
                 cpu_ms = 1e3 * stats["cpu_compute_s"] / max(1, stats["experts_cpu"])
                 print(
-                    f"round {round_} {case} {mode:<9} {speed:6.3f} {unit}, CPU experts {stats['experts_cpu']} "
+                    f"round {round_} {case} {mode:<9} {LABEL[METRIC[case]]} {value:.4g}, "
+                    f"CPU experts {stats['experts_cpu']} "
                     f"({cpu_ms:.2f} ms each), copied {stats['experts_copied']}, split {stats['experts_split']}, "
                     f"experts {stats['forward_s']:.3f} s (planned {stats['predicted_s']:.3f}), "
                     f"graphed {stats['graph_replays']} (captured {stats['graph_captures']}); "
@@ -135,15 +128,7 @@ def main() -> None:
     print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
     for case in cases:
         for mode in modes:
-            runs, base = results[(mode, case)], results[(modes[0], case)]
-            if case == "b":
-                median, ratio, slowest = summary(runs, base, lower_is_better=True)
-                print(
-                    f"b {mode:<9} TTFT s {median:.4f} ({ratio:.3f}x {modes[0]}; slowest {slowest:.0%} of median); runs "
-                    f"{[round(r, 4) for r in runs]}"
-                )
-            else:
-                print(summary_line(case, mode, runs, base, modes[0], 9))
+            print(summary_line(case, mode, results[(mode, case)], results[(modes[0], case)], modes[0], 9))
 
 
 if __name__ == "__main__":
