@@ -1,7 +1,8 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,b,c,b4k]
-        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts] [--one-lag]
+        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts,prefetch1,prefetch2]
+        [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
 32 layers fit a 128 GB host), the cases of `interleave.CASES`: a (prompt 32, 64 new tokens, greedy: decode tok/s), c
@@ -21,13 +22,15 @@ TTFT). Each round runs every mode once per case, in an order that rotates from r
             off-GPU experts, 5% beside one or none);
 - eagerexperts: `engine.expert_graphs: false` (the GPU's whole experts in small calls launched one kernel at a
             time instead of replayed as CUDA graphs);
+- prefetch1, prefetch2: `engine.prefetch_experts` 1 and 2 (the next layer's experts copied ahead, into the default 4
+            staging slots: in a prefill the first ones the next layer's plan for the guessed counts copies);
 - warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
             as calibrations did before they read experts in turn). With this mode every mode plans on a full
             calibration made at the start, the others on one that reads experts in turn.
 
-Prints every run as it ends (the CPU expert's mean time, the experts on the CPU, copied and split, and with
-`adapting` the tracker's scales), then per case the medians, the ratio to the first mode and the slowest run as a
-share of the median.
+Prints every run as it ends (the CPU expert's mean time, the experts on the CPU, copied and split, the prefetches
+issued and used, and with `adapting` the tracker's scales), then per case the medians, the ratio to the first mode and
+the slowest run as a share of the median.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ MODES = {
     "gain10": {},
     "gain05": {},
     "eagerexperts": {"expert_graphs": None},
+    "prefetch1": {"prefetch_experts": 1},
+    "prefetch2": {"prefetch_experts": 2},
 }
 SPLIT_GAINS = {"gain20": 0.20, "gain10": 0.10, "gain05": 0.05}
 """The planner's least gain of a split, in every layer, in the modes that set it (the others keep the defaults)."""
@@ -120,7 +125,8 @@ def main() -> None:
                     f"CPU experts {stats['experts_cpu']} "
                     f"({cpu_ms:.2f} ms each), copied {stats['experts_copied']}, split {stats['experts_split']}, "
                     f"experts {stats['forward_s']:.3f} s (planned {stats['predicted_s']:.3f}), "
-                    f"graphed {stats['graph_replays']} (captured {stats['graph_captures']}); "
+                    f"graphed {stats['graph_replays']} (captured {stats['graph_captures']}), "
+                    f"prefetched {stats['prefetch_issued']} (used {stats['prefetch_hits']}); "
                     f"{stats.get('cost_scales', '')} lag {stats.get('cpu_lag', 'off')}",
                     flush=True,
                 )
