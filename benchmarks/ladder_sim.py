@@ -37,12 +37,12 @@ def stored_models(folder: Path) -> list[dict]:
 
 
 def cut(cost: dict, ladder: tuple[int, ...]) -> CostModel:
-    """`cost` at `ladder`'s points only; the CPU's time the faster of the stored and packed layouts, as planned."""
+    """`cost` at `ladder`'s points only, the CPU expert from its weights as stored (what the planner reads at a
+    prefill's token counts unless the experts are packed for oneDNN: no stored run computed a packed expert)."""
     at = [FULL_LADDER.index(n) for n in ladder]
-    packed = cost.get("cpu_packed_ms") or cost["cpu_ms"]
     return CostModel(
         ladder,
-        tuple(min(cost["cpu_ms"][i], packed[i]) for i in at),
+        tuple(cost["cpu_ms"][i] for i in at),
         tuple(cost["gpu_ms"][i] for i in at),
         cost["copy_ms"],
         cost.get("cpu_fixed_ms", 0.0),
