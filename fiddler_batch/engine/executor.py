@@ -143,21 +143,21 @@ class LayerState:
         return [row >= 0 or e in self.staged for e, row in enumerate(self.resident_row)]
 
     def host_expert(self, e: int) -> dict[str, torch.Tensor]:
-        views = self._views.get((False, e))
-        if views is None:
-            row = self.host_row[e]
-            views = self._views[(False, e)] = {role: t[row] for role, t in self.host.items()}
-        return views
+        return self._expert_views(False, e)
 
     def expert_template(self) -> dict[str, torch.Tensor]:
         """One tensor per role with an expert's shape and dtype in its trailing dimensions."""
         return self.host if self.host_row.count(-1) < len(self.host_row) else self.resident
 
     def resident_expert(self, e: int) -> dict[str, torch.Tensor]:
-        views = self._views.get((True, e))
+        return self._expert_views(True, e)
+
+    def _expert_views(self, resident: bool, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's weights as views into the resident or the host tensors, made on the first request."""
+        views = self._views.get((resident, e))
         if views is None:
-            row = self.resident_row[e]
-            views = self._views[(True, e)] = {role: t[row] for role, t in self.resident.items()}
+            tensors, row = (self.resident, self.resident_row[e]) if resident else (self.host, self.host_row[e])
+            views = self._views[(resident, e)] = {role: t[row] for role, t in tensors.items()}
         return views
 
 
