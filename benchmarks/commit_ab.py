@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from interleave import CASES, METRIC, arguments, metrics, rounds, summary
+from interleave import CASES, METRIC, arguments, metrics, rounds, summary_line
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -105,12 +105,7 @@ def main() -> None:
     print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds; engines built {built}")
     for case in cases:
         for mode in engines:
-            runs = results[(mode, case)]
-            median, ratio, slowest = summary(runs, results[("other", case)], lower_is_better=METRIC[case] == "ttft")
-            print(
-                f"{case} {mode:<5} {METRIC[case]} {median:.4g} ({ratio:.3f}x other; slowest run {slowest:.0%} of "
-                f"median); runs {[round(r, 4) for r in runs]}"
-            )
+            print(summary_line(case, mode, results[(mode, case)], results[("other", case)], "other", 5))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from interleave import CASES, METRIC, arguments, metrics, rounds, summary
+from interleave import CASES, METRIC, arguments, metrics, rounds, summary_line
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -90,13 +90,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
     for case in cases:
         for mode in modes:
-            runs = results[(mode, case)]
-            median, ratio, slowest = summary(runs, results[(modes[0], case)], lower_is_better=METRIC[case] == "ttft")
-            print(
-                f"{case} {mode:<7} {METRIC[case]} {median:.4g} ({ratio:.3f}x {modes[0]}; slowest run "
-                f"{slowest:.0%} of median) outside the experts {statistics.median(outside[(mode, case)]):.2f} ms "
-                f"per layer call; runs {[round(r, 4) for r in runs]}"
-            )
+            extra = f", outside the experts {statistics.median(outside[(mode, case)]):.2f} ms per layer call"
+            print(summary_line(case, mode, results[(mode, case)], results[(modes[0], case)], modes[0], 7, extra))
 
 
 if __name__ == "__main__":
