@@ -1,7 +1,8 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,b,c,b4k]
-        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts,prefetch1,prefetch2]
+        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts,prefetch1,prefetch2,
+                 noprefetch,prefetchsmall]
         [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
@@ -23,7 +24,10 @@ TTFT). Each round runs every mode once per case, in an order that rotates from r
 - eagerexperts: `engine.expert_graphs: false` (the GPU's whole experts in small calls launched one kernel at a
             time instead of replayed as CUDA graphs);
 - prefetch1, prefetch2: `engine.prefetch_experts` 1 and 2 (the next layer's experts copied ahead, into the default 4
-            staging slots: in a prefill the first ones the next layer's plan for the guessed counts copies);
+            staging slots: in a prefill the first ones the next layer's plan for the guessed counts copies; 1 is
+            the default since the main stream's copies no longer queue behind a prefetch);
+- noprefetch: `engine.prefetch_experts: 0` (no prefetch, the default before);
+- prefetchsmall: `engine.prefetch_small_steps: true` (one expert prefetched in decode and beam-search steps too);
 - warm:     the defaults planning on a calibration that timed one expert again and again (warm in the CPU's caches,
             as calibrations did before they read experts in turn). With this mode every mode plans on a full
             calibration made at the start, the others on one that reads experts in turn.
@@ -59,6 +63,8 @@ MODES = {
     "eagerexperts": {"expert_graphs": None},
     "prefetch1": {"prefetch_experts": 1},
     "prefetch2": {"prefetch_experts": 2},
+    "noprefetch": {"prefetch_experts": 0},
+    "prefetchsmall": {"prefetch_experts": 1, "prefetch_small_steps": True},
 }
 SPLIT_GAINS = {"gain20": 0.20, "gain10": 0.10, "gain05": 0.05}
 """The planner's least gain of a split, in every layer, in the modes that set it (the others keep the defaults)."""

@@ -8,8 +8,9 @@
 - `fiddler-rule`: the engine with the budget's resident experts and strategy `fiddler-rule` (the paper's
   Algorithm 1: per expert the cheaper of CPU compute and copy + GPU compute, CPU and GPU work serialised).
 - `fiddler-batch`: the engine with the budget's resident experts and its default settings.
-- `fiddler-prefetch`, `fiddler-prefetch-1`: the same with `engine.prefetch_experts: 2` and `1` (the next
-  layer's guessed experts copied during the current one), and `fiddler-whole`, the same with every expert kept
+- `fiddler-prefetch`, `fiddler-prefetch-1`: the same with `engine.prefetch_experts: 2` and `1` in every step
+  (`engine.prefetch_small_steps: true`: the next layer's guessed experts copied during the current one, in decode
+  steps too), and `fiddler-whole`, the same with every expert kept
   whole instead of one per layer split between the CPU and the GPU where that pays (`engine.split_experts:
   false`), so one run measures a lever against the defaults, `fiddler-worker`, the same with the CPU experts on a
   worker thread (`engine.cpu_worker: true`), `fiddler-eager`, the same with decode steps launched eagerly instead

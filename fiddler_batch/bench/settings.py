@@ -76,8 +76,8 @@ BASELINE_TABLE: dict[str, Baseline] = {
             None,
             True,
             False,
-            "fiddler-batch's defaults with the next layer's 2 likeliest off-GPU experts prefetched in decode steps",
-            engine={"prefetch_experts": 2},
+            "fiddler-batch's defaults with the next layer's 2 likeliest off-GPU experts prefetched in decode steps too",
+            engine={"prefetch_experts": 2, "prefetch_small_steps": True},
             by_default=False,
         ),
         Baseline(
@@ -152,8 +152,8 @@ BASELINE_TABLE: dict[str, Baseline] = {
             None,
             True,
             False,
-            "fiddler-batch's defaults with the next layer's likeliest off-GPU expert prefetched in decode steps",
-            engine={"prefetch_experts": 1},
+            "fiddler-batch's defaults with the next layer's likeliest off-GPU expert prefetched in decode steps too",
+            engine={"prefetch_experts": 1, "prefetch_small_steps": True},
             by_default=False,
         ),
     )

@@ -195,6 +195,7 @@ class Engine:
             cost,
             cpu_threads=torch.get_num_threads(),
             prefetch_experts=spec.prefetch_experts,
+            prefetch_small_steps=spec.prefetch_small_steps,
             split_experts=spec.split_experts,
             cpu_worker=spec.cpu_worker,
             cpu_packed=spec.cpu_packed,
@@ -371,6 +372,7 @@ class Engine:
         if self.executor is not None:
             info["cpu_threads"] = self.executor.cpu_threads
             info["prefetch_experts"] = self.executor.prefetch_experts
+            info["prefetch_small_steps"] = self.executor.prefetch_small_steps
             info["split_experts"] = self.executor.split_experts
             info["cpu_worker"] = self.executor.cpu_worker
             info["cuda_graphs"] = self.executor.graphs is not None

@@ -258,6 +258,7 @@ class HybridExecutor:
         cpu_threads: int = 1,
         prefetch_experts: int = 0,
         split_experts: bool = False,
+        prefetch_small_steps: bool = False,
         cpu_worker: bool = False,
         cpu_packed: CpuPacked = "off",
         cpu_gemv: CpuGemv = "off",
@@ -282,12 +283,14 @@ class HybridExecutor:
         self.outbound = PinnedBuffer(pin=self.cuda)  # CPU results back
         self._pinned: dict[str, PinnedBuffer] = {}  # the routing's pinned buffers, by role (`_route`)
         self.prefetch_experts = prefetch_experts  # experts of the next layer copied ahead per call (0: off)
+        self.prefetch_small_steps = prefetch_small_steps  # also in calls of at most `prefetch_limit` tokens
         self.split_experts = split_experts  # plans may split one expert between the CPU and the GPU
         self.split_out = PinnedBuffer(pin=self.cuda)  # its CPU columns of the up output, to the GPU
         self.split_result = PinnedBuffer(pin=self.cuda)  # its CPU output units, to the GPU
         self.prefetch_max_tokens: int | None = None  # overrides `prefetch_limit`'s rule (tests, experiments)
         self.predictor: Predictor | None = None
         self._staged_for: LayerState | None = None  # the layer whose experts prefetches hold slots for
+        self._prefetch_queued = False  # a prefetch was queued since the last routing: it may still be in flight
         self._limit: tuple[CostModel | None, int] = (None, 0)  # prefetch_limit's value for a cost model
         self._plans: dict[tuple, Plan] = {}  # own_plan's plans by their inputs, for the cost model `_plans_for`
         self._plans_for: CostModel | None = None
@@ -516,14 +519,14 @@ class HybridExecutor:
         return self.prefetch_limit() + 1
 
     def link_backlog_ms(self) -> float:
-        """How long the link is still busy with copies queued before this layer's: a staging slot whose copy has
-        not landed counts one copy. Without prefetch every earlier copy has landed by the time a layer plans (the
-        host waited for the main stream, which waited for them); prefetches are not waited for, and a plan that
+        """How long the link is still busy with copies queued before this layer's: a slot a prefetch holds whose
+        copy has not landed counts one copy. Every other copy has landed by the time a layer plans (the host
+        waited for the main stream, which waited for them); prefetches are not waited for, and a plan that
         ignored them would queue its own copies behind them while the CPU idles."""
         if not self.cuda or self.cost is None or self.prefetch_experts <= 0:
             return 0.0
         copy_ms = self.planning_cost().copy_ms
-        return copy_ms * sum(1 for slot in self.slots if slot.used and not slot.landed.query())
+        return copy_ms * sum(1 for slot in self.slots if slot.held and not slot.landed.query())
 
     def _as_run(self, layer: LayerState, plan: Plan) -> Plan:
         """The plan as it runs: an expert staged by a prefetch and planned COPY (a forced plan) is computed from
@@ -573,7 +576,9 @@ class HybridExecutor:
         target = self.layers[layer.index + 1]
         if target.router is None or all(target.is_resident()):
             return None
-        if num_tokens > self.prefetch_limit() and (self.cost is None or self.strategy not in BULK_PREFETCH):
+        if num_tokens <= self.prefetch_limit():
+            return target if self.prefetch_small_steps else None
+        if self.cost is None or self.strategy not in BULK_PREFETCH:
             return None
         return target
 
@@ -641,6 +646,7 @@ class HybridExecutor:
             self.stats.bytes_prefetched += sum(t.numel() * t.element_size() for t in slot.weights.values())
         if target.staged:
             self._staged_for = target
+        self._prefetch_queued = self._prefetch_queued or bool(staged)
         if timeline:
             timeline.records[-1]["prefetch"] = {"layer": target.index, "experts": staged}
             if stream is not None:
@@ -681,7 +687,10 @@ class HybridExecutor:
         self.next_slot = 0
         target = self._prefetch_target(layer, num_tokens)
         guess = self._guess(target, hidden, top_k) if target is not None else None
-        routing = self._route(hidden, top_k_index, top_k_weights, num_experts, guess, fixed=graphs is not None)
+        on_device, self._prefetch_queued = self._prefetch_queued, False
+        routing = self._route(
+            hidden, top_k_index, top_k_weights, num_experts, guess, fixed=graphs is not None, on_device=on_device
+        )
         counts = routing.counts
         if timeline:
             timeline.mark("routed")
@@ -718,10 +727,17 @@ class HybridExecutor:
         )
         cpu_experts = plan.experts(Where.CPU)
         host_experts = cpu_experts + ([split.expert] if split is not None else [])
+        # The CPU computes inline, with no split: its results go to the device ahead of this call's prefetch.
+        results_first = routing.predicted is not None and bool(cpu_experts) and plan.overlap and split is None
+        results_first = results_first and not self.cpu_worker
         # What ran at once, for the cost tracker: the CPU beside the layer's copies, the link beside its CPU work.
         cpu_busy = plan.overlap and bool(plan.copy_order)
         link_busy = plan.overlap and bool(host_experts)
         out, gathered = self._gather(hidden, tokens, graphs)
+        out_ready = None
+        if results_first and self.cuda:  # the copy stream writes rows of `out` once the main stream holds it
+            out_ready = torch.cuda.Event()
+            out_ready.record(torch.cuda.current_stream(self.device))
         if timeline:
             timeline.mark("gathered")
         cpu_inputs = self._send_to_host(routing, gathered, host_experts, bounds) if host_experts else None
@@ -731,7 +747,10 @@ class HybridExecutor:
         if cpu_inputs is not None and plan.overlap and self.cpu_worker:
             job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy, split, lag)
         self._queue_device_experts(layer, plan, bounds, gathered, weights, out, started, link_busy, split, graphs)
-        if routing.predicted is not None:
+        # The copy engine serves host-to-device copies in the order they reach it, from every stream: a prefetch
+        # queued now would hold back the CPU experts' results until it has landed, so where the CPU computes inline
+        # the results go first, on the copy stream, and the prefetch right after them.
+        if routing.predicted is not None and not results_first:
             self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
         if lag is not None and graphs is not None and graphs.unsettled != unsettled:
             lag = None  # graphs were captured before the CPU's start: a one-off delay, not the run's
@@ -746,9 +765,11 @@ class HybridExecutor:
                 layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy, lag=lag
             )
             if results is not None:
-                self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out)
+                self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out, out_ready)
             if split is not None:
                 self._split_down_to_device(split, out)
+            if results_first:
+                self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
         result = self._sum(hidden, out, routing, num_tokens, top_k, result)
         stats.forward_s += time.perf_counter() - start
         if timeline:
@@ -864,13 +885,17 @@ class HybridExecutor:
         num_experts: int,
         guess: torch.Tensor | None,
         fixed: bool = False,
+        on_device: bool = False,
     ) -> _Routing:
         """The router's choices on the host, sorted into the eager loop's order there: the one point where the
         host waits for the GPU. One wait brings back the choices, their weights, the next layer's guessed counts
         (`guess`, for a prefetch) and, in a call small enough (`HIDDEN_WITH_ROUTING_BYTES`), the layer's input,
         so that the CPU experts can start without a second round trip. The order goes back to the device with
         one copy each way, where sorting there would queue several small kernels before the routing is known.
-        `fixed`: the weights on the device at a fixed address (`CallBuffers`, for graphs that read them)."""
+        `fixed`: the weights on the device at a fixed address (`CallBuffers`, for graphs that read them).
+        `on_device`: a prefetch may still be copying, and a copy to the device would wait until it has landed
+        (the copy engine serves them in turn): the device sorts its own copy of the order instead, after the
+        wait (a stable sort: the same order as the host's)."""
         num_tokens, top_k = top_k_index.shape
         self.join()  # on CUDA the stream waits for the worker's results: wait for it here rather than spin below
         small = hidden.numel() * hidden.element_size() <= HIDDEN_WITH_ROUTING_BYTES
@@ -883,21 +908,21 @@ class HybridExecutor:
         else:  # the same two ways to the CPU experts' rows as on CUDA, so that the tests cover both
             index, choice_weights, guessed = top_k_index, top_k_weights, guess
             host_hidden = hidden if small else None
-        # Slots in the order the eager loop visits them: expert-major, then top-k position, then token.
-        flat = index.t().reshape(-1)  # [K*T]
-        order = torch.sort(flat, stable=True).indices
-        tokens = order % num_tokens  # [K*T] the token of each sorted slot
-        weights = choice_weights.t().reshape(-1)[order]  # [K*T]
-        # Each token's slots, still in expert order (the sum's order when a token has more than two experts).
-        by_token = torch.sort(tokens, stable=True).indices if top_k > 2 else None
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        tokens, weights, by_token = sorted_routing(index, choice_weights)
+        counts = torch.bincount(index.reshape(-1), minlength=num_experts).tolist()
         predicted = [int(n) for n in guessed.tolist()] if guessed is not None else None
-        if not self.cuda:
-            fast_weights = weights
-            if fixed:  # the same buffer from call to call, as on CUDA
-                fast_weights = self.call_buffers.get("weights", tuple(weights.shape), weights.dtype, self.device)
-                fast_weights.copy_(weights)
-            return _Routing(counts, predicted, tokens, fast_weights, by_token, index, tokens, weights, host_hidden)
+        if on_device or not self.cuda:
+            # Without CUDA the host's tensors are the device's, unless `on_device` asks for the device's own sort,
+            # which the tests then cover.
+            fast_tokens, fast_weights, fast_by_token = (
+                sorted_routing(top_k_index, top_k_weights) if on_device else (tokens, weights, by_token)
+            )
+            if fixed:  # the same buffer from call to call
+                buffer = self.call_buffers.get("weights", tuple(weights.shape), weights.dtype, self.device)
+                fast_weights = buffer.copy_(fast_weights)
+            return _Routing(
+                counts, predicted, fast_tokens, fast_weights, fast_by_token, index, tokens, weights, host_hidden
+            )
         slots = torch.stack([tokens, by_token]) if by_token is not None else tokens[None]
         staged_slots = self._pinned_copy("slots_out", slots)
         staged_weights = self._pinned_copy("weights_out", weights)
@@ -1149,12 +1174,29 @@ class HybridExecutor:
             self.timeline.mark("cpu_end", record)
 
     def _results_to_device(
-        self, experts: list[int], bounds: list[int], starts: list[int], results: torch.Tensor, out: torch.Tensor
+        self,
+        experts: list[int],
+        bounds: list[int],
+        starts: list[int],
+        results: torch.Tensor,
+        out: torch.Tensor,
+        out_ready: torch.cuda.Event | None = None,
     ) -> None:
-        """Queue the copy of the CPU experts' results into their rows of `out`."""
-        for e, s in zip(experts, starts):
-            n = bounds[e + 1] - bounds[e]
-            out[bounds[e] : bounds[e + 1]].copy_(results[s : s + n], non_blocking=True)
+        """Queue the copy of the CPU experts' results into their rows of `out`: on the main stream, or, given
+        `out_ready` (recorded on the main stream once `out` was allocated), on the copy stream after that event,
+        ahead of a prefetch queued next, with the main stream waiting for the copies. The results are on the host
+        already: on the copy stream they wait for nothing the main stream computes."""
+        stream = self.copy_stream if out_ready is not None else None
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:
+                stream.wait_event(out_ready)
+            for e, s in zip(experts, starts):
+                n = bounds[e + 1] - bounds[e]
+                out[bounds[e] : bounds[e + 1]].copy_(results[s : s + n], non_blocking=True)
+        if stream is not None:
+            landed = torch.cuda.Event()
+            landed.record(stream)
+            torch.cuda.current_stream(self.device).wait_event(landed)
 
     # -- the CPU worker -----------------------------------------------------------------------------
 
@@ -1522,6 +1564,22 @@ class _SplitJob:
     cpu_pre: torch.Tensor | None = None  # [n, up rows] on the host, the CPU's columns filled in
     cpu_down: torch.Tensor | None = None  # [n, outputs] the CPU's output units on the host (None: it has none)
     graphs: ExpertGraphs | None = None  # the GPU's share replays graphs (a small call with engine.expert_graphs)
+
+
+def sorted_routing(
+    index: torch.Tensor, choice_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A layer call's slots in the order the eager loop visits them (expert-major, then top-k position, then
+    token), on the device of `index` [T, K] and `choice_weights` [T, K]: the token of each sorted slot [K*T], its
+    weight [K*T], and each token's slots still in expert order [K*T] (the sum's order when a token has more than
+    two experts; else None). Stable sorts: the same order on any device."""
+    num_tokens, top_k = index.shape
+    flat = index.t().reshape(-1)  # [K*T]
+    order = torch.sort(flat, stable=True).indices
+    tokens = order % num_tokens
+    weights = choice_weights.t().reshape(-1)[order]
+    by_token = torch.sort(tokens, stable=True).indices if top_k > 2 else None
+    return tokens, weights, by_token
 
 
 def fiddler_experts_forward(

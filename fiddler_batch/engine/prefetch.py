@@ -4,11 +4,11 @@ In a decode-sized step the PCIe link sits idle while the CPU computes a layer's 
 attention; in a large step the link waits for each layer's routing before it starts that layer's copies.
 Inside layer L's experts call the executor applies layer L+1's router weight to the hidden states layer L's
 experts receive (the residual stream changes little from one layer to the next), takes each token's top-k,
-and copies experts of layer L+1 into free staging slots on the copy stream, after layer L's own copies: the
-off-GPU experts with the most predicted tokens in a small step, those layer L+1's plan would copy in a large
-one. At layer L+1 a guess that the router confirms is already on the fast
-device and is planned as resident. A wrong guess costs link time only: an expert is computed from a staging
-slot only when that slot holds its weights, so tokens never change.
+and copies experts of layer L+1 into free staging slots on the copy stream, after layer L's own copies and
+its CPU experts' results: those layer L+1's plan would copy in a large step, and (with `prefetch_small_steps`)
+the off-GPU experts with the most predicted tokens in a small one. At layer L+1 a guess that the router
+confirms is already on the fast device and is planned as resident. A wrong guess costs link time only: an
+expert is computed from a staging slot only when that slot holds its weights, so tokens never change.
 
 This module holds the pure parts: finding a layer's router weight and turning predicted counts into experts.
 The slot bookkeeping lives in the executor.

@@ -103,8 +103,15 @@ def make_engine(reference: torch.nn.Module, plan: str, staging_slots: int = 2) -
     model = copy.deepcopy(reference)
     split = strategy == "balanced-split"  # the balanced planner with engine.split_experts on
     worker = strategy.endswith("-worker")
+    # No prefetch: a prefetched expert runs as resident, which the forced plans do not expect (test_prefetch.py
+    # runs every plan with it, and the defaults).
     spec = EngineSpec(
-        device="cpu", resident_share=share, staging_slots=staging_slots, split_experts=split, cpu_worker=worker
+        device="cpu",
+        resident_share=share,
+        staging_slots=staging_slots,
+        split_experts=split,
+        cpu_worker=worker,
+        prefetch_experts=0,
     )
     engine = Engine.from_model(model, spec, cost=COST)
     if planner is not None:

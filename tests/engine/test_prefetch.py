@@ -18,7 +18,7 @@ from fiddler_batch.engine.planner import Plan, Where, plan_layer
 from fiddler_batch.engine.prefetch import choose_prefetch, find_router, router_guess
 from fiddler_batch.spec import EngineSpec
 
-from .conftest import COST, PLANS, PROMPTS, generate, make_engine
+from .conftest import COST, PLANS, PROMPTS, engine_on_copy, generate, make_engine
 from .families import FAMILIES, build
 
 PREFETCHED_PLANS = ["planner-balanced", "planner-fiddler-rule", "mixed", "all-copied", "all-cpu"]
@@ -27,6 +27,7 @@ PREFETCHED_PLANS = ["planner-balanced", "planner-fiddler-rule", "mixed", "all-co
 def with_prefetch(reference: nn.Module, plan: str, experts: int = 2, slots: int = 4) -> tuple[nn.Module, Engine]:
     model, engine = make_engine(reference, plan, staging_slots=slots)
     engine.executor.prefetch_experts = experts
+    engine.executor.prefetch_small_steps = True  # decode and beam-search steps too
     return model, engine
 
 
@@ -129,10 +130,32 @@ def test_a_busy_link_sends_the_remaining_experts_to_the_cpu(reference):
 
 
 @pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
+def test_by_default_prefills_prefetch_one_expert_and_decode_steps_none(reference):
+    """The defaults: one expert of the next layer in calls above the crossover (the 14-token prefill), none in the
+    decode steps (prefetch_small_steps off)."""
+    ref_model, ref_logits, ref_greedy, _ = reference
+    model, engine = engine_on_copy(ref_model, COST)  # the defaults: balanced, 4 staging slots
+    executor = engine.executor
+    assert executor.strategy == "balanced" and len(executor.slots) == 4
+    assert engine.spec.prefetch_experts == 1 and not engine.spec.prefetch_small_steps
+    assert executor.prefetch_experts == 1 and not executor.prefetch_small_steps
+    assert PROMPTS.numel() > executor.prefetch_limit()
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    prefill = engine.stats()["prefetch_issued"]
+    assert prefill <= len(executor.layers) - 1  # at most one per layer call with a next layer
+    if ref_model.config.model_type == "mixtral":
+        assert prefill > 0
+    engine.reset_stats()
+    assert torch.equal(generate(model), ref_greedy)  # the same prefill, then decode steps that prefetch nothing
+    assert engine.stats()["prefetch_issued"] == prefill
+    engine.close()
+
+
+@pytest.mark.parametrize("family_model", ["mixtral", "qwen3_moe"], indirect=True)
 def test_prefetch_off_by_setting_or_without_a_router(reference):
     ref_model, _, ref_greedy, _ = reference
-    model, engine = make_engine(ref_model, "planner-balanced", staging_slots=4)
-    assert engine.spec.prefetch_experts == 0 and engine.executor.prefetch_experts == 0
+    model, engine = with_prefetch(ref_model, "planner-balanced", experts=0)
     assert torch.equal(generate(model), ref_greedy)
     assert engine.stats()["prefetch_issued"] == 0
 
@@ -292,7 +315,11 @@ def test_choice_takes_off_device_experts_with_the_most_predicted_tokens():
 
 
 def test_spec_bounds_the_setting():
-    assert EngineSpec().prefetch_experts == 0 and EngineSpec(prefetch_experts=2).prefetch_experts == 2
+    assert EngineSpec().prefetch_experts == 1 and EngineSpec(prefetch_experts=2).prefetch_experts == 2
     with pytest.raises(ValueError):
         EngineSpec(prefetch_experts=-1)
+    # The default fits any number of slots (with one it is off: `_prefetch_target`); a number asked for must fit.
+    assert EngineSpec(staging_slots=1).prefetch_experts == 1
+    with pytest.raises(ValueError, match="must stay below staging_slots"):
+        EngineSpec(staging_slots=1, prefetch_experts=1)
     assert set(PLANS) >= set(PREFETCHED_PLANS)
