@@ -152,7 +152,6 @@ def test_every_call_takes_staging_slots_from_the_rings_start(reference, plan):
     ref_model, ref_logits, _, _ = reference
     model, engine = make_engine(ref_model, plan, staging_slots=3)
     executor = engine.executor
-    executor.prefetch_experts = 0  # a prefill's prefetch takes the slot after its layer's own (test_prefetch.py)
     graphs = executor.expert_graphs = ReplayingGraphs(max_graphs=MAX_SLOTS * 64)
     taken, take, forward = [], executor._take_slot, executor.forward
 

@@ -323,3 +323,41 @@ def test_spec_bounds_the_setting():
     with pytest.raises(ValueError, match="must stay below staging_slots"):
         EngineSpec(staging_slots=1, prefetch_experts=1)
     assert set(PLANS) >= set(PREFETCHED_PLANS)
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_nothing_of_a_layer_is_queued_behind_its_prefetch(reference):
+    """A prefetch is queued after the layer's CPU experts (their results go to the device first), and the next
+    layer call, whose routing may find it in flight, sorts its order on the device (the same order: the reference's
+    tokens)."""
+    ref_model, ref_logits, _, _ = reference
+    model, engine = engine_on_copy(ref_model, COST)
+    executor = engine.executor
+    events: list[tuple] = []
+    compute, prefetch, route = executor._compute_on_cpu, executor.prefetch, executor._route
+
+    def logged_compute(layer, *args, **kwargs):
+        events.append(("cpu", layer.index))
+        return compute(layer, *args, **kwargs)
+
+    def logged_prefetch(target, experts):
+        events.append(("prefetch", target.index - 1))
+        return prefetch(target, experts)
+
+    def logged_route(*args, on_device=False, **kwargs):
+        events.append(("route", on_device))
+        return route(*args, on_device=on_device, **kwargs)
+
+    executor._compute_on_cpu, executor.prefetch, executor._route = logged_compute, logged_prefetch, logged_route
+    with torch.no_grad():
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
+    prefetched = [index for kind, index in events if kind == "prefetch"]
+    computed = [index for kind, index in events if kind == "cpu"]
+    assert prefetched and set(prefetched) & set(computed)  # calls that do both
+    for index in set(prefetched) & set(computed):
+        assert events.index(("cpu", index)) < events.index(("prefetch", index))
+    routes = [i for i, event in enumerate(events) if event[0] == "route"]
+    for i, position in enumerate(routes):
+        queued_before = any(kind == "prefetch" for kind, _ in events[routes[i - 1] if i else 0 : position])
+        assert events[position][1] == (i > 0 and queued_before)
+    assert any(events[position][1] for position in routes)
