@@ -558,8 +558,8 @@ class EngineSpec(BaseModel):
     prefetch_small_steps, the guessed experts with the most tokens. 0 turns it off."""
     prefetch_small_steps: bool = False
     """Prefetch (prefetch_experts) in steps with fewer tokens than the cost model's crossover too: decode and beam
-    search steps, whose layers then wait for the guess to land before their own copies and results (measured
-    0.62x and 0.90x as fast on an H200 host, benchmarks/NOTES.md)."""
+    search steps, whose next layer's own copies then queue behind the guess (measured 0.62x and 0.90x as fast on
+    an H200 host, benchmarks/NOTES.md)."""
     split_experts: bool = True
     """Let a layer split one off-GPU expert with few tokens between the CPU and the GPU when the cost model
     predicts a layer at least 5% shorter where the layer has at most two off-GPU experts, 20% where it has more
