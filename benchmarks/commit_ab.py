@@ -28,8 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from interleave import CASES, METRIC, arguments, metrics, rounds, summary_line
+from interleave import CASES, METRIC, arguments, metrics, print_summary, rounds
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -100,12 +99,8 @@ def main() -> None:
                 value = run(mode, case)
                 results[(mode, case)].append(value)
                 print(f"round {round_} {case} {mode:<5} {METRIC[case]} {value:.4g}", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     built = "other, then this" if args.other_first else "this, then other"
-    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds; engines built {built}")
-    for case in cases:
-        for mode in engines:
-            print(summary_line(case, mode, results[(mode, case)], results[("other", case)], "other", 5))
+    print_summary(args, cases, list(engines), results, 5, base="other", note=f"; engines built {built}")
 
 
 if __name__ == "__main__":

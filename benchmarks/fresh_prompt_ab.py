@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from interleave import CASES, LABEL, METRIC, arguments, metrics, rounds, summary_line
+from interleave import CASES, LABEL, METRIC, arguments, metrics, print_summary, rounds
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -134,11 +134,7 @@ def main() -> None:
                     f"planned {stats['predicted_s']:.3f})",
                     flush=True,
                 )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
-    for case in cases:
-        for mode in MODES:
-            print(summary_line(case, mode, results[(mode, case)], results[(MODES[0], case)], MODES[0], 5))
+    print_summary(args, cases, MODES, results, 5)
     if args.probe:
         probe(engine, calls, args.probe)
 

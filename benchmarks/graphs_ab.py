@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from interleave import CASES, METRIC, arguments, metrics, rounds, summary_line
+from interleave import CASES, METRIC, arguments, metrics, print_summary, rounds
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -87,11 +87,16 @@ def main() -> None:
                     f"{raw['graph_steps']} graph steps",
                     flush=True,
                 )
-    print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
-    for case in cases:
-        for mode in modes:
-            extra = f", outside the experts {statistics.median(outside[(mode, case)]):.2f} ms per layer call"
-            print(summary_line(case, mode, results[(mode, case)], results[(modes[0], case)], modes[0], 7, extra))
+    print_summary(
+        args,
+        cases,
+        modes,
+        results,
+        7,
+        extra=lambda mode, case: (
+            f", outside the experts {statistics.median(outside[(mode, case)]):.2f} ms per layer call"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Interleaved A/B rounds for the benchmark scripts that compare engine modes or trees in one process
-(`worker_ab.py`, `graphs_ab.py`, `settings_ab.py`, `commit_ab.py`): the order of the modes rotates from round to
-round, so that a drift of the host's speed falls on every mode alike, and each mode's runs are summed up against the
-first mode's; the options, cases and metrics they share."""
+(`worker_ab.py`, `graphs_ab.py`, `settings_ab.py`, `commit_ab.py`, `fresh_prompt_ab.py`): the order of the modes
+rotates from round to round, so that a drift of the host's speed falls on every mode alike, and each mode's runs are
+summed up against the first mode's; the options, cases and metrics they share."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
 
 CASES = {"a": (32, 64, 1), "c": (32, 64, 4), "b": (1024, 8, 1), "b4k": (4096, 8, 1)}
 """(prompt tokens, new tokens, beam width) of each case: a single-request decode, c beam search, b and b4k long
@@ -66,3 +68,24 @@ def summary_line(
         f"{case} {mode:<{width}} {LABEL[metric]} {median:6.{digits}f} ({ratio:.3f}x {base_name}; slowest "
         f"{slowest:.0%} of median){extra}; runs {[round(r, digits) for r in runs]}"
     )
+
+
+def print_summary(
+    args: argparse.Namespace,
+    cases: Sequence[str],
+    modes: Sequence[str],
+    results: dict[tuple[str, str], list[float]],
+    width: int,
+    base: str | None = None,
+    extra: Callable[[str, str], str] | None = None,
+    note: str = "",
+) -> None:
+    """The device, the model slice (`arguments`' options) and the rounds on one line (`note` after them), then every
+    case's line of each mode (`summary_line`) against `base` (default: the first mode), with `extra(mode, case)`."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds{note}")
+    base = modes[0] if base is None else base
+    for case in cases:
+        for mode in modes:
+            more = extra(mode, case) if extra is not None else ""
+            print(summary_line(case, mode, results[(mode, case)], results[(base, case)], base, width, more))

@@ -39,8 +39,7 @@ the slowest run as a share of the median.
 
 from __future__ import annotations
 
-import torch
-from interleave import CASES, LABEL, METRIC, arguments, metrics, rounds, summary_line
+from interleave import CASES, LABEL, METRIC, arguments, metrics, print_summary, rounds
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -136,11 +135,7 @@ def main() -> None:
                     f"{stats.get('cost_scales', '')} lag {stats.get('cpu_lag', 'off')}",
                     flush=True,
                 )
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{device}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
-    for case in cases:
-        for mode in modes:
-            print(summary_line(case, mode, results[(mode, case)], results[(modes[0], case)], modes[0], 9))
+    print_summary(args, cases, modes, results, 9)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from __future__ import annotations
 import statistics
 import sys
 
-import torch
-from interleave import arguments, rounds, summary_line
+from interleave import arguments, print_summary, rounds
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
@@ -91,11 +90,10 @@ def main() -> None:
                 sys.setswitchinterval(interval)
                 executor._finish_cpu = finish
     executor.cpu_worker = True
-    print(f"{torch.cuda.get_device_name()}; {args.layers} layers, {args.resident:.0%} resident; {args.reps} rounds")
-    for case in cases:
-        for mode in modes:
-            extra = f" CPU expert {statistics.mean(cpu_ms[(mode, case)]):.2f} ms"
-            print(summary_line(case, mode, results[(mode, case)], results[(modes[0], case)], modes[0], 14, extra))
+    cpu_mean = {key: statistics.mean(times) for key, times in cpu_ms.items()}
+    print_summary(
+        args, cases, modes, results, 14, extra=lambda mode, case: f" CPU expert {cpu_mean[(mode, case)]:.2f} ms"
+    )
 
 
 if __name__ == "__main__":
