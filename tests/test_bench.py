@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from fiddler_batch.bench.settings import (
     Settings,
     parse_sizes,
 )
+from fiddler_batch.bench.suite import SETTLE_CALLS, Suite
+from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.spec import EngineSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +105,8 @@ def test_smoke_writes_json_markdown_and_png(smoke: Path) -> None:
             continue
         assert run["status"] == "ok", run
         assert len(run["reps"]) == 1 and run["median"] and run["warmup"]
+        if run["scenario"] != "d":  # the CPU plans without the CPU's start lag: one warm-up call settles them
+            assert run["warmup"]["calls"] == 1
         assert run["reps"][0]["engine_stats"]["layer_calls"] > 0
     assert {b["scenario"] for b in data["bounds"]} == set(SCENARIOS)
     assert all(b["traced_on"] == "fiddler-batch" and b["metrics"] for b in data["bounds"])
@@ -194,6 +199,54 @@ def test_pieces_append_and_merge(smoke: Path, tmp_path: Path) -> None:
     assert "from session" in b_rows["fiddler-rule"][-1] and b_rows["fiddler-rule"][6] == "-"
     assert b_rows["cpu-experts"][6].endswith("x")
     assert (merged / "results.png").read_bytes()[:8] == PNG_MAGIC
+
+
+class _LagEngine:
+    """An engine whose warm-up call feeds the CPU's start lag of the case's steps `per_call` layer calls."""
+
+    def __init__(self, samples: int, per_call: int, top_k: int = 2):
+        self.lag = StartLag(samples=samples)
+        self.per_call = per_call
+        self.asked: list[int] = []
+        self.calls = 0
+        self.model = SimpleNamespace(config=SimpleNamespace(num_experts_per_tok=top_k))
+        self.executor = SimpleNamespace(lag_for=self._lag_for)
+
+    def _lag_for(self, slots: int) -> StartLag:
+        self.asked.append(slots)
+        return self.lag
+
+    def warm(self) -> None:
+        self.calls += 1
+        for _ in range(self.per_call):
+            self.lag.observe(1.0)
+
+
+@pytest.mark.parametrize(
+    ("samples", "per_call", "calls"),
+    [
+        (64, 32, 2),  # a 32-layer prefill: fixed within the second call, then the timed runs
+        (64, 8, 8),  # an 8-layer one: eight calls
+        (1000, 8, 1 + SETTLE_CALLS),  # never fixed: at most SETTLE_CALLS more
+        (64, 0, 2),  # plans that never use the lag (no copies beside the CPU): one more call finds it unused
+        (64, 64, 1),  # fixed by the first call
+    ],
+)
+def test_the_warm_up_repeats_until_the_cpus_start_lag_of_the_timed_steps_is_fixed(
+    samples: int, per_call: int, calls: int
+) -> None:
+    engine = _LagEngine(samples, per_call)
+    assert Suite._warm_up(engine, Case("b", prompt=512), engine.warm) == calls == engine.calls
+    assert engine.asked == [1024]  # the prompt's tokens x 2 experts per token: the prefill's lag
+
+
+def test_the_warm_up_asks_for_the_decode_steps_lag_and_runs_a_throughput_job_once() -> None:
+    engine = _LagEngine(64, 64)
+    assert Suite._warm_up(engine, Case("a", prompt=32, new=64), engine.warm) == 1
+    assert Suite._warm_up(engine, Case("c", prompt=32, new=64, width=8), engine.warm) == 1
+    assert engine.asked == [2, 16]
+    engine = _LagEngine(1000, 8)
+    assert Suite._warm_up(engine, Case("d", requests=64), engine.warm) == 1 and engine.asked == []
 
 
 def test_sizes() -> None:

@@ -172,7 +172,9 @@ def markdown(results: Results) -> str:
         "",
         "- Ratio: fiddler-batch's speed / the baseline's speed (for times: the baseline's time / "
         "fiddler-batch's), from runs of the same session; above 1 means fiddler-batch is faster.",
-        "- Median over the timed runs (`runs`), each after a warm-up; shortened runs are listed in the notes.",
+        "- Median over the timed runs (`runs`), after a warm-up (the timed call, repeated while the CPU's start lag "
+        "that the timed steps plan with is measured: `warmup.calls` in the JSON); shortened runs are listed in the "
+        "notes.",
         *[f"- {s}: {DEFINITIONS[s]}." for s in sorted({r["scenario"] for r in rows})],
         f"- Bound: {FORMULA}. % of bound = the run's speed / the bound's speed; % of free = the same against the "
         "free bound.",

@@ -43,6 +43,8 @@ from fiddler_batch.bench.scenarios import (
     write_requests,
 )
 from fiddler_batch.bench.settings import BASELINE_TABLE, BASELINES, OURS, Case, Settings
+from fiddler_batch.engine import Engine
+from fiddler_batch.engine.budget import text_config
 from fiddler_batch.engine.costmodel import cold_summary
 from fiddler_batch.spec import MIN_KV_CACHE_TOKENS
 
@@ -51,7 +53,18 @@ KV_TOKENS = MIN_KV_CACHE_TOKENS
 """KV-cache tokens the engines plan GPU memory for in scenarios a-d (the budget every baseline shares)."""
 PROFILE_PROMPTS, PROFILE_TOKENS, PROFILE_NEW = 8, 64, 8
 
+SETTLE_CALLS = 8
+"""Warm-up calls a case may run beyond the first while its timed steps' plans are still settling (`Suite._warm_up`)."""
+
 Log = Callable[[str], None]
+
+
+def _step_slots(engine: Engine, case: Case) -> int:
+    """Token slots (tokens x experts per token) a layer call of the case's timed steps routes: the prompt in a
+    prefill (b), one token per beam in decode (a, c)."""
+    top_k = getattr(text_config(engine.model.config), "num_experts_per_tok", None) or 1
+    tokens = case.prompt if case.scenario == "b" else max(case.width, 1)
+    return tokens * top_k
 
 
 class Clock:
@@ -320,8 +333,8 @@ class Suite:
         warmup = None
         if not placed.slow:
             started = time.perf_counter()
-            warm()
-            warmup = {"seconds": round(time.perf_counter() - started, 3)}
+            calls = self._warm_up(engine, case, warm)
+            warmup = {"seconds": round(time.perf_counter() - started, 3), "calls": calls}
         reps_raw, calls = [], None
         for rep in range(reps):
             engine.reset_stats()
@@ -353,6 +366,28 @@ class Suite:
                 self._bound(placed, case, calls, call)
             except Exception as exc:  # the runs stand without their bound
                 self.log(f"bound {case.scenario} {case.label}: failed: {_failure(exc)}")
+
+    @staticmethod
+    def _warm_up(engine: Engine, case: Case, warm: Callable[[], Any]) -> int:
+        """Run the warm-up call until the plans of the case's timed steps are settled; return how many ran.
+
+        The executor measures the CPU's start lag (`adaptive.StartLag`) over its first layer calls, then fixes it,
+        and the plans change with it. A 32-layer prefill's plans changed after the second call, and the first timed
+        run with new plans ran 1.36x the median (new CPU product shapes to set up): so the warm-up is repeated, at
+        most `SETTLE_CALLS` more times, while the lag of the case's timed steps is still being measured and grew
+        in the last call. Decode and beam-search steps fix theirs within one call; throughput jobs (d) mix step
+        sizes and warm up once."""
+        warm()
+        executor = getattr(engine, "executor", None)
+        lag = None if case.scenario == "d" or executor is None else executor.lag_for(_step_slots(engine, case))
+        calls = 1
+        while lag is not None and not lag.fixed and calls <= SETTLE_CALLS:
+            seen = len(lag.observed)
+            warm()
+            calls += 1
+            if len(lag.observed) == seen:  # these steps' plans do not use it
+                break
+        return calls
 
     def _calls(self, placed: Placed, case: Case, shortened: dict[str, str]) -> tuple[Callable, Callable, Callable]:
         """(timed call, warm-up call, metrics of a raw result) for `case` on `placed`."""

@@ -353,6 +353,11 @@ class HybridExecutor:
     def _lag(self, slots: int) -> StartLag:
         return self.lags[slots > LAG_FEW_SLOTS]
 
+    def lag_for(self, slots: int) -> StartLag | None:
+        """The CPU's start lag that plans of layer calls routing `slots` token slots use, or None where plans leave it
+        out (`lag_measured`)."""
+        return self._lag(slots) if self.lag_measured else None
+
     def lag_summary(self) -> str:
         """The CPU's start after the link that plans use, for calls of few and of many token slots (a sentence: a
         batch's stats are summed key by key, numbers added)."""
