@@ -105,7 +105,8 @@ def main() -> None:
         gain = SPLIT_GAINS.get(mode)  # both in the executor's plan cache key
         planner.SPLIT_MIN_GAIN, planner.SPLIT_MIN_GAIN_FEW = default_gains if gain is None else (gain, gain)
         # Each mode measures its own CPU start, or with --one-lag every mode takes the first one's.
-        executor.lags = lags.setdefault(modes[0] if args.one_lag else mode, (StartLag(), StartLag()))
+        skip = len(executor.layers)  # as the executor's own: each leaves out its first forward pass
+        executor.lags = lags.setdefault(modes[0] if args.one_lag else mode, (StartLag(skip=skip), StartLag(skip=skip)))
         engine.set_cost_model(costs.get(mode, cost))  # a fresh tracker (adapting) or none
 
     print(

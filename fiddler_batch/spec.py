@@ -558,8 +558,9 @@ class EngineSpec(BaseModel):
     prefetch_small_steps, the guessed experts with the most tokens. 0 turns it off."""
     prefetch_small_steps: bool = False
     """Prefetch (prefetch_experts) in steps with fewer tokens than the cost model's crossover too: decode and beam
-    search steps, whose next layer's own copies then queue behind the guess (measured 0.62x and 0.90x as fast on
-    an H200 host, benchmarks/NOTES.md)."""
+    search steps, whose split experts already keep the link busy for nearly the whole step, so that a prefetched
+    whole expert makes the link the bound (measured 0.62x and 0.90x as fast on an H200 host,
+    benchmarks/NOTES.md)."""
     split_experts: bool = True
     """Let a layer split one off-GPU expert with few tokens between the CPU and the GPU when the cost model
     predicts a layer at least 5% shorter where the layer has at most two off-GPU experts, 20% where it has more
@@ -642,8 +643,9 @@ class EngineSpec(BaseModel):
     """Plan each layer with its CPU work starting as late after the link's copies as it does in this run. The link
     starts a layer's first copy at once; the CPU starts after the host has queued the layer's GPU work and sent it
     its rows, on H200 hosts 0.55-0.95 ms later (an eighth to a quarter of a one-token expert's CPU time). The
-    executor measures that delay over the first 64 layer calls with both (decode-sized calls and prefill-sized ones
-    apart), fixes the median for the engine's life, and the planner then gives the link a larger share of a split
+    executor measures that delay over 64 layer calls with both (decode-sized calls and prefill-sized ones apart),
+    after leaving out one forward pass of each (a process's first calls of a kind wait for the GPU to set up new
+    shapes), fixes the median for the engine's life, and the planner then gives the link a larger share of a split
     expert, or one more copy, where the CPU would finish last. 'auto' measures with a GPU only; 'on' on the CPU too
     (the tests); 'off' plans as if both started together. Against 'off', interleaved on one H200 host at 8 layers:
     single-request decode 1.04x and beam search 1.04x with 50% of experts resident, 1.01x and 1.01x with 25%

@@ -67,6 +67,7 @@ def test_variants_of_ours_run_only_when_named() -> None:
         "fiddler-packed",
         "fiddler-linear",
         "fiddler-adapt",
+        "fiddler-noprefetch",
     }
     assert set(BASELINES) - set(DEFAULT_BASELINES) == variants
     assert all(BASELINE_TABLE[name].engine for name in BASELINES if name not in DEFAULT_BASELINES)
@@ -98,6 +99,7 @@ def test_smoke_writes_json_markdown_and_png(smoke: Path) -> None:
     placements = session["placements"]
     assert placements["fiddler-prefetch"]["prefetch_experts"] == 2
     assert placements["fiddler-batch"]["prefetch_experts"] == EngineSpec().prefetch_experts
+    assert placements["fiddler-noprefetch"]["prefetch_experts"] == 0 < EngineSpec().prefetch_experts
     assert {(r["scenario"], r["baseline"]) for r in data["runs"]} == {(s, b) for s in SCENARIOS for b in BASELINES}
     for run in data["runs"]:
         if run["baseline"] == "accelerate":
@@ -225,24 +227,27 @@ class _LagEngine:
 @pytest.mark.parametrize(
     ("samples", "per_call", "calls"),
     [
-        (64, 32, 2),  # a 32-layer prefill: fixed within the second call, then the timed runs
-        (64, 8, 8),  # an 8-layer one: eight calls
-        (1000, 8, 1 + SETTLE_CALLS),  # never fixed: at most SETTLE_CALLS more
+        (64, 32, 3),  # a 32-layer prefill: fixed by the second call, then one call with its plans
+        (64, 8, 9),  # an 8-layer one: fixed by the eighth
+        (64, 64, 2),  # fixed by the first call, which planned without it
+        (1000, 8, 1 + SETTLE_CALLS),  # never fixed: at most SETTLE_CALLS more, none with the lag's plans
         (64, 0, 2),  # plans that never use the lag (no copies beside the CPU): one more call finds it unused
-        (64, 64, 1),  # fixed by the first call
     ],
 )
-def test_the_warm_up_repeats_until_the_cpus_start_lag_of_the_timed_steps_is_fixed(
+def test_the_warm_up_repeats_until_the_cpus_start_lag_of_the_timed_steps_is_fixed_then_runs_with_it(
     samples: int, per_call: int, calls: int
 ) -> None:
     engine = _LagEngine(samples, per_call)
     assert Suite._warm_up(engine, Case("b", prompt=512), engine.warm) == calls == engine.calls
     assert engine.asked == [1024]  # the prompt's tokens x 2 experts per token: the prefill's lag
+    # A later case whose steps use the same lag warms up once where it is fixed by now.
+    assert engine.lag.fixed == (samples <= per_call * calls)
+    assert (Suite._warm_up(engine, Case("b", prompt=1024), engine.warm) == 1) == engine.lag.fixed
 
 
 def test_the_warm_up_asks_for_the_decode_steps_lag_and_runs_a_throughput_job_once() -> None:
     engine = _LagEngine(64, 64)
-    assert Suite._warm_up(engine, Case("a", prompt=32, new=64), engine.warm) == 1
+    assert Suite._warm_up(engine, Case("a", prompt=32, new=64), engine.warm) == 2
     assert Suite._warm_up(engine, Case("c", prompt=32, new=64, width=8), engine.warm) == 1
     assert engine.asked == [2, 16]
     engine = _LagEngine(1000, 8)

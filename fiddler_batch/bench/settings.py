@@ -156,6 +156,17 @@ BASELINE_TABLE: dict[str, Baseline] = {
             engine={"prefetch_experts": 1, "prefetch_small_steps": True},
             by_default=False,
         ),
+        Baseline(
+            "fiddler-noprefetch",
+            "engine",
+            None,
+            True,
+            False,
+            "fiddler-batch's defaults with no expert prefetched, in prefills and throughput batches either "
+            "(engine.prefetch_experts: 0)",
+            engine={"prefetch_experts": 0},
+            by_default=False,
+        ),
     )
 }
 BASELINES = tuple(BASELINE_TABLE)

@@ -53,8 +53,9 @@ KV_TOKENS = MIN_KV_CACHE_TOKENS
 """KV-cache tokens the engines plan GPU memory for in scenarios a-d (the budget every baseline shares)."""
 PROFILE_PROMPTS, PROFILE_TOKENS, PROFILE_NEW = 8, 64, 8
 
-SETTLE_CALLS = 8
-"""Warm-up calls a case may run beyond the first while its timed steps' plans are still settling (`Suite._warm_up`)."""
+SETTLE_CALLS = 12
+"""Warm-up calls a case may run beyond the first while the CPU's start lag of its timed steps is measured, before the
+one with the lag fixed (`Suite._warm_up`)."""
 
 Log = Callable[[str], None]
 
@@ -372,21 +373,25 @@ class Suite:
         """Run the warm-up call until the plans of the case's timed steps are settled; return how many ran.
 
         The executor measures the CPU's start lag (`adaptive.StartLag`) over its first layer calls, then fixes it,
-        and the plans change with it. A 32-layer prefill's plans changed after the second call, and the first timed
-        run with new plans ran 1.36x the median (new CPU product shapes to set up): so the warm-up is repeated, at
-        most `SETTLE_CALLS` more times, while the lag of the case's timed steps is still being measured and grew
-        in the last call. Decode and beam-search steps fix theirs within one call; throughput jobs (d) mix step
-        sizes and warm up once."""
-        warm()
+        and the plans change with it; the first call with the new plans runs slow (a 32-layer prefill's took 1.24x
+        and 1.36x the median on two hosts: new CPU product shapes to set up). So while the lag of the case's timed
+        steps is still being measured, the warm-up is repeated, at most `SETTLE_CALLS` more times, until it is
+        fixed (or a call adds nothing to it: those steps' plans do not use it), and then once more, with the fixed
+        lag's plans. Throughput jobs (d) mix step sizes and warm up once."""
         executor = getattr(engine, "executor", None)
         lag = None if case.scenario == "d" or executor is None else executor.lag_for(_step_slots(engine, case))
+        settling = lag is not None and not lag.fixed
+        warm()
         calls = 1
-        while lag is not None and not lag.fixed and calls <= SETTLE_CALLS:
-            seen = len(lag.observed)
+        while settling and not lag.fixed and calls <= SETTLE_CALLS:
+            seen = lag.calls
             warm()
             calls += 1
-            if len(lag.observed) == seen:  # these steps' plans do not use it
+            if lag.calls == seen:
                 break
+        if settling and lag.fixed:
+            warm()
+            calls += 1
         return calls
 
     def _calls(self, placed: Placed, case: Case, shortened: dict[str, str]) -> tuple[Callable, Callable, Callable]:

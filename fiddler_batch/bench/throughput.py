@@ -39,6 +39,7 @@ from fiddler_batch.engine.budget import text_config
 from fiddler_batch.io.atomic import atomic_file, atomic_write_text
 from fiddler_batch.runner import activation_tokens, run_job
 from fiddler_batch.spec import (
+    DEFAULT_PREFETCH_EXPERTS,
     BatchingSpec,
     EngineSpec,
     GenerationSpec,
@@ -150,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--geometry", choices=("mixtral-8x7b", "tiny"), default="mixtral-8x7b")
     parser.add_argument(
         "--prefetch",
-        default="0",
-        help="engine.prefetch_experts of the runs of ours, e.g. 0,6: one run each, named fiddler-batch (0) and "
-        "fiddler-batch-prefetch-N.",
+        default=str(DEFAULT_PREFETCH_EXPERTS),
+        help="engine.prefetch_experts of the runs of ours, e.g. 0,1: one run each, in this order, named fiddler-batch "
+        f"(the default, {DEFAULT_PREFETCH_EXPERTS}) and fiddler-batch-prefetch-N; a value given again runs again, "
+        "named NAME-run2, NAME-run3 (1,0,0,1: each value first and last once).",
     )
     parser.add_argument("--staging-slots", type=int, default=4, help="engine.staging_slots of the loaded engine.")
     parser.add_argument("--cap-new", type=int, help="Cap every request's max_new_tokens (a shorter job for both).")
@@ -188,10 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.cap_new:
             records = [{**r, "max_new_tokens": min(r["max_new_tokens"], args.cap_new)} for r in records]
         # Ours first: a run cut short by a time limit still has the main result.
-        runs = {
-            ("fiddler-batch" if n == 0 else f"fiddler-batch-prefetch-{n}"): ({}, count_ours, n)
-            for n in (int(v) for v in args.prefetch.split(","))
-        }
+        runs: dict[str, tuple[dict[str, Any], int, int]] = {}
+        for n in (int(v) for v in args.prefetch.split(",")):
+            name = "fiddler-batch" if n == DEFAULT_PREFETCH_EXPERTS else f"fiddler-batch-prefetch-{n}"
+            repeat = sum(1 for key in runs if key == name or key.startswith(f"{name}-run"))
+            runs[f"{name}-run{repeat + 1}" if repeat else name] = ({}, count_ours, n)
         runs["static-defaults"] = (STATIC_DEFAULTS, count_theirs, 0)
         for name, (batching, count, prefetch) in runs.items():
             if name in args.skip.split(",") or count == 0:

@@ -307,7 +307,8 @@ class HybridExecutor:
         self.adapt_costs: AdaptCosts = adapt_costs
         self.tracker: CostTracker | None = None  # the run's measured times against `cost` (adaptive.py)
         self.cpu_lag: CpuLag = cpu_lag
-        self.lags = (StartLag(), StartLag())  # the CPU's start after the link: calls of few token slots, of many
+        # The CPU's start after the link: calls of few token slots, of many; each leaves out its first forward pass.
+        self.lags = (StartLag(skip=len(layers)), StartLag(skip=len(layers)))
         self.expert_graphs = ExpertGraphs(device) if expert_graphs and self.cuda else None
         self.call_buffers = CallBuffers()  # a small call's tensors at fixed addresses, for expert_graphs
         self.set_cost(cost)
@@ -363,7 +364,11 @@ class HybridExecutor:
         batch's stats are summed key by key, numbers added)."""
 
         def value(lag: StartLag) -> str:
-            return f"{lag.value_ms:.2f} ms" if lag.fixed else f"being measured ({len(lag.observed)} of {lag.wanted})"
+            if lag.fixed:
+                return f"{lag.value_ms:.2f} ms"
+            if lag.skipped < lag.skip:
+                return f"being measured (after {lag.skip - lag.skipped} more calls left out, then {lag.wanted})"
+            return f"being measured ({len(lag.observed)} of {lag.wanted})"
 
         few, many = self.lags
         return f"{value(few)} in calls of at most {LAG_FEW_SLOTS} token slots, {value(many)} in larger ones"

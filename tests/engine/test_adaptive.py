@@ -114,6 +114,29 @@ def test_copies_are_read_once_their_events_complete_in_order():
     assert tracker.copy_busy.value() == pytest.approx(10.0 / (6.4 * 1.1))
 
 
+def test_the_cpus_start_lag_leaves_out_its_first_calls():
+    lag = StartLag(samples=3, skip=2)
+    for ms in (18.0, float("nan"), 19.0):  # a process's first forward pass, setting up kernels: left out
+        lag.observe(ms)
+    assert lag.skipped == 2 and lag.calls == 2 and not lag.observed and not lag.fixed
+    for ms in (0.5, 0.3, 20.0):
+        lag.observe(ms)
+    assert lag.fixed and lag.value_ms == pytest.approx(0.5) and lag.calls == 5  # the median of the three after
+
+
+@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
+def test_an_engines_start_lags_leave_out_one_forward_pass(reference):
+    _, engine = engine_on_copy(reference[0], COST, cpu_lag="on")
+    executor = engine.executor
+    assert [lag.skip for lag in executor.lags] == [len(executor.layers)] * 2 and len(executor.layers) > 1
+    few, many = executor.lags
+    many.observe(1.0)
+    assert executor.lag_summary() == (
+        f"being measured (after {len(executor.layers)} more calls left out, then 64) in calls of at most 64 token "
+        f"slots, being measured (after {len(executor.layers) - 1} more calls left out, then 64) in larger ones"
+    )
+
+
 @pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
 @pytest.mark.parametrize("worker", [False, True])
 def test_an_adapting_engine_observes_its_cpu_experts_and_keeps_the_tokens(reference, worker):
