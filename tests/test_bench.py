@@ -206,8 +206,8 @@ def test_pieces_append_and_merge(smoke: Path, tmp_path: Path) -> None:
 class _LagEngine:
     """An engine whose warm-up call feeds the CPU's start lag of the case's steps `per_call` layer calls."""
 
-    def __init__(self, samples: int, per_call: int, top_k: int = 2):
-        self.lag = StartLag(samples=samples)
+    def __init__(self, samples: int, per_call: int, top_k: int = 2, skip: int = 0):
+        self.lag = StartLag(samples=samples, skip=skip)
         self.per_call = per_call
         self.asked: list[int] = []
         self.calls = 0
@@ -225,23 +225,24 @@ class _LagEngine:
 
 
 @pytest.mark.parametrize(
-    ("samples", "per_call", "calls"),
+    ("samples", "skip", "per_call", "calls"),
     [
-        (64, 32, 3),  # a 32-layer prefill: fixed by the second call, then one call with its plans
-        (64, 8, 9),  # an 8-layer one: fixed by the eighth
-        (64, 64, 2),  # fixed by the first call, which planned without it
-        (1000, 8, 1 + SETTLE_CALLS),  # never fixed: at most SETTLE_CALLS more, none with the lag's plans
-        (64, 0, 2),  # plans that never use the lag (no copies beside the CPU): one more call finds it unused
+        (64, 32, 32, 4),  # a 32-layer prefill as the executor measures it: one left out, two, then one with it
+        (64, 8, 8, 10),  # an 8-layer one: one left out, eight, then one
+        (64, 0, 32, 3),  # with nothing left out: fixed by the second call
+        (64, 0, 64, 2),  # fixed by the first call, which planned without it
+        (1000, 8, 8, 1 + SETTLE_CALLS),  # never fixed: at most SETTLE_CALLS more, none with the lag's plans
+        (64, 8, 0, 2),  # plans that never use the lag (no copies beside the CPU): one more call finds it unused
     ],
 )
 def test_the_warm_up_repeats_until_the_cpus_start_lag_of_the_timed_steps_is_fixed_then_runs_with_it(
-    samples: int, per_call: int, calls: int
+    samples: int, skip: int, per_call: int, calls: int
 ) -> None:
-    engine = _LagEngine(samples, per_call)
+    engine = _LagEngine(samples, per_call, skip=skip)
     assert Suite._warm_up(engine, Case("b", prompt=512), engine.warm) == calls == engine.calls
     assert engine.asked == [1024]  # the prompt's tokens x 2 experts per token: the prefill's lag
     # A later case whose steps use the same lag warms up once where it is fixed by now.
-    assert engine.lag.fixed == (samples <= per_call * calls)
+    assert engine.lag.fixed == (skip + samples <= per_call * calls)
     assert (Suite._warm_up(engine, Case("b", prompt=1024), engine.warm) == 1) == engine.lag.fixed
 
 
