@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from fiddler_batch.bench import report
 from fiddler_batch.bench.bounds import layer_ms, split_ms, throughput_bound
 from fiddler_batch.bench.cli import bench
 from fiddler_batch.bench.model import build_tokenizer
@@ -253,6 +254,34 @@ def test_the_warm_up_asks_for_the_decode_steps_lag_and_runs_a_throughput_job_onc
     assert engine.asked == [2, 16]
     engine = _LagEngine(1000, 8)
     assert Suite._warm_up(engine, Case("d", requests=64), engine.warm) == 1 and engine.asked == []
+
+
+def _reps(times: list[float], cpu: list[float], cpu_experts: list[int]) -> list[dict]:
+    return [
+        {
+            "metrics": {"ttft_s": t},
+            "engine_stats": {"experts_cpu": n, "experts_copied": 9, "experts_split": 0, "cpu_compute_s": c},
+        }
+        for t, c, n in zip(times, cpu, cpu_experts, strict=True)
+    ]
+
+
+def test_the_report_gives_the_slowest_run_and_what_set_it_apart() -> None:
+    steady = {"reps": _reps([1.0, 1.1, 0.95, 1.05, 1.0], [0.5] * 5, [4] * 5)}
+    assert report._slowest(steady, "ttft_s") == (pytest.approx(1.0 / 1.1), "")
+    slow_cpu = {"reps": _reps([1.0, 1.0, 1.3, 1.0, 1.0], [0.5, 0.5, 0.75, 0.5, 0.5], [4] * 5)}
+    share, note = report._slowest(slow_cpu, "ttft_s")
+    assert share == pytest.approx(1.0 / 1.3) and share < report.STEADY
+    assert note == (
+        "slowest run (run 3 of 5) 77% of the median: the same plans as the others, its CPU experts 1.50x their "
+        "median time"
+    )
+    new_plans = {"reps": _reps([1.4, 1.0, 1.0], [0.5] * 3, [3, 4, 4])}
+    assert "run 1 of 3" in report._slowest(new_plans, "ttft_s")[1]
+    assert "other plans than the others, its CPU experts 1.00x" in report._slowest(new_plans, "ttft_s")[1]
+    speeds = {"reps": [{"metrics": {"decode_tok_s": v}} for v in (10.0, 7.0, 10.0)]}  # higher is better
+    assert report._slowest(speeds, "decode_tok_s") == (pytest.approx(0.7), "slowest run (run 2 of 3) 70% of the median")
+    assert report._slowest({"reps": _reps([1.0], [0.5], [4])}, "ttft_s") == (None, "")
 
 
 def test_sizes() -> None:

@@ -11,6 +11,7 @@ before the shared bound recorded the free one only, which then fills both column
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from fiddler_batch.engine.costmodel import cold_summary
 from fiddler_batch.io.atomic import atomic_file
 
 Row = dict[str, Any]
+
+STEADY = 0.85
+"""The slowest of a case's timed runs at this share of their median speed or above counts as steady (issue 10's
+target); a row below it says in its notes what set that run apart (`_slow_run`)."""
+
+PLAN_KEYS = ("experts_cpu", "experts_copied", "experts_split")
+"""Engine counters that name a run's plans: where its experts ran."""
 
 
 def _speed(metric: str, value: float | None) -> float | None:
@@ -42,6 +50,37 @@ def _share(speed: float | None, metric: str, bound: float | None) -> float | Non
 def _case_order(run: dict[str, Any]) -> tuple:
     params = run["case_params"]
     return (run["variant"], run["scenario"], params["prompt"], params["new"], params["width"], params["requests"])
+
+
+def _slowest(run: dict[str, Any], metric: str) -> tuple[float | None, str]:
+    """(The slowest timed run's speed over the runs' median speed, a note when that is below `STEADY`); (None, "")
+    with fewer than two runs."""
+    reps = run.get("reps") or []
+    speeds = [_speed(metric, (rep.get("metrics") or {}).get(metric)) for rep in reps]
+    if len(speeds) < 2 or any(speed is None for speed in speeds):
+        return None, ""
+    slowest = min(range(len(speeds)), key=speeds.__getitem__)
+    share = speeds[slowest] / statistics.median(speeds)
+    return share, (_slow_run(reps, slowest, share) if share < STEADY else "")
+
+
+def _slow_run(reps: list[dict[str, Any]], slow: int, share: float) -> str:
+    """What set run `slow` apart from the others, by the engine's counters: its plans, and its CPU experts' time
+    against the other runs' median."""
+    stats = [rep.get("engine_stats") or {} for rep in reps]
+    others = [s for i, s in enumerate(stats) if i != slow]
+    note = f"slowest run (run {slow + 1} of {len(reps)}) {share:.0%} of the median"
+    if not stats[slow] or not all(key in stats[slow] for key in PLAN_KEYS):
+        return note
+    same = all(all(s.get(key) == stats[slow][key] for key in PLAN_KEYS) for s in others)
+    note += ": the same plans as the others" if same else ": other plans than the others"
+    cpu = [s.get("cpu_compute_s") for s in others]
+    if stats[slow].get("cpu_compute_s") and all(cpu):
+        note += f", its CPU experts {stats[slow]['cpu_compute_s'] / statistics.median(cpu):.2f}x their median time"
+    captures = stats[slow].get("graph_captures")
+    if captures:
+        note += f", {captures} graph captures"
+    return note
 
 
 def table_rows(results: Results) -> list[Row]:
@@ -78,6 +117,7 @@ def table_rows(results: Results) -> list[Row]:
             share = _share(speed, metric, bound_value)
             free_value = (bound.get("free") or bound)["metrics"].get(metric) if bound else None
             free_share = _share(speed, metric, free_value)
+            slowest, slow_note = _slowest(run, metric) if run["status"] == "ok" else (None, "")
             second = SECONDARY.get(scenario)
             second_value = run["median"].get(second) if second and run["status"] == "ok" else None
             rows.append(
@@ -99,6 +139,8 @@ def table_rows(results: Results) -> list[Row]:
                     "free_share": free_share,
                     "free_only": bool(bound) and "free" not in bound,
                     "reps": len(run.get("reps", [])),
+                    "slowest": slowest,
+                    "slow_note": slow_note,
                     "shortened": run.get("shortened"),
                     "other_session": run["session"] != home,
                     "session": run["session"],
@@ -140,6 +182,8 @@ def _notes(row: Row) -> str:
         notes.append(f"from session {row['session']} (no ratio across sessions)")
     if row.get("free_only"):
         notes.append("free bound only (recorded before the shared one)")
+    if row.get("slow_note"):
+        notes.append(row["slow_note"])
     return "; ".join(notes)
 
 
@@ -154,8 +198,8 @@ def markdown(results: Results) -> str:
             f"## {variant}",
             "",
             "| scenario | size | baseline | metric | median | also | fiddler-batch / baseline | bound "
-            "| % of bound | % of free | runs | notes |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| % of bound | % of free | runs | slowest | notes |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for row in (r for r in rows if r["variant"] == variant):
             also = f"{_metric_name(row['secondary'])} {_num(row['secondary_value'])}" if row["secondary_value"] else ""
@@ -164,7 +208,7 @@ def markdown(results: Results) -> str:
                 f"| {_metric_name(row['metric'])} | {_value_cell(row)} | {also} "
                 f"| {_num(row['ratio']) + 'x' if row['ratio'] else '-'} | {_num(row['bound'])} "
                 f"| {_pct(row['share'])} | {_pct(row['free_share'])} "
-                f"| {row['reps']} | {_notes(row)} |"
+                f"| {row['reps']} | {_pct(row['slowest'])} | {_notes(row)} |"
             )
         lines.append("")
     lines += [
@@ -172,6 +216,8 @@ def markdown(results: Results) -> str:
         "",
         "- Ratio: fiddler-batch's speed / the baseline's speed (for times: the baseline's time / "
         "fiddler-batch's), from runs of the same session; above 1 means fiddler-batch is faster.",
+        f"- Slowest: the slowest timed run's speed over the median's (steady at {STEADY:.0%} or more; below, the "
+        "notes compare that run's plans and CPU time with the others').",
         "- Median over the timed runs (`runs`), after a warm-up (the timed call, repeated while the CPU's start lag "
         "that the timed steps plan with is measured: `warmup.calls` in the JSON); shortened runs are listed in the "
         "notes.",
@@ -301,7 +347,7 @@ def terminal(rows: Iterable[Row]) -> str:
     """A short fixed-width table of the medians, ratios and bounds."""
     header = (
         f"{'case':<14} {'baseline':<18} {'metric':<22} {'median':>9} {'ours/it':>8} {'bound':>9} {'%bound':>7} "
-        f"{'%free':>6}"
+        f"{'%free':>6} {'slowest':>7}"
     )
     lines = [header, "-" * len(header)]
     earlier = False
@@ -311,7 +357,7 @@ def terminal(rows: Iterable[Row]) -> str:
         lines.append(
             f"{row['scenario'] + ' ' + row['case']:<14} {baseline:<18} {_metric_name(row['metric']):<22} "
             f"{_value_cell(row):>9} {(_num(row['ratio']) + 'x') if row['ratio'] else '-':>8} "
-            f"{_num(row['bound']):>9} {_pct(row['share']):>7} {_pct(row['free_share']):>6}"
+            f"{_num(row['bound']):>9} {_pct(row['share']):>7} {_pct(row['free_share']):>6} {_pct(row['slowest']):>7}"
         )
     if earlier:
         lines.insert(0, "* from an earlier session than fiddler-batch's: no ratio")
