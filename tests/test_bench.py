@@ -273,12 +273,12 @@ def test_the_report_gives_the_slowest_run_and_what_set_it_apart() -> None:
     share, note = report._slowest(slow_cpu, "ttft_s")
     assert share == pytest.approx(1.0 / 1.3) and share < report.STEADY
     assert note == (
-        "slowest run (run 3 of 5) 77% of the median: the same plans as the others, its CPU experts 1.50x their "
-        "median time"
+        "slowest run (run 3 of 5) 77% of the median: the others' counts of CPU, copied and split experts, its CPU "
+        "experts 1.50x their median time"
     )
     new_plans = {"reps": _reps([1.4, 1.0, 1.0], [0.5] * 3, [3, 4, 4])}
     assert "run 1 of 3" in report._slowest(new_plans, "ttft_s")[1]
-    assert "other plans than the others, its CPU experts 1.00x" in report._slowest(new_plans, "ttft_s")[1]
+    assert "other expert counts than theirs, its CPU experts 1.00x" in report._slowest(new_plans, "ttft_s")[1]
     speeds = {"reps": [{"metrics": {"decode_tok_s": v}} for v in (10.0, 7.0, 10.0)]}  # higher is better
     assert report._slowest(speeds, "decode_tok_s") == (pytest.approx(0.7), "slowest run (run 2 of 3) 70% of the median")
     assert report._slowest({"reps": _reps([1.0], [0.5], [4])}, "ttft_s") == (None, "")

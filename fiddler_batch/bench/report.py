@@ -31,7 +31,7 @@ STEADY = 0.85
 target); a row below it says in its notes what set that run apart (`_slow_run`)."""
 
 PLAN_KEYS = ("experts_cpu", "experts_copied", "experts_split")
-"""Engine counters that name a run's plans: where its experts ran."""
+"""Engine counters of where a run's experts ran: equal counts are the sign (not a proof) of the same plans."""
 
 
 def _speed(metric: str, value: float | None) -> float | None:
@@ -73,7 +73,7 @@ def _slow_run(reps: list[dict[str, Any]], slow: int, share: float) -> str:
     if not stats[slow] or not all(key in stats[slow] for key in PLAN_KEYS):
         return note
     same = all(all(s.get(key) == stats[slow][key] for key in PLAN_KEYS) for s in others)
-    note += ": the same plans as the others" if same else ": other plans than the others"
+    note += ": the others' counts of CPU, copied and split experts" if same else ": other expert counts than theirs"
     cpu = [s.get("cpu_compute_s") for s in others]
     if stats[slow].get("cpu_compute_s") and all(cpu):
         note += f", its CPU experts {stats[slow]['cpu_compute_s'] / statistics.median(cpu):.2f}x their median time"
@@ -217,7 +217,7 @@ def markdown(results: Results) -> str:
         "- Ratio: fiddler-batch's speed / the baseline's speed (for times: the baseline's time / "
         "fiddler-batch's), from runs of the same session; above 1 means fiddler-batch is faster.",
         f"- Slowest: the slowest timed run's speed over the median's (steady at {STEADY:.0%} or more; below, the "
-        "notes compare that run's plans and CPU time with the others').",
+        "notes compare that run's counts of CPU, copied and split experts and its CPU time with the others').",
         "- Median over the timed runs (`runs`), after a warm-up (the timed call, repeated while the CPU's start lag "
         "that the timed steps plan with is measured: `warmup.calls` in the JSON); shortened runs are listed in the "
         "notes.",
