@@ -644,8 +644,8 @@ class EngineSpec(BaseModel):
     starts a layer's first copy at once; the CPU starts after the host has queued the layer's GPU work and sent it
     its rows, on H200 hosts 0.55-0.95 ms later (an eighth to a quarter of a one-token expert's CPU time). The
     executor measures that delay over 64 layer calls with both (decode-sized calls and prefill-sized ones apart),
-    after leaving out one forward pass of each (a process's first calls of a kind wait for the GPU to set up new
-    shapes), fixes the median for the engine's life, and the planner then gives the link a larger share of a split
+    after leaving out one forward pass of each (a process's first calls of a kind can start the CPU far later),
+    fixes the median for the engine's life, and the planner then gives the link a larger share of a split
     expert, or one more copy, where the CPU would finish last. 'auto' measures with a GPU only; 'on' on the CPU too
     (the tests); 'off' plans as if both started together. Against 'off', interleaved on one H200 host at 8 layers:
     single-request decode 1.04x and beam search 1.04x with 50% of experts resident, 1.01x and 1.01x with 25%

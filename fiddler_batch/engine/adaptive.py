@@ -143,11 +143,11 @@ class StartLag:
     (`planner._span`).
 
     The first `skip` layer calls that had both are left out: the executor passes its number of MoE layers, one
-    forward pass, the process's first of its kind, whose GPU work sets up kernels and memory for new shapes while the
-    host waits for the CPU's rows (on one H200 host the median of a process's first two 32-layer prefills was 18.45
-    ms, where 1.2-2.3 ms is usual). The next `LAG_SAMPLES` are measured, and their median (rounded down to
-    `LAG_STEP_MS`) is fixed for the engine's life, so that plans do not follow the host's minute-to-minute drift; 0
-    until then, as a plan that ignores it."""
+    forward pass, the process's first of its kind, whose GPU work on new shapes (presumably kernels and memory set
+    up) keeps the host waiting for the CPU's rows (on one H200 host the median of a process's first two 32-layer
+    prefills was 18.45 ms, where 1.2-2.3 ms is usual). The next `LAG_SAMPLES` are measured, and their median
+    (rounded down to `LAG_STEP_MS`) is fixed for the engine's life, so that plans do not follow the host's
+    minute-to-minute drift; 0 until then, as a plan that ignores it."""
 
     def __init__(self, samples: int = LAG_SAMPLES, skip: int = 0):
         self.wanted = samples
