@@ -32,6 +32,7 @@ from fiddler_batch.bench.settings import (
 )
 from fiddler_batch.bench.suite import SETTLE_CALLS, Suite
 from fiddler_batch.engine.adaptive import StartLag
+from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.spec import EngineSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -330,7 +331,6 @@ def test_split_bound() -> None:
 
 
 def test_shared_bound_charges_the_cpu_and_the_link_their_contention() -> None:
-    from fiddler_batch.engine.costmodel import CostModel
 
     free = CostModel(ladder=(1, 8), cpu_ms=(4.0, 4.0), gpu_ms=(0.1, 0.1), copy_ms=6.0)
     shared = replace(free, cpu_contention=1.5, copy_contention=1.2)
@@ -376,31 +376,59 @@ def _throughput_run(requests: int, kv_cache_tokens: int) -> dict:
 
 
 def test_throughput_bound_charges_the_cpu_at_the_steps_tokens_per_expert() -> None:
-    outside = 0.02  # (10 s generate - 8 s in the experts) / 100 steps
-    # 4 rows in flight: one token per expert, the CPU at its one-token rate; both definitions agree.
+    outside = 0.02  # a step's time outside the experts: (10 s generate - 8 s in the experts) / 100 steps
+    # 4 rows in flight: one token per expert, the CPU at its one-token rate; both definitions agree. 396 decode rows
+    # (400 tokens, 4 of them from the prefills) need 99 steps of 4 rows, as many as the longest completion's 99.
     few = throughput_bound(_throughput_run(4, 800), [{"max_new_tokens": 100}] * 4)
-    assert few["rows_in_flight"] == 4 and few["tokens_per_expert"] == 1
+    assert few["rows_in_flight"] == 4 and few["tokens_per_expert"] == 1 and few["decode_rows"] == 396
     layer_ms = 6 / (1 / 5.0 + 1 / 6.0)  # 6 off-GPU experts per layer, CPU and link sharing them
     assert few["stream_s_per_step"] == pytest.approx(2 * layer_ms / 1e3)
-    assert few["seconds"] == pytest.approx(100 * (2 * layer_ms / 1e3 + outside))
+    assert few["steps"] == 99 and few["stream_s"] == pytest.approx(99 * 2 * layer_ms / 1e3)
+    assert few["seconds"] == pytest.approx(99 * (outside + 2 * layer_ms / 1e3))
     assert few["completion_tok_s"] == pytest.approx(few["optimistic_cpu"]["completion_tok_s"])
     assert few["free"]["completion_tok_s"] == pytest.approx(few["completion_tok_s"])  # no contention measured
     run = _throughput_run(4, 800)
     run["cost_model"] |= {"cpu_contention": 1.5, "copy_contention": 1.2}
     contended = throughput_bound(run, [{"max_new_tokens": 100}] * 4)
     assert contended["stream_s_per_step"] == pytest.approx(2 * 6 / (1 / 7.5 + 1 / 7.2) / 1e3)
-    assert contended["free"]["stream_s_per_step"] == pytest.approx(few["stream_s_per_step"])
+    assert contended["free"]["stream_s"] == pytest.approx(few["stream_s"])
     assert contended["share_reached"] > contended["free"]["share_reached"]
     # 512 rows: 128 tokens per expert cost the CPU 15 ms each, so the CPU serves fewer of them than at one
     # token; the optimistic definition keeps charging 5 ms and promises more.
     many = throughput_bound(_throughput_run(512, 512 * 200), [{"max_new_tokens": 100}] * 512)
-    assert many["tokens_per_expert"] == 128
+    assert many["tokens_per_expert"] == 128 and many["least_rows"] == 512
     assert many["stream_s_per_step"] == pytest.approx(2 * 6 / (1 / 15.0 + 1 / 6.0) / 1e3)
+    assert many["seconds"] == pytest.approx(99 * (outside + many["stream_s_per_step"]))
     assert many["completion_tok_s"] < many["optimistic_cpu"]["completion_tok_s"]
     assert many["share_reached"] == pytest.approx(5120.0 / many["completion_tok_s"])
-    # The KV cache holds 64 rows of 200 tokens: 512 requests need 8 times the longest completion's steps.
+    # The KV cache holds 64 rows of 200 tokens: 50,688 decode rows need 792 steps.
     limited = throughput_bound(_throughput_run(512, 64 * 200), [{"max_new_tokens": 100}] * 512)
-    assert limited["rows_in_flight"] == 64 and limited["steps"] == 800
+    assert limited["rows_in_flight"] == 64 and limited["steps"] == 792
+    assert limited["stream_s"] == pytest.approx(792 * limited["stream_s_per_step"])
+
+
+def test_throughput_bound_is_below_every_mix_of_step_sizes() -> None:
+    """Whatever rows the steps carry (at most the rows in flight, the decode rows in all, each completion's steps),
+    the bound's experts time is at most theirs: here against steps that empty as their requests finish, with a
+    prefetch's copies overlapping the time outside the experts."""
+    records = [{"max_new_tokens": 20 + 10 * (i % 12)} for i in range(480)]  # 20 to 130 new tokens, 40 of each
+    run = _throughput_run(480, 10**6) | {"completion_tokens": sum(r["max_new_tokens"] for r in records)}
+    run["engine_stats"] = {"forward_s": 8.0, "bytes_prefetched": 1000 * 50}  # 50 experts prefetched
+    bound = throughput_bound(run, records)
+    assert bound["rows_in_flight"] == 480 and bound["overlap_s"] == pytest.approx(50 * 6.0 / 1e3)
+    assert bound["steps"] == 129 and bound["outside_s"] == pytest.approx(129 * 0.02)
+    assert bound["seconds"] == pytest.approx(129 * 0.02 + bound["stream_s"] - bound["overlap_s"])
+    cost = CostModel.from_json(run["cost_model"])
+    step_s = {
+        r: 2 * layer_ms([max(1, round(r * 2 / 8))] * 8, [e >= 6 for e in range(8)], cost) / 1e3 for r in range(1, 481)
+    }
+    # All start together; each request leaves after its own tokens, the first of them from its prefill.
+    rows_per_step = [sum(1 for r in records if r["max_new_tokens"] - 1 > step) for step in range(129)]
+    assert sum(rows_per_step) == bound["decode_rows"] and rows_per_step[-1] == 40
+    actual_s = sum(step_s[rows] for rows in rows_per_step)
+    assert bound["stream_s"] <= actual_s
+    # The first definition charged each of the longest completion's steps at the full batch: more than these took.
+    assert 129 * step_s[480] > actual_s
 
 
 @pytest.mark.parametrize("sparse", [False, True])

@@ -25,7 +25,8 @@ placement's devices). Bound = that time + the sum of the per-layer expert bounds
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -182,21 +183,32 @@ def case_bound(
 
 
 THROUGHPUT_FORMULA = (
-    "throughput bound = completion tokens / (steps x (time of one step's experts + time outside the experts per "
-    "step)), steps = max(longest completion, completion tokens / rows in flight), rows in flight = min(requests, "
-    "KV-cache tokens of the placement / mean (prompt + max_new_tokens)); a step's experts: per MoE layer, "
-    "max(GPU time of every routed expert, T) where T is the least time in which the CPU (cpu(n) per expert) and "
-    "PCIe (copy_ms per expert) serve the layer's off-GPU experts (alone, or both, split fractionally, at the rates "
-    "measured while both read host memory), with n = rows x "
-    "top_k / experts per layer tokens per expert (the per-layer bound of scenarios a-d); time outside the experts "
-    "measured on the run (generate time minus the time inside the experts, per step)"
+    "throughput bound = completion tokens / the least time the run can take: time outside the experts (per step "
+    "measured on the run: generate time minus the time inside the experts, over its steps; times the least number "
+    "of decode steps, max(decode rows / rows in flight, longest completion - 1)) + the decode steps' experts (a "
+    "prefetch's copies may overlap the first), the decode steps' experts = max(decode rows x min over r of "
+    "step(r) / r, (longest completion - 1) x step(1)), decode rows = completion tokens - requests (each request's "
+    "first token comes from its prefill), r from 1 to the rows in flight = min(requests, KV-cache tokens of the "
+    "placement / mean (prompt + max_new_tokens)); step(r): per MoE layer, max(GPU time of every routed expert, T) "
+    "where T is the least time in which the CPU (cpu(n) per expert) and PCIe (copy_ms per expert) serve the "
+    "layer's off-GPU experts (alone, or both, split fractionally, at the rates measured while both read host "
+    "memory), with n = r x top_k / experts per layer tokens per expert (the per-layer bound of scenarios a-d); "
+    "prefills' experts are not counted"
 )
 
 
 def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest the hardware allows a throughput run (scenario e): every step streams each off-GPU expert
-    once, over the CPU and the link at once, at the rates the cost model measured for the step's tokens per
-    expert, and serves as many rows as the KV cache holds.
+    """The least time the hardware allows a throughput run (scenario e), as completion tok/s: a lower bound on the
+    time whatever the rows of each step.
+
+    A decode step with r rows in flight streams each off-GPU expert once over the CPU and the link at once, at
+    the rates the cost model measured for its tokens per expert (`step(r)`). The run's decode steps carry
+    `completion tokens - requests` rows in all (a request's first token comes from its prefill), at most the rows
+    the KV cache holds at once, and there are at least `longest completion - 1` of them, each with a row: so
+    their experts take at least rows x the least step(r) / r, and at least (longest - 1) x step(1). Prefills'
+    experts are left out. The time outside the experts is the run's own per step, times that least number of
+    decode steps (as the bound's first definition had it); a prefetch's copies may run during it, so that much of
+    the experts' time may overlap it (`overlap_s`).
 
     Also reported: `free`, the same without the contention of the CPU and the link for host memory, and
     `optimistic_cpu`, the free bound with the CPU at its one-token rate whatever the tokens per expert (the
@@ -209,46 +221,64 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
     requests = run["requests"]
     mean_tokens = (run["prompt_tokens"] + sum(r["max_new_tokens"] for r in records)) / requests
     rows = max(1, min(requests, int(placement["kv_cache_tokens"] // mean_tokens)))
-    longest = max(r["max_new_tokens"] for r in records)
-    steps = max(longest, -(-run["completion_tokens"] // rows))
+    longest_steps = max(max(r["max_new_tokens"] for r in records) - 1, 0)
+    decode_rows = max(run["completion_tokens"] - requests, 0)
+    steps = max(-(-decode_rows // rows), longest_steps)
+    stats = run["engine_stats"]
     measured_steps = max(run["steps"].get("total", 0), 1)
-    outside_s = max(run["generate_s"] - run["engine_stats"].get("forward_s", 0.0), 0.0) / measured_steps
-    per_expert = max(1, round(rows * top_k / per_layer))
+    outside_s = max(run["generate_s"] - stats.get("forward_s", 0.0), 0.0) / measured_steps * steps
+    overlap_s = stats.get("bytes_prefetched", 0) / expert * cost.copy_ms / 1e3
     off_per_layer = (placement["total_experts"] - placement["resident_experts"]) / layers
     whole, part = int(off_per_layer), off_per_layer - int(off_per_layer)
 
-    def stream(shared: bool) -> float:
-        """One step's experts, in seconds. Layers differ by at most one off-GPU expert under an even
-        placement: interpolate between the two."""
-        layer = (1 - part) * layer_ms([per_expert] * per_layer, [e >= whole for e in range(per_layer)], cost, shared)
+    def tokens(r: int) -> int:
+        return max(1, round(r * top_k / per_layer))
+
+    @functools.cache
+    def step(n: int, shared: bool) -> float:
+        """One decode step's experts at n tokens per expert, in seconds. Layers differ by at most one off-GPU
+        expert under an even placement: interpolate between the two."""
+        layer = (1 - part) * layer_ms([n] * per_layer, [e >= whole for e in range(per_layer)], cost, shared)
         if part:
-            layer += part * layer_ms([per_expert] * per_layer, [e > whole for e in range(per_layer)], cost, shared)
+            layer += part * layer_ms([n] * per_layer, [e > whole for e in range(per_layer)], cost, shared)
         return layers * layer / 1e3
 
-    stream_s, free_stream_s = stream(shared=True), stream(shared=False)
-    seconds = steps * (stream_s + outside_s)
-    free_s = steps * (free_stream_s + outside_s)
-    optimistic_stream_s = off_gpu / (expert / cost.cpu(1) + expert / cost.copy_ms) / 1e3
-    optimistic_s = steps * (optimistic_stream_s + outside_s)
+    def least(per_step: Callable[[int], float]) -> tuple[float, int]:
+        """(The least time of the decode steps' experts, the rows r whose per_step(r) / r is least)."""
+        best = min(range(1, rows + 1), key=lambda r: (per_step(r) / r, -r))
+        return max(decode_rows * per_step(best) / best, longest_steps * per_step(1)), best
+
+    def seconds(stream_s: float) -> float:
+        return max(stream_s, outside_s + stream_s - overlap_s)
+
+    stream_s, best = least(lambda r: step(tokens(r), True))
+    free_stream_s, _ = least(lambda r: step(tokens(r), False))
+    optimistic_step_s = off_gpu / (expert / cost.cpu(1) + expert / cost.copy_ms) / 1e3
+    optimistic_stream_s, _ = least(lambda r: optimistic_step_s)
+    total_s, free_s, optimistic_s = seconds(stream_s), seconds(free_stream_s), seconds(optimistic_stream_s)
     return {
         "formula": THROUGHPUT_FORMULA,
         "rows_in_flight": rows,
-        "tokens_per_expert": per_expert,
+        "tokens_per_expert": tokens(rows),
+        "decode_rows": decode_rows,
         "steps": steps,
-        "stream_s_per_step": stream_s,
-        "outside_s_per_step": outside_s,
+        "stream_s_per_step": step(tokens(rows), True),
+        "least_rows": best,
+        "stream_s": stream_s,
+        "outside_s": outside_s,
+        "overlap_s": overlap_s,
         "off_gpu_gb": off_gpu / 1e9,
-        "seconds": seconds,
-        "completion_tok_s": run["completion_tokens"] / seconds,
-        "prompt_tok_s": run["prompt_tokens"] / seconds,
-        "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / seconds),
+        "seconds": total_s,
+        "completion_tok_s": run["completion_tokens"] / total_s,
+        "prompt_tok_s": run["prompt_tokens"] / total_s,
+        "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / total_s),
         "free": {
-            "stream_s_per_step": free_stream_s,
+            "stream_s": free_stream_s,
             "completion_tok_s": run["completion_tokens"] / free_s,
             "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / free_s),
         },
         "optimistic_cpu": {
-            "stream_s_per_step": optimistic_stream_s,
+            "stream_s": optimistic_stream_s,
             "completion_tok_s": run["completion_tokens"] / optimistic_s,
             "share_reached": run["completion_tok_s"] / (run["completion_tokens"] / optimistic_s),
         },
