@@ -246,7 +246,8 @@ def throughput_bound(run: dict[str, Any], records: list[dict[str, Any]]) -> dict
     def least(per_step: Callable[[int], float]) -> tuple[float, int]:
         """(The least time of the decode steps' experts, the rows r whose per_step(r) / r is least)."""
         best = min(range(1, rows + 1), key=lambda r: (per_step(r) / r, -r))
-        return max(decode_rows * per_step(best) / best, longest_steps * per_step(1)), best
+        fewest = min(per_step(r) for r in range(1, rows + 1))  # step(1), unless a calibration is not monotonic
+        return max(decode_rows * per_step(best) / best, longest_steps * fewest), best
 
     def seconds(stream_s: float) -> float:
         return max(stream_s, outside_s + stream_s - overlap_s)
