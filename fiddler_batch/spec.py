@@ -650,7 +650,8 @@ class EngineSpec(BaseModel):
     (the tests); 'off' plans as if both started together. Against 'off', interleaved on one H200 host at 8 layers:
     single-request decode 1.04x and beam search 1.04x with 50% of experts resident, 1.01x and 1.01x with 25%
     (benchmarks/NOTES.md). Plans then depend on the delay measured; in float32 every plan gives the same tokens, in
-    bf16 a CPU product may differ from a GPU one in its last bits. `engine_stats.cpu_lag` gives the values in use."""
+    bf16 a CPU product may differ from a GPU one in its last bits. `engine_stats.cpu_lag` gives the values in use,
+    and the median of the calls left out."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)

@@ -152,21 +152,31 @@ class StartLag:
     def __init__(self, samples: int = LAG_SAMPLES, skip: int = 0):
         self.wanted = samples
         self.skip = skip
-        self.skipped = 0
+        self.left_out: list[float] = []  # the calls left out, kept to be reported (`left_out_ms`)
         self.observed: list[float] = []
         self.value_ms = 0.0
         self.fixed = False
+
+    @property
+    def skipped(self) -> int:
+        return len(self.left_out)
 
     @property
     def calls(self) -> int:
         """Layer calls observed so far, those left out included."""
         return self.skipped + len(self.observed)
 
+    @property
+    def left_out_ms(self) -> float | None:
+        """The median of the calls left out (None without any): how much later the first forward pass started the
+        CPU than the value fixed."""
+        return sorted(self.left_out)[len(self.left_out) // 2] if self.left_out else None
+
     def observe(self, lag_ms: float) -> None:
         if self.fixed or not lag_ms >= 0:
             return
         if self.skipped < self.skip:
-            self.skipped += 1
+            self.left_out.append(lag_ms)
             return
         self.observed.append(lag_ms)
         if len(self.observed) >= self.wanted:

@@ -365,7 +365,10 @@ class HybridExecutor:
 
         def value(lag: StartLag) -> str:
             if lag.fixed:
-                return f"{lag.value_ms:.2f} ms"
+                left_out = lag.left_out_ms
+                return f"{lag.value_ms:.2f} ms" + (
+                    f" ({left_out:.2f} ms in the calls left out)" if left_out is not None else ""
+                )
             if lag.skipped < lag.skip:
                 return f"being measured (after {lag.skip - lag.skipped} more calls left out, then {lag.wanted})"
             return f"being measured ({len(lag.observed)} of {lag.wanted})"

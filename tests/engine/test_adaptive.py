@@ -122,6 +122,8 @@ def test_the_cpus_start_lag_leaves_out_its_first_calls():
     for ms in (0.5, 0.3, 20.0):
         lag.observe(ms)
     assert lag.fixed and lag.value_ms == pytest.approx(0.5) and lag.calls == 5  # the median of the three after
+    assert lag.left_out == [18.0, 19.0] and lag.left_out_ms == 19.0  # kept, to be reported
+    assert StartLag(samples=3).left_out_ms is None
 
 
 @pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
@@ -134,6 +136,13 @@ def test_an_engines_start_lags_leave_out_one_forward_pass(reference):
     assert executor.lag_summary() == (
         f"being measured (after {len(executor.layers)} more calls left out, then 64) in calls of at most 64 token "
         f"slots, being measured (after {len(executor.layers) - 1} more calls left out, then 64) in larger ones"
+    )
+    executor.lags = (StartLag(samples=1, skip=1), StartLag(samples=1))
+    for lag, values in zip(executor.lags, ((18.45, 1.37), (0.42,)), strict=True):
+        for ms in values:
+            lag.observe(ms)
+    assert executor.lag_summary() == (
+        "1.35 ms (18.45 ms in the calls left out) in calls of at most 64 token slots, 0.40 ms in larger ones"
     )
 
 
