@@ -42,6 +42,12 @@ class Baseline:
     """Runs when `--baselines` is not given (variants of ours that measure one setting run only when named)."""
 
 
+def _variant(name: str, description: str, engine: dict[str, Any]) -> Baseline:
+    """A variant of ours: the engine with its defaults but `engine`'s settings, resident experts as the budget
+    allows, run only when `--baselines` names it."""
+    return Baseline(name, "engine", None, True, False, description, engine=engine, by_default=False)
+
+
 BASELINE_TABLE: dict[str, Baseline] = {
     b.name: b
     for b in (
@@ -70,102 +76,57 @@ BASELINE_TABLE: dict[str, Baseline] = {
             "the paper's Algorithm 1: per expert the cheaper of CPU and copy + GPU, one after the other",
         ),
         Baseline("fiddler-batch", "engine", None, True, False, "fiddler-batch's engine with its default settings"),
-        Baseline(
+        _variant(
             "fiddler-prefetch",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with the next layer's 2 likeliest off-GPU experts prefetched in decode steps too",
-            engine={"prefetch_experts": 2, "prefetch_small_steps": True},
-            by_default=False,
+            {"prefetch_experts": 2, "prefetch_small_steps": True},
         ),
-        Baseline(
+        _variant(
             "fiddler-whole",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with every expert kept whole, none split between the CPU and the GPU "
             "(engine.split_experts: false)",
-            engine={"split_experts": False},
-            by_default=False,
+            {"split_experts": False},
         ),
-        Baseline(
+        _variant(
             "fiddler-worker",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with the CPU experts on a worker thread while the main thread queues the "
             "rest of the step behind a stream wait for them (engine.cpu_worker: true)",
-            engine={"cpu_worker": True},
-            by_default=False,
+            {"cpu_worker": True},
         ),
-        Baseline(
+        _variant(
             "fiddler-eager",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with decode steps launched eagerly from transformers' code, on its dynamic "
             "KV cache, instead of replayed as CUDA graphs (engine.cuda_graphs: false)",
-            engine={"cuda_graphs": False},
-            by_default=False,
+            {"cuda_graphs": False},
         ),
-        Baseline(
+        _variant(
             "fiddler-packed",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with CPU experts computed from weights packed for oneDNN where the calibration "
             "measured that faster (engine.cpu_packed: auto)",
-            engine={"cpu_packed": "auto"},
-            by_default=False,
+            {"cpu_packed": "auto"},
         ),
-        Baseline(
+        _variant(
             "fiddler-linear",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with every CPU expert computed by F.linear (oneDNN), never by the project's own "
             "kernel (engine.cpu_gemv: off)",
-            engine={"cpu_gemv": "off"},
-            by_default=False,
+            {"cpu_gemv": "off"},
         ),
-        Baseline(
+        _variant(
             "fiddler-adapt",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with the planner's times corrected by the times the run measures "
             "(engine.adapt_costs: on)",
-            engine={"adapt_costs": "on"},
-            by_default=False,
+            {"adapt_costs": "on"},
         ),
-        Baseline(
+        _variant(
             "fiddler-prefetch-1",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with the next layer's likeliest off-GPU expert prefetched in decode steps too",
-            engine={"prefetch_experts": 1, "prefetch_small_steps": True},
-            by_default=False,
+            {"prefetch_experts": 1, "prefetch_small_steps": True},
         ),
-        Baseline(
+        _variant(
             "fiddler-noprefetch",
-            "engine",
-            None,
-            True,
-            False,
             "fiddler-batch's defaults with no expert prefetched, in prefills and throughput batches either "
             "(engine.prefetch_experts: 0)",
-            engine={"prefetch_experts": 0},
-            by_default=False,
+            {"prefetch_experts": 0},
         ),
     )
 }
