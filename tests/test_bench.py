@@ -30,7 +30,7 @@ from fiddler_batch.bench.settings import (
     Settings,
     parse_sizes,
 )
-from fiddler_batch.bench.suite import SETTLE_CALLS, Suite
+from fiddler_batch.bench.suite import GRAPH_SETTLE_CALLS, SETTLE_CALLS, Suite
 from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.spec import EngineSpec
@@ -255,6 +255,46 @@ def test_the_warm_up_asks_for_the_decode_steps_lag_and_runs_a_throughput_job_onc
     assert engine.asked == [2, 16]
     engine = _LagEngine(1000, 8)
     assert Suite._warm_up(engine, Case("d", requests=64), engine.warm) == 1 and engine.asked == []
+
+
+class _GraphEngine(_LagEngine):
+    """A `_LagEngine` whose warm-up calls do `work[i]` one-off expert graph work (first runs and captures) in call i,
+    none after the list."""
+
+    def __init__(self, work: list[int], samples: int = 64, per_call: int = 64):
+        super().__init__(samples, per_call)
+        self.work = work
+        self.executor.expert_graphs = SimpleNamespace(unsettled=0)
+
+    def warm(self) -> None:
+        if self.calls < len(self.work):
+            self.executor.expert_graphs.unsettled += self.work[self.calls]
+        super().warm()
+
+
+@pytest.mark.parametrize(
+    ("work", "calls"),
+    [
+        ([40, 40, 0], 3),  # first runs, then their captures, then a call with none: the timed runs replay
+        ([40, 0], 2),  # the lag's call after the fix did none: nothing more
+        ([0, 0], 2),  # no graph work at all
+        ([40] * 10, 2 + GRAPH_SETTLE_CALLS),  # never settles: at most GRAPH_SETTLE_CALLS more
+    ],
+)
+def test_the_warm_up_repeats_while_its_last_call_ran_or_captured_expert_graphs(work: list[int], calls: int) -> None:
+    engine = _GraphEngine(work)  # a decode case whose lag its first call fixes, so two calls before the graphs' turn
+    assert Suite._warm_up(engine, Case("a", prompt=32, new=64), engine.warm) == calls == engine.calls
+
+
+def test_the_warm_up_of_a_case_whose_lag_is_fixed_repeats_for_the_graphs_alone() -> None:
+    engine = _GraphEngine([0, 0, 30, 12, 0])
+    assert Suite._warm_up(engine, Case("a", prompt=32, new=64), engine.warm) == 2
+    # The next case (its lag fixed) starts new graph keys: its first call ran them, the second captured them.
+    assert Suite._warm_up(engine, Case("c", prompt=32, new=64, width=4), engine.warm) == 3
+    assert engine.calls == 5
+    # A throughput job warms up once, whatever its graphs did.
+    engine = _GraphEngine([50, 50])
+    assert Suite._warm_up(engine, Case("d", requests=64), engine.warm) == 1
 
 
 def _reps(times: list[float], cpu: list[float], cpu_experts: list[int]) -> list[dict]:

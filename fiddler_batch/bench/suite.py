@@ -57,7 +57,17 @@ SETTLE_CALLS = 12
 """Warm-up calls a case may run beyond the first while the CPU's start lag of its timed steps is measured, before the
 one with the lag fixed (`Suite._warm_up`)."""
 
+GRAPH_SETTLE_CALLS = 3
+"""Warm-up calls a case may run beyond those while its last one still ran an expert's GPU work for the first time or
+captured its graph (`Suite._warm_up`)."""
+
 Log = Callable[[str], None]
+
+
+def _graph_work(engine: Engine) -> int:
+    """The executor's one-off graph work so far (`ExpertGraphs.unsettled`: first runs and captures); 0 without graphs."""
+    graphs = getattr(getattr(engine, "executor", None), "expert_graphs", None)
+    return graphs.unsettled if graphs is not None else 0
 
 
 def _step_slots(engine: Engine, case: Case) -> int:
@@ -377,21 +387,40 @@ class Suite:
         and 1.36x the median on two hosts: new CPU product shapes to set up). So while the lag of the case's timed
         steps is still being measured, the warm-up is repeated, at most `SETTLE_CALLS` more times, until it is
         fixed (or a call adds nothing to it: those steps' plans do not use it), and then once more, with the fixed
-        lag's plans. Throughput jobs (d) mix step sizes and warm up once."""
+        lag's plans.
+
+        Then, while the last call still ran an expert's GPU work for the first time or captured its graph (a key is
+        captured the second time it is seen, `callgraphs.ExpertGraphs`), at most `GRAPH_SETTLE_CALLS` more: a
+        beam search's first timed run after a single warm-up call captured 198-290 graphs at 32 layers and was the
+        slowest of five, at 74% of the median on one host. Throughput jobs (d) mix step sizes and warm up once."""
+        if case.scenario == "d":
+            warm()
+            return 1
         executor = getattr(engine, "executor", None)
-        lag = None if case.scenario == "d" or executor is None else executor.lag_for(_step_slots(engine, case))
+        lag = None if executor is None else executor.lag_for(_step_slots(engine, case))
         settling = lag is not None and not lag.fixed
-        warm()
-        calls = 1
-        while settling and not lag.fixed and calls <= SETTLE_CALLS:
-            seen = lag.calls
+        calls = 0
+
+        def call() -> int:
+            """One warm-up call; returns the graph work it did."""
+            nonlocal calls
+            before = _graph_work(engine)
             warm()
             calls += 1
+            return _graph_work(engine) - before
+
+        fresh = call()
+        while settling and not lag.fixed and calls <= SETTLE_CALLS:
+            seen = lag.calls
+            fresh = call()
             if lag.calls == seen:
                 break
         if settling and lag.fixed:
-            warm()
-            calls += 1
+            fresh = call()
+        extra = 0
+        while fresh and extra < GRAPH_SETTLE_CALLS:
+            fresh = call()
+            extra += 1
         return calls
 
     def _calls(self, placed: Placed, case: Case, shortened: dict[str, str]) -> tuple[Callable, Callable, Callable]:
