@@ -65,7 +65,7 @@ Log = Callable[[str], None]
 
 
 def _graph_work(engine: Engine) -> int:
-    """The executor's one-off graph work so far (`ExpertGraphs.unsettled`: first runs and captures); 0 without graphs."""
+    """The executor's one-off graph work so far (`ExpertGraphs.unsettled`: first runs and captures), 0 without."""
     graphs = getattr(getattr(engine, "executor", None), "expert_graphs", None)
     return graphs.unsettled if graphs is not None else 0
 
