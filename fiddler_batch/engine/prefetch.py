@@ -45,10 +45,13 @@ def find_router(model: nn.Module, experts_name: str, experts: nn.Module, layout:
 def router_guess(router: torch.Tensor, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
     """Predicted tokens per expert [E] of the layer that owns `router` [E, H], for hidden states [T, H]: each
     token's top-k experts by raw router logits (the order softmax, sigmoid and the families' score
-    corrections mostly keep). Stays on the device: the executor reads it with the routing counts."""
+    corrections mostly keep). Stays on the device, with no wait for it: the executor reads it with the routing counts.
+    (`torch.bincount` on CUDA reads the largest index back to size its output, a wait for the GPU in every layer
+    call that guesses; a scatter into E zeros needs none.)"""
     logits = hidden.to(router.dtype) @ router.t()  # [T, E]
     chosen = logits.topk(min(top_k, logits.shape[1]), dim=1).indices.reshape(-1)
-    return torch.bincount(chosen, minlength=router.shape[0])
+    counts = torch.zeros(router.shape[0], dtype=torch.int64, device=chosen.device)
+    return counts.scatter_add_(0, chosen, torch.ones_like(chosen))
 
 
 def choose_prefetch(predicted: Sequence[int], on_device: Sequence[bool], limit: int) -> list[int]:
