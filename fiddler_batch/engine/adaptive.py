@@ -139,14 +139,15 @@ LAG_STEP_MS = 0.05
 class MeasuredOnce:
     """A value the run measures over its first layer calls of a kind and then fixes for the engine's life, so that
     plans do not follow the host's minute-to-minute drift: the first `skip` observations are left out (kept for the
-    summary, `left_out_ms`), the median of the next `samples` is settled (`_settle`) and fixed; `initial` until then."""
+    summary, `left_out_median`), the median of the next `samples` is settled (`_settle`) and fixed; `initial` until
+    then."""
 
     initial = 0.0
 
     def __init__(self, samples: int = LAG_SAMPLES, skip: int = 0):
         self.wanted = samples
         self.skip = skip
-        self.left_out: list[float] = []  # the observations left out, kept to be reported (`left_out_ms`)
+        self.left_out: list[float] = []  # the observations left out, kept to be reported (`left_out_median`)
         self.observed: list[float] = []
         self.value = self.initial
         self.fixed = False
@@ -161,7 +162,7 @@ class MeasuredOnce:
         return self.skipped + len(self.observed)
 
     @property
-    def left_out_ms(self) -> float | None:
+    def left_out_median(self) -> float | None:
         """The median of the observations left out (None without any)."""
         return sorted(self.left_out)[len(self.left_out) // 2] if self.left_out else None
 
@@ -202,6 +203,11 @@ class StartLag(MeasuredOnce):
     @property
     def value_ms(self) -> float:
         return self.value
+
+    @property
+    def left_out_ms(self) -> float | None:
+        """The median lag of the calls left out: how much later the first forward pass started the CPU."""
+        return self.left_out_median
 
     @value_ms.setter
     def value_ms(self, value: float) -> None:

@@ -400,7 +400,7 @@ class HybridExecutor:
         def value(pace: CpuPace) -> str:
             if not pace.fixed:
                 return pace.progress()
-            left_out = pace.left_out_ms
+            left_out = pace.left_out_median
             return f"x{pace.value:.2f}" + (f" (x{left_out:.2f} in the calls left out)" if left_out is not None else "")
 
         few, many = self.paces

@@ -241,7 +241,7 @@ def test_the_cpus_pace_is_the_median_ratio_after_the_calls_left_out_rounded_with
     assert pace.value == 1.0 and not pace.fixed  # plans as calibrated until measured
     for ratio in (9.0, 9.0):  # a first forward pass: left out, kept for the summary
         pace.observe(ratio)
-    assert pace.observed == [] and pace.left_out_ms == 9.0
+    assert pace.observed == [] and pace.left_out_median == 9.0
     for ratio in (1.31, 1.0, 1.24, -1.0, 1.22, 3.0):  # a negative time is no observation
         pace.observe(ratio)
     assert pace.fixed and pace.value == pytest.approx(1.25)  # median 1.24, to the nearest 0.05
