@@ -1,8 +1,8 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,b,c,b4k]
-        [--modes default,adapting,whole,split,warm,nolag,nopace,gain20,gain10,gain05,eagerexperts,prefetch1,
-                 prefetch2,noprefetch,prefetchsmall]
+        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts,prefetch1,prefetch2,
+                 noprefetch,prefetchsmall]
         [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
@@ -18,8 +18,6 @@ TTFT). Each round runs every mode once per case, in an order that rotates from r
             the calls that ran it against the defaults of their time);
 - nolag:    `engine.cpu_lag: off` (plans start the CPU with the link; the others plan with the CPU's start lag
             that their own warm-up measured);
-- nopace:   `engine.cpu_pace: off` (plans take the calibration's CPU times; the others scale them by the CPU's pace
-            against the cost model that their own warm-up measured, or with --one-lag the first mode's);
 - gain20, gain10, gain05: the least predicted gain of a split at 20%, 10% and 5% in every layer
             (`planner.SPLIT_MIN_GAIN` and `SPLIT_MIN_GAIN_FEW`; the defaults: 20% beside two or more other
             off-GPU experts, 5% beside one or none);
@@ -47,7 +45,7 @@ from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
 from fiddler_batch.engine import Engine, planner
-from fiddler_batch.engine.adaptive import CpuPace, StartLag
+from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.engine.costmodel import calibrate
 from fiddler_batch.spec import EngineSpec
 
@@ -58,7 +56,6 @@ MODES = {
     "split": {"split_experts": True},
     "warm": {},
     "nolag": {"cpu_lag": "off"},
-    "nopace": {"cpu_pace": "off"},
     "gain20": {},
     "gain10": {},
     "gain05": {},
@@ -100,7 +97,6 @@ def main() -> None:
     results = {(mode, case): [] for mode in modes for case in cases}
     defaults = {key: getattr(executor, key) for mode in MODES.values() for key in mode}
     lags: dict[str, tuple[StartLag, StartLag]] = {}
-    paces: dict[str, tuple[CpuPace, CpuPace]] = {}
     default_gains = (planner.SPLIT_MIN_GAIN, planner.SPLIT_MIN_GAIN_FEW)
 
     def use(mode: str) -> None:
@@ -108,10 +104,9 @@ def main() -> None:
             setattr(executor, key, value)
         gain = SPLIT_GAINS.get(mode)  # both in the executor's plan cache key
         planner.SPLIT_MIN_GAIN, planner.SPLIT_MIN_GAIN_FEW = default_gains if gain is None else (gain, gain)
-        # Each mode measures its own CPU start and pace, or with --one-lag every mode takes the first one's.
+        # Each mode measures its own CPU start, or with --one-lag every mode takes the first one's.
         skip = len(executor.layers)  # as the executor's own: each leaves out its first forward pass
         executor.lags = lags.setdefault(modes[0] if args.one_lag else mode, (StartLag(skip=skip), StartLag(skip=skip)))
-        executor.paces = paces.setdefault(modes[0] if args.one_lag else mode, (CpuPace(skip=skip), CpuPace(skip=skip)))
         engine.set_cost_model(costs.get(mode, cost))  # a fresh tracker (adapting) or none
 
     print(
@@ -138,8 +133,7 @@ def main() -> None:
                     f"experts {stats['forward_s']:.3f} s (planned {stats['predicted_s']:.3f}), "
                     f"graphed {stats['graph_replays']} (captured {stats['graph_captures']}), "
                     f"prefetched {stats['prefetch_issued']} (used {stats['prefetch_hits']}); "
-                    f"{stats.get('cost_scales', '')} lag {stats.get('cpu_lag', 'off')}; "
-                    f"{stats.get('cpu_pace', 'no pace')}",
+                    f"{stats.get('cost_scales', '')} lag {stats.get('cpu_lag', 'off')}",
                     flush=True,
                 )
     print_summary(args, cases, modes, results, 9)

@@ -652,18 +652,6 @@ class EngineSpec(BaseModel):
     (benchmarks/NOTES.md). Plans then depend on the delay measured; in float32 every plan gives the same tokens, in
     bf16 a CPU product may differ from a GPU one in its last bits. `engine_stats.cpu_lag` gives the values in use,
     and the median of the calls left out."""
-    cpu_pace: CpuLag = "auto"
-    """Plan each layer with the CPU's times as long as its work takes in this run. The calibration times a few
-    experts read in turn on an idle host; in 32-layer decode runs the CPU's share of a layer took 1.08-1.25x the
-    time the plans gave it, where 8-layer runs on the same hosts took at most that time, so the planner gave the CPU
-    a split share it finished late. The executor measures, over 64 layer calls with CPU work (decode-sized and
-    prefill-sized ones apart, after leaving out one forward pass of each), the host time of each call's CPU work
-    against the cost model's, fixes the median (rounded to 0.05, within 0.5-2x) for the engine's life, and plans
-    with the CPU's times scaled by it. Measured once, unlike adapt_costs (which, when on, takes its place), so plans
-    do not follow the host's drift. 'auto' measures with a GPU only; 'on' on the CPU too (the tests); 'off' plans on
-    the calibration's CPU times. Plans then depend on the pace measured; in float32 every plan gives the same
-    tokens, in bf16 a CPU product may differ from a GPU one in its last bits. `engine_stats.cpu_pace` gives the
-    values in use, and the median of the calls left out."""
     cpu_threads: int | None = Field(None, ge=1)
     """Threads for experts computed on the CPU. Default: the physical cores."""
     strategy: StrategyByKind = Field(default_factory=StrategyByKind)
@@ -686,7 +674,7 @@ class EngineSpec(BaseModel):
             )
         return data
 
-    @field_validator("cpu_packed", "cpu_gemv", "adapt_costs", "cpu_lag", "cpu_pace", mode="before")
+    @field_validator("cpu_packed", "cpu_gemv", "adapt_costs", "cpu_lag", mode="before")
     @classmethod
     def _packed_switch(cls, value: object) -> object:
         """YAML reads a bare on / off (and true / false) as a boolean."""

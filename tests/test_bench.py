@@ -31,7 +31,7 @@ from fiddler_batch.bench.settings import (
     parse_sizes,
 )
 from fiddler_batch.bench.suite import GRAPH_SETTLE_CALLS, SETTLE_CALLS, Suite
-from fiddler_batch.engine.adaptive import CpuPace, StartLag
+from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.spec import EngineSpec
 
@@ -246,36 +246,6 @@ def test_the_warm_up_repeats_until_the_cpus_start_lag_of_the_timed_steps_is_fixe
     # A later case whose steps use the same lag warms up once where it is fixed by now.
     assert engine.lag.fixed == (skip + samples <= per_call * calls)
     assert (Suite._warm_up(engine, Case("b", prompt=1024), engine.warm) == 1) == engine.lag.fixed
-
-
-class _PacedEngine(_LagEngine):
-    """A `_LagEngine` whose executor also measures the CPU's pace, `pace_per_call` calls a warm-up call."""
-
-    def __init__(self, lag_per_call: int, pace_per_call: int, samples: int = 64):
-        super().__init__(samples, lag_per_call)
-        self.pace = CpuPace(samples=samples)
-        self.pace_per_call = pace_per_call
-        self.executor.pace_for = lambda slots: self.pace
-
-    def warm(self) -> None:
-        super().warm()
-        for _ in range(self.pace_per_call):
-            self.pace.observe(1.1)
-
-
-@pytest.mark.parametrize(
-    ("lag_per_call", "pace_per_call", "calls"),
-    [
-        (64, 16, 5),  # the lag fixed by the first call, the pace by the fourth: then one more
-        (16, 64, 5),  # the other way round
-        (64, 0, 3),  # calls without CPU work never feed the pace: a second call finds it unused, then one more
-        (0, 0, 2),  # neither is fed: a second call finds them unused
-    ],
-)
-def test_the_warm_up_waits_for_the_cpus_pace_as_for_its_start_lag(lag_per_call, pace_per_call, calls) -> None:
-    engine = _PacedEngine(lag_per_call, pace_per_call)
-    assert Suite._warm_up(engine, Case("a", prompt=32, new=64), engine.warm) == calls == engine.calls
-    assert engine.pace.fixed == (pace_per_call > 0)
 
 
 def test_the_warm_up_asks_for_the_decode_steps_lag_and_runs_a_throughput_job_once() -> None:

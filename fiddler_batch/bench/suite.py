@@ -64,10 +64,6 @@ captured its graph (`Suite._warm_up`)."""
 Log = Callable[[str], None]
 
 
-def _none(slots: int) -> None:
-    return None
-
-
 def _graph_work(engine: Engine) -> int:
     """The executor's one-off graph work so far (`ExpertGraphs.unsettled`: first runs and captures), 0 without."""
     graphs = getattr(getattr(engine, "executor", None), "expert_graphs", None)
@@ -386,12 +382,12 @@ class Suite:
     def _warm_up(engine: Engine, case: Case, warm: Callable[[], Any]) -> int:
         """Run the warm-up call until the plans of the case's timed steps are settled; return how many ran.
 
-        The executor measures the CPU's start lag (`adaptive.StartLag`) and its pace against the cost model
-        (`adaptive.CpuPace`) over its first layer calls, then fixes them, and the plans change with them; the first
-        call with the new plans runs slow (a 32-layer prefill's took 1.24x and 1.36x the median on two hosts: new CPU
-        product shapes to set up). So while either of the case's timed steps is still being measured, the warm-up is
-        repeated, at most `SETTLE_CALLS` more times, until both are fixed (or a call adds nothing to them: those
-        steps' plans do not use them), and then once more, with the fixed values' plans.
+        The executor measures the CPU's start lag (`adaptive.StartLag`) over its first layer calls, then fixes it,
+        and the plans change with it; the first call with the new plans runs slow (a 32-layer prefill's took 1.24x
+        and 1.36x the median on two hosts: new CPU product shapes to set up). So while the lag of the case's timed
+        steps is still being measured, the warm-up is repeated, at most `SETTLE_CALLS` more times, until it is
+        fixed (or a call adds nothing to it: those steps' plans do not use it), and then once more, with the fixed
+        lag's plans.
 
         Then, while the last call still ran an expert's GPU work for the first time or captured its graph (a key is
         captured the second time it is seen, `callgraphs.ExpertGraphs`), at most `GRAPH_SETTLE_CALLS` more: a
@@ -401,10 +397,8 @@ class Suite:
             warm()
             return 1
         executor = getattr(engine, "executor", None)
-        slots = _step_slots(engine, case)
-        measures = [] if executor is None else [executor.lag_for(slots), getattr(executor, "pace_for", _none)(slots)]
-        measures = [m for m in measures if m is not None and not m.fixed]
-        settling = bool(measures)
+        lag = None if executor is None else executor.lag_for(_step_slots(engine, case))
+        settling = lag is not None and not lag.fixed
         calls = 0
 
         def call() -> int:
@@ -416,12 +410,12 @@ class Suite:
             return _graph_work(engine) - before
 
         fresh = call()
-        while settling and not all(m.fixed for m in measures) and calls <= SETTLE_CALLS:
-            seen = sum(m.calls for m in measures)
+        while settling and not lag.fixed and calls <= SETTLE_CALLS:
+            seen = lag.calls
             fresh = call()
-            if sum(m.calls for m in measures) == seen:
+            if lag.calls == seen:
                 break
-        if settling and any(m.fixed for m in measures):
+        if settling and lag.fixed:
             fresh = call()
         extra = 0
         while fresh and extra < GRAPH_SETTLE_CALLS:

@@ -136,20 +136,26 @@ LAG_STEP_MS = 0.05
 """`StartLag` rounds its value down to a multiple of this, so that hosts a little apart plan alike."""
 
 
-class MeasuredOnce:
-    """A value the run measures over its first layer calls of a kind and then fixes for the engine's life, so that
-    plans do not follow the host's minute-to-minute drift: the first `skip` observations are left out (kept for the
-    summary, `left_out_median`), the median of the next `samples` is settled (`_settle`) and fixed; `initial` until
-    then."""
+class StartLag:
+    """How long after the link the CPU starts a layer's work: on the thread that computes the CPU experts, the time
+    from queueing the layer's first copy to the start of its CPU work (on the calling thread, the host queues the
+    layer's GPU work and sends the CPU its rows in between). The planner starts the CPU side that late
+    (`planner._span`).
 
-    initial = 0.0
+    The first `skip` layer calls that had both are left out: the executor passes its number of MoE layers, one
+    forward pass, the process's first of its kind, whose GPU work on new shapes (presumably kernels and memory set
+    up) keeps the host waiting for the CPU's rows (on one H200 host the median of a process's first two 32-layer
+    prefills was 18.45 ms, where 1.2-2.3 ms is usual; on another, the median of an 8-layer process's first prefill
+    was 39 ms, against 1.45 ms fixed after it). The next `LAG_SAMPLES` are measured, and their median (rounded down to
+    `LAG_STEP_MS`) is fixed for the engine's life, so that plans do not follow the host's minute-to-minute drift; 0
+    until then, as a plan that ignores it."""
 
     def __init__(self, samples: int = LAG_SAMPLES, skip: int = 0):
         self.wanted = samples
         self.skip = skip
-        self.left_out: list[float] = []  # the observations left out, kept to be reported (`left_out_median`)
+        self.left_out: list[float] = []  # the calls left out, kept to be reported (`left_out_ms`)
         self.observed: list[float] = []
-        self.value = self.initial
+        self.value_ms = 0.0
         self.fixed = False
 
     @property
@@ -162,82 +168,19 @@ class MeasuredOnce:
         return self.skipped + len(self.observed)
 
     @property
-    def left_out_median(self) -> float | None:
-        """The median of the observations left out (None without any)."""
+    def left_out_ms(self) -> float | None:
+        """The median of the calls left out (None without any): how much later the first forward pass started the
+        CPU than the value fixed."""
         return sorted(self.left_out)[len(self.left_out) // 2] if self.left_out else None
 
-    def _settle(self, middle: float) -> float:
-        return middle
-
-    def observe(self, x: float) -> None:
-        if self.fixed or not x >= 0:
+    def observe(self, lag_ms: float) -> None:
+        if self.fixed or not lag_ms >= 0:
             return
         if self.skipped < self.skip:
-            self.left_out.append(x)
+            self.left_out.append(lag_ms)
             return
-        self.observed.append(x)
+        self.observed.append(lag_ms)
         if len(self.observed) >= self.wanted:
-            self.value = self._settle(sorted(self.observed)[len(self.observed) // 2])
+            middle = sorted(self.observed)[len(self.observed) // 2]
+            self.value_ms = round(int(middle / LAG_STEP_MS + 1e-9) * LAG_STEP_MS, 6)
             self.fixed = True
-
-    def progress(self) -> str:
-        """How far the measure is, for a summary line, while not fixed."""
-        if self.skipped < self.skip:
-            return f"being measured (after {self.skip - self.skipped} more calls left out, then {self.wanted})"
-        return f"being measured ({len(self.observed)} of {self.wanted})"
-
-
-class StartLag(MeasuredOnce):
-    """How long after the link the CPU starts a layer's work: on the thread that computes the CPU experts, the time
-    from queueing the layer's first copy to the start of its CPU work (on the calling thread, the host queues the
-    layer's GPU work and sends the CPU its rows in between). The planner starts the CPU side that late
-    (`planner._span`).
-
-    The first `skip` layer calls that had both are left out: the executor passes its number of MoE layers, one
-    forward pass, the process's first of its kind, whose GPU work on new shapes (presumably kernels and memory set
-    up) keeps the host waiting for the CPU's rows (on one H200 host the median of a process's first two 32-layer
-    prefills was 18.45 ms, where 1.2-2.3 ms is usual; on another, 39 ms in an 8-layer one's first prefill against
-    1.45 ms after it). The next `LAG_SAMPLES` are measured, and their median (rounded down to `LAG_STEP_MS`) is
-    fixed for the engine's life; 0 until then, as a plan that ignores it."""
-
-    @property
-    def value_ms(self) -> float:
-        return self.value
-
-    @property
-    def left_out_ms(self) -> float | None:
-        """The median lag of the calls left out: how much later the first forward pass started the CPU."""
-        return self.left_out_median
-
-    @value_ms.setter
-    def value_ms(self, value: float) -> None:
-        self.value = value
-
-    def _settle(self, middle: float) -> float:
-        return round(int(middle / LAG_STEP_MS + 1e-9) * LAG_STEP_MS, 6)
-
-
-PACE_STEP = 0.05
-"""`CpuPace` rounds its value to a multiple of this, so that hosts a little apart plan alike."""
-
-PACE_LIMIT = 2.0
-"""`CpuPace` keeps its value within [1/PACE_LIMIT, PACE_LIMIT]."""
-
-
-class CpuPace(MeasuredOnce):
-    """How much longer the CPU's share of a layer call takes in this run than the cost model says: the median, over
-    `LAG_SAMPLES` layer calls of a kind with CPU work (after one forward pass left out, as `StartLag`), of the host
-    time of the call's CPU work (its CPU experts and a split expert's CPU share, with the host's steps in between)
-    over the installed cost model's time for it (with the contention factor where the link copied meanwhile), rounded
-    to `PACE_STEP` and kept within [1/`PACE_LIMIT`, `PACE_LIMIT`]; 1 until then. The planner then plans with the
-    CPU's times scaled by it (`HybridExecutor.planning_cost`).
-
-    The calibration times a few experts read in turn on an idle host; in 32-layer decode runs the CPU's share took
-    1.08-1.25x what the plans assumed, on hosts where 8-layer runs took 0.86-1.0x (benchmarks/NOTES.md), so the
-    planner gave the CPU a split share it finished late. Unlike `engine.adapt_costs`, which follows the run's times
-    call after call, this is measured once, so plans stay put (and graphs captured over them replay)."""
-
-    initial = 1.0
-
-    def _settle(self, middle: float) -> float:
-        return min(max(round(round(middle / PACE_STEP) * PACE_STEP, 6), 1.0 / PACE_LIMIT), PACE_LIMIT)

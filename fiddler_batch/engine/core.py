@@ -203,7 +203,6 @@ class Engine:
             adapt_costs=spec.adapt_costs,
             cpu_lag=spec.cpu_lag,
             expert_graphs=spec.expert_graphs,
-            cpu_pace=spec.cpu_pace,
         )
         for layer in layers:
             layer.router = find_router(model, layer.name, layer.module, layer.layout)
@@ -327,8 +326,6 @@ class Engine:
             out["cost_scales"] = self.executor.tracker.summary()
         if self.executor.lag_measured:
             out["cpu_lag"] = self.executor.lag_summary()
-        if self.executor.pace_measured:
-            out["cpu_pace"] = self.executor.pace_summary()
         return out
 
     def set_count_mask(self, mask: torch.Tensor | None) -> None:
@@ -384,7 +381,6 @@ class Engine:
             info["cpu_gemv"] = self.executor.gemv_ready
             info["adapt_costs"] = self.executor.tracker is not None
             info["cpu_lag"] = self.executor.lag_measured
-            info["cpu_pace"] = self.executor.pace_measured
             if self.executor.cost is not None:
                 info["cost_model"] = {
                     "copy_ms": round(self.executor.cost.copy_ms, 3),

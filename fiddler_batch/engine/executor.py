@@ -59,7 +59,7 @@ from torch import nn
 
 from fiddler_batch.engine import cpugemv, cpupack
 from fiddler_batch.engine import planner as planner_rules
-from fiddler_batch.engine.adaptive import CostTracker, CpuPace, StartLag
+from fiddler_batch.engine.adaptive import CostTracker, StartLag
 from fiddler_batch.engine.callgraphs import MAX_SLOTS, CallBuffers, ExpertGraphs, tensor_key
 from fiddler_batch.engine.compute import (
     activate,
@@ -100,9 +100,6 @@ more rows, and may wait for the GPU to gather them."""
 PLANS_KEPT = 4096
 """The most plans `own_plan` keeps for reuse (all are dropped when it is full or the cost model changes): a prefill's
 or throughput batch's counts rarely repeat, a decode step's few patterns fit many times over."""
-
-PLAN_TABLES_KEPT = 4
-"""Cost models whose plans `own_plan` keeps at once (the installed one and its two paced ones, and one more)."""
 
 Planner = Callable[["LayerState", list[int]], Plan]
 """Overrides the planner (tests force plans with it): (layer, counts) -> plan. An expert may be planned
@@ -268,7 +265,6 @@ class HybridExecutor:
         adapt_costs: AdaptCosts = "off",
         cpu_lag: CpuLag = "off",
         expert_graphs: bool = False,
-        cpu_pace: CpuLag = "off",
     ):
         self.device = device
         self.layers = layers
@@ -296,8 +292,8 @@ class HybridExecutor:
         self._staged_for: LayerState | None = None  # the layer whose experts prefetches hold slots for
         self._prefetch_queued = False  # a prefetch was queued since the last routing: it may still be in flight
         self._limit: tuple[CostModel | None, int] = (None, 0)  # prefetch_limit's value for a cost model
-        self._plans: dict[int, tuple[CostModel, dict[tuple, Plan]]] = {}  # own_plan's plans by cost model, inputs
-        self._paced: dict[tuple[int, float], CostModel] = {}  # `cost` with its CPU times scaled, by (id, pace)
+        self._plans: dict[tuple, Plan] = {}  # own_plan's plans by their inputs, for the cost model `_plans_for`
+        self._plans_for: CostModel | None = None
         self.gate = StreamGate.open(device) if cpu_worker and self.cuda else None
         self.cpu_worker = cpu_worker and (self.gate is not None or not self.cuda)
         """CPU experts run on a worker thread (asked for, and on CUDA the driver can wait on host memory)."""
@@ -313,9 +309,6 @@ class HybridExecutor:
         self.cpu_lag: CpuLag = cpu_lag
         # The CPU's start after the link: calls of few token slots, of many; each leaves out its first forward pass.
         self.lags = (StartLag(skip=len(layers)), StartLag(skip=len(layers)))
-        self.cpu_pace: CpuLag = cpu_pace
-        # The CPU's time against the cost model's, measured the same way (`CpuPace`), for the same two kinds of calls.
-        self.paces = (CpuPace(skip=len(layers)), CpuPace(skip=len(layers)))
         self.expert_graphs = ExpertGraphs(device) if expert_graphs and self.cuda else None
         self.call_buffers = CallBuffers()  # a small call's tensors at fixed addresses, for expert_graphs
         self.set_cost(cost)
@@ -383,60 +376,9 @@ class HybridExecutor:
         few, many = self.lags
         return f"{value(few)} in calls of at most {LAG_FEW_SLOTS} token slots, {value(many)} in larger ones"
 
-    @property
-    def pace_measured(self) -> bool:
-        """Plans scale the CPU's times by how long its work takes in this run (`engine.cpu_pace`); not with
-        adapt_costs, which scales them call after call."""
-        return self.tracker is None and (self.cpu_pace == "on" or (self.cpu_pace == "auto" and self.cuda))
-
-    def pace_for(self, slots: int) -> CpuPace | None:
-        """The CPU's pace that plans of layer calls routing `slots` token slots use, or None where plans leave it
-        out (`pace_measured`)."""
-        return self.paces[slots > LAG_FEW_SLOTS] if self.pace_measured else None
-
-    def pace_summary(self) -> str:
-        """The CPU's pace that plans use, for calls of few and of many token slots (a sentence, as `lag_summary`)."""
-
-        def value(pace: CpuPace) -> str:
-            if not pace.fixed:
-                return pace.progress()
-            left_out = pace.left_out_median
-            return f"x{pace.value:.2f}" + (f" (x{left_out:.2f} in the calls left out)" if left_out is not None else "")
-
-        few, many = self.paces
-        return (
-            f"CPU work x the cost model's time: {value(few)} in calls of at most {LAG_FEW_SLOTS} token slots, "
-            f"{value(many)} in larger ones"
-        )
-
-    def planning_cost(self, slots: int = 0) -> CostModel | None:
-        """The cost model the planner reads for a layer call routing `slots` token slots: `cost`, scaled by the run's
-        measured times with adapt_costs, or with its CPU times scaled by the CPU's pace once that is fixed."""
-        if self.tracker is not None:
-            return self.tracker.cost()
-        cost, pace = self.cost, self.pace_for(slots)
-        if cost is None or pace is None or not pace.fixed or pace.value == 1.0:
-            return cost
-        key = (id(cost), pace.value)
-        paced = self._paced.get(key)
-        if paced is None:
-            scale = pace.value
-            paced = self._paced[key] = replace(
-                cost,
-                cpu_ms=tuple(t * scale for t in cost.cpu_ms),
-                cpu_packed_ms=tuple(t * scale for t in cost.cpu_packed_ms) if cost.cpu_packed_ms else None,
-                cpu_gemv_ms=tuple(t * scale for t in cost.cpu_gemv_ms) if cost.cpu_gemv_ms else None,
-            )
-        return paced
-
-    def _cpu_work_ms(self, counts: list[int], plan: Plan, split: _SplitJob | None, cost: CostModel) -> float:
-        """What `cost` says a layer call's CPU work takes (its CPU experts and a split expert's CPU share), beside
-        the link's copies where it has any (the contention factor), as `planner._span` reckons it."""
-        cpu = sum(cost.cpu(counts[e]) for e in plan.experts(Where.CPU))
-        if split is not None:
-            cpu += plan.split_share * cost.cpu(counts[split.expert])
-        busy = split is not None or (bool(plan.copy_order) and cpu > 0)
-        return cpu * (cost.cpu_contention if busy else 1.0)
+    def planning_cost(self) -> CostModel | None:
+        """The cost model the planner reads: `cost`, scaled by the run's measured times with adapt_costs."""
+        return self.tracker.cost() if self.tracker is not None else self.cost
 
     def _always_packed(self, cost: CostModel) -> bool:
         return self.cpu_packed == "on" and cost.cpu_packed_ms is not None
@@ -562,27 +504,21 @@ class HybridExecutor:
                 "the hybrid executor has no cost model, and experts live off the fast device",
                 "load the engine through fiddler_batch.assets.load_engine, or give Engine a cost model",
             )
-        slots = sum(counts)
-        cost = self.planning_cost(slots)
+        cost = self.planning_cost()
         backlog, below, up = self.link_backlog_ms(), self.split_below(layer), up_share(layer.layout)
-        lag = self._lag(slots).value_ms if self.lag_measured else 0.0
+        lag = self._lag(sum(counts)).value_ms if self.lag_measured else 0.0
         # A plan is a pure function of these (and the cost model): decode and beam-search steps see the same few
         # count patterns again and again, and planning one takes tens of microseconds of the host's time.
         gains = (planner_rules.SPLIT_MIN_GAIN, planner_rules.SPLIT_MIN_GAIN_FEW)
         key = (tuple(counts), tuple(resident), self.strategy, backlog, below, up, lag, gains)
-        # One table per cost model the planner reads (the installed one, its paced ones, the tracker's latest), each
-        # holding its model so that the id cannot be another model's.
-        table = self._plans.get(id(cost))
-        if table is None or table[0] is not cost:
-            if len(self._plans) >= PLAN_TABLES_KEPT:
-                self._plans.clear()
-            table = self._plans[id(cost)] = (cost, {})
-        plans = table[1]
-        plan = plans.get(key)
+        if cost is not self._plans_for:
+            self._plans.clear()
+            self._plans_for = cost
+        plan = self._plans.get(key)
         if plan is None:
-            if len(plans) >= PLANS_KEPT:
-                plans.clear()
-            plan = plans[key] = plan_layer(counts, resident, cost, self.strategy, backlog, below, up, lag)
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[key] = plan_layer(counts, resident, cost, self.strategy, backlog, below, up, lag)
         return plan
 
     def split_below(self, layer: LayerState) -> int:
@@ -672,7 +608,7 @@ class HybridExecutor:
             return choose_prefetch(predicted, on_device, self.prefetch_experts)
         if self.cost is None:
             return []
-        cost = self.planning_cost(sum(predicted))
+        cost = self.planning_cost()
         return list(plan_layer(predicted, on_device, cost, self.strategy).copy_order[: self.prefetch_experts])
 
     def _guess(self, target: LayerState, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -838,15 +774,9 @@ class HybridExecutor:
                 torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
             results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
             up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
-            elapsed_ms = self._compute_on_cpu(
+            self._compute_on_cpu(
                 layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy, lag=lag
             )
-            pace = self.pace_for(len(tokens)) if plan.overlap and self.cost is not None else None
-            # Not a call that ran or captured graphs: one-off host time, as the lag leaves out.
-            if pace is not None and not pace.fixed and (graphs is None or graphs.unsettled == unsettled):
-                predicted_ms = self._cpu_work_ms(counts, plan, split, self.cost)
-                if predicted_ms > 0:
-                    pace.observe(elapsed_ms / predicted_ms)
             if results is not None:
                 self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out, out_ready)
             if split is not None:
@@ -1208,14 +1138,14 @@ class HybridExecutor:
         record: dict | None = None,
         busy: bool = False,
         lag: tuple[StartLag, float] | None = None,
-    ) -> float:
+    ) -> None:
         """The CPU experts into `results` (rows as in `inputs`; None: straight into `out`), and a split expert's
         CPU share, whose rows follow theirs in `inputs`, into the job's host buffers: first its columns of
         the up output, after which `up_sent` is called (it queues the GPU's share, or lets the stream that waits
         for it go), then its other experts, then its output units. `record`: the timeline record of a call the
         worker serves; `busy`: the link copies meanwhile (what the cost tracker compares the time with); `lag`: the
         measure of the CPU's start and when the link's first copy was queued. Nothing here queues GPU work but what
-        `up_sent` queues. Returns the host's time in it, in ms, from the CPU's start."""
+        `up_sent` queues."""
         rows, row_weights, starts, ready = inputs
         if ready is not None:
             ready.synchronize()
@@ -1255,7 +1185,6 @@ class HybridExecutor:
             self.tracker.observe_cpu(elapsed * 1e3, [bounds[e + 1] - bounds[e] for e in experts], busy)
         if self.timeline:
             self.timeline.mark("cpu_end", record)
-        return elapsed * 1e3
 
     def _results_to_device(
         self,

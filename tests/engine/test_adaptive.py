@@ -1,6 +1,6 @@
 """The cost model corrected by the run's own times (engine.adapt_costs): the arithmetic, the plans it changes, and
 an engine that adapts while it keeps the reference's tokens; and the CPU's start after the link measured by the
-run (engine.cpu_lag), and the CPU's pace against the cost model measured once (engine.cpu_pace)."""
+run (engine.cpu_lag)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fiddler_batch.engine import adaptive
-from fiddler_batch.engine.adaptive import CostTracker, CpuPace, Ratio, StartLag
+from fiddler_batch.engine.adaptive import CostTracker, Ratio, StartLag
 from fiddler_batch.engine.compute import up_share
 from fiddler_batch.engine.costmodel import CostModel
 from fiddler_batch.engine.planner import Where, plan_layer
@@ -234,75 +234,3 @@ def test_the_cpus_start_lag_is_measured_with_a_gpu_only_by_default(reference):
     assert not engine.executor.lags[0].observed and "cpu_lag" not in engine.stats()
     _, engine = engine_on_copy(reference[0], COST, cpu_lag="off")
     assert not engine.executor.lag_measured
-
-
-def test_the_cpus_pace_is_the_median_ratio_after_the_calls_left_out_rounded_within_its_limits_then_fixed():
-    pace = CpuPace(samples=5, skip=2)
-    assert pace.value == 1.0 and not pace.fixed  # plans as calibrated until measured
-    for ratio in (9.0, 9.0):  # a first forward pass: left out, kept for the summary
-        pace.observe(ratio)
-    assert pace.observed == [] and pace.left_out_median == 9.0
-    for ratio in (1.31, 1.0, 1.24, -1.0, 1.22, 3.0):  # a negative time is no observation
-        pace.observe(ratio)
-    assert pace.fixed and pace.value == pytest.approx(1.25)  # median 1.24, to the nearest 0.05
-    pace.observe(0.1)
-    assert pace.value == pytest.approx(1.25) and len(pace.observed) == 5  # fixed for the engine's life
-    for ratios, value in (([5.0] * 3, adaptive.PACE_LIMIT), ([0.1] * 3, 1 / adaptive.PACE_LIMIT), ([0.97] * 3, 0.95)):
-        pace = CpuPace(samples=3)
-        for ratio in ratios:
-            pace.observe(ratio)
-        assert pace.fixed and pace.value == pytest.approx(value)
-
-
-@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
-def test_an_engine_measures_its_cpus_pace_plans_with_its_cpu_times_scaled_and_keeps_the_tokens(reference):
-    ref_model, ref_logits, ref_greedy, ref_beam = reference
-    model, engine = engine_on_copy(ref_model, COST, cpu_pace="on")
-    executor = engine.executor
-    assert executor.pace_measured and engine.describe()["cpu_pace"] is True
-    executor.paces = (CpuPace(samples=4), CpuPace(samples=4))
-    with torch.no_grad():
-        assert torch.equal(model(PROMPTS).logits, ref_logits)  # 28 token slots per call: few
-        assert torch.equal(generate(model), ref_greedy)
-        few, many = executor.paces
-        assert few.fixed and len(few.observed) == 4 and not many.observed
-        assert engine.stats()["cpu_pace"] == (
-            f"CPU work x the cost model's time: x{few.value:.2f} in calls of at most 64 token slots, "
-            "being measured (0 of 4) in larger ones"
-        )
-        assert torch.equal(generate(model, num_beams=3), ref_beam)  # its prefill: 84 slots, many
-    assert many.observed
-    # Plans read the cost model with the CPU's times scaled by the pace of the call's kind; the link's as measured.
-    layer = executor.layers[0]
-    resident = layer.on_device()
-    counts = [0 if on else 1 for on in resident]
-    for value in (1.0, 0.5, 1.3, 2.0):
-        few.value = value
-        cost = executor.planning_cost(sum(counts))
-        assert (cost is executor.cost) == (value == 1.0)
-        assert cost.cpu(1) == pytest.approx(COST.cpu(1) * value) and cost.copy_ms == COST.copy_ms
-        assert executor.planning_cost(sum(counts)) is cost  # made once per pace
-        assert executor.planning_cost(1000) is executor.cost  # the larger calls' pace is not fixed
-        expected = plan_layer(
-            counts, resident, cost, "balanced", 0.0, executor.split_below(layer), up_share(layer.layout)
-        )
-        assert executor.own_plan(layer, counts) == expected
-    # A slower CPU gets less of the layer's off-GPU work (whole experts and a split expert's share), a faster one more.
-    work = {}
-    for value in (0.5, 1.0, 2.0):
-        few.value = value
-        plan = executor.own_plan(layer, counts)
-        work[value] = len(plan.experts(Where.CPU)) + plan.split_share
-    assert work[0.5] > work[1.0] > work[2.0]
-
-
-@pytest.mark.parametrize("family_model", ["mixtral"], indirect=True)
-def test_the_cpus_pace_is_measured_with_a_gpu_only_by_default_and_not_beside_adapt_costs(reference):
-    _, engine = engine_on_copy(reference[0], COST)
-    assert engine.spec.cpu_pace == "auto" and not engine.executor.pace_measured
-    with torch.no_grad():
-        engine.model(PROMPTS)
-    assert not engine.executor.paces[0].observed and "cpu_pace" not in engine.stats()
-    _, engine = engine_on_copy(reference[0], COST, cpu_pace="on", adapt_costs="on")
-    assert engine.executor.tracker is not None and not engine.executor.pace_measured
-    assert engine.executor.pace_for(2) is None
