@@ -314,6 +314,19 @@ def test_choice_takes_off_device_experts_with_the_most_predicted_tokens():
     assert router_guess(router, hidden, 2).tolist() == [2, 1, 3, 0]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_guess_counts_each_tokens_top_k_experts_as_bincount_would(seed):
+    generator = torch.Generator().manual_seed(seed)
+    experts, top_k = 8, 2
+    router = torch.randn(experts, 16, generator=generator, dtype=torch.bfloat16)
+    hidden = torch.randn(37, 16, generator=generator)
+    guess = router_guess(router, hidden, top_k)
+    chosen = (hidden.to(router.dtype) @ router.t()).topk(top_k, dim=1).indices.reshape(-1)
+    assert guess.dtype == torch.int64 and guess.tolist() == torch.bincount(chosen, minlength=experts).tolist()
+    assert int(guess.sum()) == 37 * top_k
+    assert router_guess(router, hidden[:0], top_k).tolist() == [0] * experts  # no tokens: no count
+
+
 def test_spec_bounds_the_setting():
     assert EngineSpec().prefetch_experts == 1 and EngineSpec(prefetch_experts=2).prefetch_experts == 2
     with pytest.raises(ValueError):
