@@ -16,15 +16,11 @@ The first prefill host probe found `cudaMemcpyAsync` taking the host 82 us a cal
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-
-from fiddler_batch.bench.model import build_model
-from fiddler_batch.engine import Engine
-from fiddler_batch.spec import EngineSpec
+from interleave import slice_arguments, slice_engine
 
 
 def median_us(samples: list[float]) -> str:
@@ -32,14 +28,10 @@ def median_us(samples: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--resident", type=float, default=0.25)
+    parser = slice_arguments(layers=32)
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
-    model = build_model(layers=args.layers, seed=0)
-    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
-    executor = engine.executor
+    executor = slice_engine(args.layers, args.resident, calibrated=False)[0].executor
     stream = executor.copy_stream
     slots = executor.slots
     layers = [layer for layer in executor.layers if not all(layer.is_resident())]

@@ -19,14 +19,11 @@ import statistics
 import time
 
 import torch
-from interleave import CASES, LABEL, METRIC, arguments, metrics, print_summary, rounds
+from interleave import CASES, LABEL, METRIC, arguments, metrics, print_summary, rounds, slice_engine
 
-from fiddler_batch.assets import cost_model_for
-from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
 from fiddler_batch.engine import Engine
 from fiddler_batch.engine import executor as executor_module
-from fiddler_batch.spec import EngineSpec
 
 MODES = ("same", "fresh")
 
@@ -105,10 +102,8 @@ def main() -> None:
     parser = arguments(6, "b,a")
     parser.add_argument("--probe", type=int, default=0, help="token counts the CPU-only probe times (0: none)")
     args = parser.parse_args()
-    model = build_model(layers=args.layers, seed=0)
-    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
-    cost = cost_model_for(engine, engine.spec)
-    engine.set_cost_model(cost)
+    engine, cost = slice_engine(args.layers, args.resident)
+    model = engine.model
     print(f"calibration: cpu(1) {cost.cpu(1):.2f} ms, copy {cost.copy_ms:.2f} ms; {cost.meta}")
     calls = CpuCalls()
     cases = args.cases.split(",")

@@ -9,28 +9,20 @@ of their own and the most time in all.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
 import time
 
-from fiddler_batch.assets import cost_model_for
-from fiddler_batch.bench.model import build_model
+from interleave import slice_arguments, slice_engine
+
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
-from fiddler_batch.engine import Engine
-from fiddler_batch.spec import EngineSpec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--resident", type=float, default=0.25)
-    parser.add_argument("--layers", type=int, default=8)
-    args = parser.parse_args()
-    model = build_model(layers=args.layers, seed=0)
-    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
-    engine.set_cost_model(cost_model_for(engine, engine.spec))
-    ids = prompt_ids(32, model.config.vocab_size, 0)
+    args = slice_arguments().parse_args()
+    engine, _ = slice_engine(args.layers, args.resident)
+    ids = prompt_ids(32, engine.model.config.vocab_size, 0)
     generate_once(engine, ids, 64, 1)
     start = time.perf_counter()
     generate_once(engine, ids, 64, 1)

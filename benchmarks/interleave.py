@@ -1,7 +1,8 @@
 """Interleaved A/B rounds for the benchmark scripts that compare engine modes or trees in one process
 (`worker_ab.py`, `graphs_ab.py`, `settings_ab.py`, `commit_ab.py`, `fresh_prompt_ab.py`): the order of the modes
 rotates from round to round, so that a drift of the host's speed falls on every mode alike, and each mode's runs are
-summed up against the first mode's; the options, cases and metrics they share."""
+summed up against the first mode's; the options, cases and metrics they share, and the benchmark model's slice with
+the engine's defaults, which the probes build too (`slice_arguments`, `slice_engine`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
+from fiddler_batch.assets import cost_model_for
+from fiddler_batch.bench.model import build_model
+from fiddler_batch.engine import Engine
+from fiddler_batch.engine.costmodel import CostModel
+from fiddler_batch.spec import EngineSpec
 
 CASES = {"a": (32, 64, 1), "c": (32, 64, 4), "b": (1024, 8, 1), "b4k": (4096, 8, 1)}
 """(prompt tokens, new tokens, beam width) of each case: a single-request decode, c beam search, b and b4k long
@@ -27,13 +34,30 @@ def metrics(raw: dict) -> dict[str, float]:
     return {"decode": (tokens - 1) / raw["decode_s"], "out": tokens / raw["total_s"], "ttft": raw["ttft_s"]}
 
 
+def slice_arguments(layers: int = 8) -> argparse.ArgumentParser:
+    """A parser with --layers and --resident: the benchmark model's slice and its resident share (`slice_engine`)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--resident", type=float, default=0.25)
+    return parser
+
+
+def slice_engine(layers: int, resident: float, calibrated: bool = True) -> tuple[Engine, CostModel | None]:
+    """The Mixtral-8x7B-geometry slice of `layers` layers (random bf16 weights, seed 0), placed with the engine's
+    defaults and `resident` of its experts resident, and with `calibrated` this machine's calibration (the cached
+    one, or a quick one measured now), installed and returned (else None)."""
+    engine = Engine.from_model(build_model(layers=layers, seed=0), EngineSpec(resident_share=resident))
+    cost = cost_model_for(engine, engine.spec) if calibrated else None
+    if cost is not None:
+        engine.set_cost_model(cost)
+    return engine, cost
+
+
 def arguments(reps: int, cases: str, modes: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The options these scripts share: --reps (rounds), --layers and --resident (the benchmark model's slice and
     resident share), --cases, and with `modes` --modes (default: all of them, in that order)."""
-    parser = argparse.ArgumentParser()
+    parser = slice_arguments()
     parser.add_argument("--reps", type=int, default=reps)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--resident", type=float, default=0.25)
     parser.add_argument("--cases", default=cases)
     if modes is not None:
         parser.add_argument("--modes", default=",".join(modes))

@@ -12,19 +12,15 @@ with the most host time of their own, and the host's free memory and transparent
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from interleave import slice_arguments, slice_engine
 
-from fiddler_batch.assets import cost_model_for
-from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
-from fiddler_batch.engine import Engine
 from fiddler_batch.engine.executor import HybridExecutor
-from fiddler_batch.spec import EngineSpec
 
 VMSTAT_KEYS = ("thp_fault_alloc", "thp_collapse_alloc", "compact_stall", "compact_fail", "pgmajfault", "allocstall")
 
@@ -39,18 +35,14 @@ def host_memory() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--resident", type=float, default=0.25)
+    parser = slice_arguments(layers=32)
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
-    model = build_model(layers=args.layers, seed=0)
-    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
-    engine.set_cost_model(cost_model_for(engine, engine.spec))
+    engine, _ = slice_engine(args.layers, args.resident)
     engine.set_kind("prefill_heavy")
-    ids = prompt_ids(args.prompt, model.config.vocab_size, 0)
+    ids = prompt_ids(args.prompt, engine.model.config.vocab_size, 0)
     print("host before warm-up:", host_memory())
     for _ in range(args.warmup):
         generate_once(engine, ids, 1, 1)

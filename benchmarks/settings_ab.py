@@ -39,15 +39,13 @@ the slowest run as a share of the median.
 
 from __future__ import annotations
 
-from interleave import CASES, LABEL, METRIC, arguments, metrics, print_summary, rounds
+from interleave import CASES, LABEL, METRIC, arguments, metrics, print_summary, rounds, slice_engine
 
 from fiddler_batch.assets import cost_model_for
-from fiddler_batch.bench.model import build_model
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
-from fiddler_batch.engine import Engine, planner
+from fiddler_batch.engine import planner
 from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.engine.costmodel import calibrate
-from fiddler_batch.spec import EngineSpec
 
 MODES = {
     "default": {},
@@ -79,8 +77,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     modes = args.modes.split(",")
-    model = build_model(layers=args.layers, seed=0)
-    engine = Engine.from_model(model, EngineSpec(resident_share=args.resident))
+    engine, _ = slice_engine(args.layers, args.resident, calibrated=False)  # its calibration is chosen below
+    model = engine.model
     executor = engine.executor
     costs = {}
     if "warm" in modes:
