@@ -1,8 +1,8 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,b,c,b4k]
-        [--modes default,adapting,whole,split,warm,nolag,gain20,gain10,gain05,eagerexperts,prefetch1,prefetch2,
-                 noprefetch,prefetchsmall]
+        [--modes default,adapting,whole,split,warm,nolag,inturn,noteam,gain20,gain10,gain05,eagerexperts,prefetch1,
+                 prefetch2,noprefetch,prefetchsmall]
         [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
@@ -18,6 +18,10 @@ TTFT). Each round runs every mode once per case, in an order that rotates from r
             the calls that ran it against the defaults of their time);
 - nolag:    `engine.cpu_lag: off` (plans start the CPU with the link; the others plan with the CPU's start lag
             that their own warm-up measured);
+- inturn:   the CPU's first product of a layer call computed after the layer's GPU work is queued, not started
+            ahead of it on the own kernel's helper team (`HybridExecutor.cpu_ahead`);
+- noteam:   as inturn, and every product of the own kernel on an OpenMP team of the calling thread's instead of the
+            kernel's helper team and the calling thread (`cpugemv.TEAM`): the kernel as it ran before the team;
 - gain20, gain10, gain05: the least predicted gain of a split at 20%, 10% and 5% in every layer
             (`planner.SPLIT_MIN_GAIN` and `SPLIT_MIN_GAIN_FEW`; the defaults: 20% beside two or more other
             off-GPU experts, 5% beside one or none);
@@ -43,7 +47,7 @@ from interleave import CASES, LABEL, METRIC, arguments, metrics, print_summary, 
 
 from fiddler_batch.assets import cost_model_for
 from fiddler_batch.bench.scenarios import generate_once, prompt_ids
-from fiddler_batch.engine import planner
+from fiddler_batch.engine import cpugemv, planner
 from fiddler_batch.engine.adaptive import StartLag
 from fiddler_batch.engine.costmodel import calibrate
 
@@ -54,6 +58,8 @@ MODES = {
     "split": {"split_experts": True},
     "warm": {},
     "nolag": {"cpu_lag": "off"},
+    "inturn": {"cpu_ahead": False},
+    "noteam": {"cpu_ahead": False},
     "gain20": {},
     "gain10": {},
     "gain05": {},
@@ -100,6 +106,7 @@ def main() -> None:
     def use(mode: str) -> None:
         for key, value in {**defaults, **MODES[mode]}.items():
             setattr(executor, key, value)
+        cpugemv.TEAM = mode != "noteam"
         gain = SPLIT_GAINS.get(mode)  # both in the executor's plan cache key
         planner.SPLIT_MIN_GAIN, planner.SPLIT_MIN_GAIN_FEW = default_gains if gain is None else (gain, gain)
         # Each mode measures its own CPU start, or with --one-lag every mode takes the first one's.
@@ -130,7 +137,8 @@ def main() -> None:
                     f"({cpu_ms:.2f} ms each), copied {stats['experts_copied']}, split {stats['experts_split']}, "
                     f"experts {stats['forward_s']:.3f} s (planned {stats['predicted_s']:.3f}), "
                     f"graphed {stats['graph_replays']} (captured {stats['graph_captures']}), "
-                    f"prefetched {stats['prefetch_issued']} (used {stats['prefetch_hits']}); "
+                    f"prefetched {stats['prefetch_issued']} (used {stats['prefetch_hits']}), "
+                    f"products ahead {stats.get('products_ahead', 0)}; "
                     f"{stats.get('cost_scales', '')} lag {stats.get('cpu_lag', 'off')}",
                     flush=True,
                 )

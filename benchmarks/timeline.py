@@ -100,7 +100,9 @@ def main() -> None:
 
 def summarize(records: list[dict]) -> None:
     """Per plan shape (experts resident, on the CPU, copied, split): the calls, the median host time between each
-    two marks that follow each other in a call, and the median time from entering a call to entering the next."""
+    two marks that follow each other in a call, and the median time from entering a call to entering the next;
+    then the plan's predicted time of the experts against the host's time from routing to leaving, and in split
+    layers the link's part (from the link's first copy queued to the split's last rows landed, GPU clock)."""
     shapes: dict[tuple, dict[str, list[float]]] = {}
     for record, following in zip(records, records[1:]):
         plan = record["plan"]
@@ -110,6 +112,12 @@ def summarize(records: list[dict]) -> None:
         for (a, ta), (b, tb) in zip(marks, marks[1:]):
             steps.setdefault(f"{a}>{b}", []).append((tb - ta) * 1e3)
         steps.setdefault("layer", []).append((following["host"]["enter"] - record["host"]["enter"]) * 1e3)
+        host, gpu = record["host"], record["gpu"]
+        if "predicted_ms" in record:
+            steps.setdefault("planned", []).append(record["predicted_ms"])
+            steps.setdefault("routed>exit", []).append((host["exit"] - host["routed"]) * 1e3)
+        if "split_landed" in gpu and "link_queued" in gpu:  # the link's part of the split, on the GPU's clock
+            steps.setdefault("link", []).append(gpu["link_queued"].elapsed_time(gpu["split_landed"]))
     print("per plan (resident, cpu, copied, split): calls, then median host ms between marks")
     for shape, steps in sorted(shapes.items()):
         calls = len(steps["layer"])

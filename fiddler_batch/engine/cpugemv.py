@@ -87,9 +87,9 @@ def _build(cc: list[str]) -> Path:
     return target
 
 
-def _load() -> Callable[..., int] | None:
-    """The kernel's entry point from SOURCE, built for this host when needed; None (and a log line saying why)
-    where it cannot be built or loaded."""
+def _load() -> ctypes.CDLL | None:
+    """The kernel's library from SOURCE, built for this host when needed, its entry points typed; None (and a log
+    line saying why) where it cannot be built or loaded."""
     cc = _compiler()
     if cc is None:
         log.info("the CPU's own matrix-vector kernel is not built: no C compiler (set CC): F.linear is used")
@@ -99,16 +99,24 @@ def _load() -> Callable[..., int] | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.info("the CPU's own matrix-vector kernel could not be built (%s): F.linear is used", exc)
         return None
-    fn = library.fb_gemv_bf16
-    fn.restype = ctypes.c_int
     c_long, c_ptr, c_int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_int, c_ptr, c_long, c_int]
-    return fn
+    for name in ("fb_gemv_bf16", "fb_gemv_bf16_start"):
+        fn = getattr(library, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_int, c_ptr, c_long, c_int]
+    library.fb_gemv_bf16_join.restype = ctypes.c_long
+    library.fb_gemv_bf16_join.argtypes = []
+    return library
 
 
 @functools.cache
-def _kernel() -> Callable[..., int] | None:
+def _library() -> ctypes.CDLL | None:
     return _load()
+
+
+def _kernel() -> Callable[..., int] | None:
+    library = _library()
+    return None if library is None else library.fb_gemv_bf16
 
 
 def available() -> bool:
@@ -132,18 +140,109 @@ def usable(weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., int] | None = None) -> torch.Tensor:
-    """`F.linear(x, weight)` (no bias) for x [..., in] and a weight `usable` accepts, from the kernel (`kernel`: another
-    build's entry point, for benchmarks): sums in float32, one rounding to bf16 per output."""
-    fn = kernel or _kernel()
-    if fn is None:
-        raise RuntimeError("the CPU's own matrix-vector kernel is not available on this host")
+TEAM = True
+"""Products run on the kernel's helper team and the calling thread (`start`, `join`); False: each on an OpenMP team
+of the calling thread's, as before the helper team (benchmarks compare the two), and `start` starts nothing."""
+
+
+class _Started:
+    """A product started ahead (`start`): what it was started on, and its inputs and output, kept alive until joined."""
+
+    def __init__(self, key: tuple, xf: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...]):
+        self.key, self.xf, self.y, self.shape = key, xf, y, shape
+        self.joined = False
+
+
+_started: list[_Started] = []
+
+
+def _key(x: torch.Tensor, weight: torch.Tensor) -> tuple:
+    return (
+        x.data_ptr(),
+        tuple(x.shape),
+        tuple(x.stride()),
+        x.dtype,
+        weight.data_ptr(),
+        tuple(weight.shape),
+        weight.stride(0),
+    )
+
+
+def _operands(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
     m, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
     xf = x.reshape(-1, k).to(torch.float32).contiguous()
     n = xf.shape[0]
     y = torch.empty(n, m, dtype=torch.bfloat16)
-    if n and fn(weight.data_ptr(), m, k, weight.stride(0), xf.data_ptr(), n, y.data_ptr(), m, torch.get_num_threads()):
+    args = [weight.data_ptr(), m, k, weight.stride(0), xf.data_ptr(), n, y.data_ptr(), m, torch.get_num_threads()]
+    return xf, y, args
+
+
+def start(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Start `linear(x, weight)` on the kernel's helper team and return at once: the next `linear` call on the same x
+    and weight (the same memory, shape and strides) joins it and returns its result; `join` or `drain` joins every
+    product started. x and weight must not change until then. False (nothing started) where the kernel has no room
+    or fewer than two threads."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the CPU's own matrix-vector kernel is not available on this host")
+    if not TEAM:
+        return False
+    xf, y, args = _operands(x, weight)
+    if not xf.shape[0] or library.fb_gemv_bf16_start(*args):
+        return False
+    _started.append(_Started(_key(x, weight), xf, y, (*x.shape[:-1], weight.shape[0])))
+    return True
+
+
+def join() -> None:
+    """Compute, beside the helper's team, every product started so far, until all are done."""
+    library = _library()
+    if _started and library is not None:
+        library.fb_gemv_bf16_join()
+        for product in _started:
+            product.joined = True
+
+
+def drain() -> None:
+    """Join every product started and forget them (what no `linear` call took)."""
+    join()
+    _started.clear()
+
+
+def started() -> int:
+    """Products started and not yet taken by a `linear` call or drained."""
+    return len(_started)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., int] | None = None) -> torch.Tensor:
+    """`F.linear(x, weight)` (no bias) for x [..., in] and a weight `usable` accepts, from the kernel (`kernel`: another
+    build's entry point, for benchmarks): sums in float32, one rounding to bf16 per output. A product `start`ed on the
+    same x and weight is joined and taken instead; others run on the helper's team and this thread (`start`, then
+    `join`, which joins those started before too), so that one team computes every product, or, where that cannot
+    start, on an OpenMP team of this thread's."""
+    if _started:
+        key = _key(x, weight)
+        for i, product in enumerate(_started):
+            if product.key == key:
+                if not product.joined:
+                    join()
+                del _started[i]
+                return product.y.reshape(product.shape)
+    fn = kernel or _kernel()
+    if fn is None:
+        raise RuntimeError("the CPU's own matrix-vector kernel is not available on this host")
+    xf, y, args = _operands(x, weight)
+    shape = (*x.shape[:-1], weight.shape[0])
+    if not xf.shape[0]:
+        return y.reshape(shape)
+    library = _library() if kernel is None and TEAM else None
+    if library is not None and library.fb_gemv_bf16_start(*args) == 0:
+        library.fb_gemv_bf16_join()
+        for product in _started:  # started before it: joined with it
+            product.joined = True
+        return y.reshape(shape)
+    if fn(*args):
         raise MemoryError("the CPU's own matrix-vector kernel could not allocate its copy of the tokens")
-    return y.reshape(*x.shape[:-1], m)
+    return y.reshape(shape)

@@ -208,6 +208,7 @@ class Stats:
     graph_steps: int = 0  # decode steps replayed as CUDA graphs (engine.cuda_graphs)
     graph_replays: int = 0  # GPU work of whole experts and split shares replayed as CUDA graphs (expert_graphs)
     graph_captures: int = 0  # of that work, captured (each capture is then replayed)
+    products_ahead: int = 0  # CPU products started before the layer's GPU work was queued (cpu_ahead), and used
     copy_events: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -309,6 +310,9 @@ class HybridExecutor:
         self.cpu_lag: CpuLag = cpu_lag
         # The CPU's start after the link: calls of few token slots, of many; each leaves out its first forward pass.
         self.lags = (StartLag(skip=len(layers)), StartLag(skip=len(layers)))
+        self.cpu_ahead = True
+        """On the calling thread, start the CPU's first product of a layer call on the own kernel's helper team before
+        queueing the layer's GPU work, and join it after (`cpugemv.start`)."""
         self.expert_graphs = ExpertGraphs(device) if expert_graphs and self.cuda else None
         self.call_buffers = CallBuffers()  # a small call's tensors at fixed addresses, for expert_graphs
         self.set_cost(cost)
@@ -722,6 +726,7 @@ class HybridExecutor:
                 w.name: plan.experts(w) for w in (Where.RESIDENT, Where.CPU, Where.COPY, Where.SPLIT)
             }
             timeline.records[-1]["split_share"] = plan.split_share
+            timeline.records[-1]["predicted_ms"] = plan.predicted_ms
 
         bounds = [0] * (num_experts + 1)  # expert e owns sorted slots bounds[e]:bounds[e+1]
         for e, n in enumerate(counts):
@@ -757,32 +762,50 @@ class HybridExecutor:
         if timeline:
             timeline.mark("host_rows")
         job = None
+        ahead = None
         if cpu_inputs is not None and plan.overlap and self.cpu_worker:
             job = self._start_cpu(layer, cpu_experts, bounds, cpu_inputs, out, cpu_busy, split, lag)
-        self._queue_device_experts(layer, plan, bounds, gathered, weights, out, started, link_busy, split, graphs)
-        # The copy engine serves host-to-device copies in the order they reach it, from every stream: a prefetch
-        # queued now would hold back the CPU experts' results until it has landed, so where the CPU computes inline
-        # the results go first, on the copy stream, and the prefetch right after them.
-        if routing.predicted is not None and not results_first:
-            self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
-        if lag is not None and graphs is not None and graphs.unsettled != unsettled:
-            lag = None  # graphs were captured before the CPU's start: a one-off delay, not the run's
-        if job is not None:
-            self._finish_cpu(layer, job, bounds, out, weights)
-        elif cpu_inputs is not None:
-            if self.cuda and not plan.overlap:
-                torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
-            results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
-            up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
-            self._compute_on_cpu(
-                layer, cpu_experts, bounds, cpu_inputs, out, results, split, up_sent, busy=cpu_busy, lag=lag
-            )
-            if results is not None:
-                self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out, out_ready)
-            if split is not None:
-                self._split_down_to_device(split, out)
-            if results_first:
+        elif cpu_inputs is not None and plan.overlap and self.cpu_ahead:
+            ahead = self._start_ahead(layer, cpu_experts, bounds, cpu_inputs, split)
+        try:
+            self._queue_device_experts(layer, plan, bounds, gathered, weights, out, started, link_busy, split, graphs)
+            # The copy engine serves host-to-device copies in the order they reach it, from every stream: a prefetch
+            # queued now would hold back the CPU experts' results until it has landed, so where the CPU computes inline
+            # the results go first, on the copy stream, and the prefetch right after them.
+            if routing.predicted is not None and not results_first:
                 self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
+            if lag is not None and graphs is not None and graphs.unsettled != unsettled:
+                lag = None  # graphs were captured before the CPU's start: a one-off delay, not the run's
+            if job is not None:
+                self._finish_cpu(layer, job, bounds, out, weights)
+            elif cpu_inputs is not None:
+                if self.cuda and not plan.overlap:
+                    torch.cuda.current_stream(self.device).synchronize()  # the paper's order: GPU work, then CPU
+                results = self.outbound.get(tuple(cpu_inputs[0].shape), cpu_inputs[0].dtype) if self.cuda else None
+                up_sent = (lambda: self._split_up_to_device(layer, split, out, weights)) if split is not None else None
+                self._compute_on_cpu(
+                    layer,
+                    cpu_experts,
+                    bounds,
+                    cpu_inputs,
+                    out,
+                    results,
+                    split,
+                    up_sent,
+                    busy=cpu_busy,
+                    lag=lag,
+                    started=ahead,
+                )
+                if results is not None:
+                    self._results_to_device(cpu_experts, bounds, cpu_inputs[2], results, out, out_ready)
+                if split is not None:
+                    self._split_down_to_device(split, out)
+                if results_first:
+                    self.prefetch(target, self._prefetch_choice(target, routing.predicted, num_tokens))
+        finally:
+            if ahead is not None:  # also when the call fails: no product started for it outlives it
+                stats.products_ahead += ahead[1] - cpugemv.started()
+                cpugemv.drain()  # what the CPU's work did not take (none, unless its products changed)
         result = self._sum(hidden, out, routing, num_tokens, top_k, result)
         stats.forward_s += time.perf_counter() - start
         if timeline:
@@ -1138,20 +1161,22 @@ class HybridExecutor:
         record: dict | None = None,
         busy: bool = False,
         lag: tuple[StartLag, float] | None = None,
+        started: tuple[float, int] | None = None,
     ) -> None:
         """The CPU experts into `results` (rows as in `inputs`; None: straight into `out`), and a split expert's
         CPU share, whose rows follow theirs in `inputs`, into the job's host buffers: first its columns of
         the up output, after which `up_sent` is called (it queues the GPU's share, or lets the stream that waits
         for it go), then its other experts, then its output units. `record`: the timeline record of a call the
         worker serves; `busy`: the link copies meanwhile (what the cost tracker compares the time with); `lag`: the
-        measure of the CPU's start and when the link's first copy was queued. Nothing here queues GPU work but what
-        `up_sent` queues."""
+        measure of the CPU's start and when the link's first copy was queued; `started`: when its first products were
+        started ahead, and how many (`_start_ahead`), which the kernel's calls below take. Nothing here queues GPU work
+        but what `up_sent` queues."""
         rows, row_weights, starts, ready = inputs
         if ready is not None:
             ready.synchronize()
         begin = time.perf_counter()
         if lag is not None:
-            lag[0].observe((begin - lag[1]) * 1e3)
+            lag[0].observe(((begin if started is None else started[0]) - lag[1]) * 1e3)
         if self.timeline:
             self.timeline.mark("cpu_start", record)
         if split is not None:
@@ -1185,6 +1210,43 @@ class HybridExecutor:
             self.tracker.observe_cpu(elapsed * 1e3, [bounds[e + 1] - bounds[e] for e in experts], busy)
         if self.timeline:
             self.timeline.mark("cpu_end", record)
+
+    def _start_ahead(
+        self, layer: LayerState, experts: list[int], bounds: list[int], inputs: HostInputs, split: _SplitJob | None
+    ) -> tuple[float, int] | None:
+        """Start the first products of the CPU's work of a layer call on the own kernel's helper team (`cpugemv.start`),
+        where its rows came to the host with the routing (calls of up to `HIDDEN_WITH_ROUTING_BYTES`; in larger ones the
+        host would wait for the GPU's copy of them before queueing the GPU's work): a split expert's up columns
+        (`_split_up_on_cpu`'s products), else the first CPU expert's up projection (`expert_forward`'s first).
+        `_compute_on_cpu` then takes them, on the same rows and weight views. Returns when they were started and how
+        many, or None where the kernel does not compute them."""
+        rows, _, starts, ready = inputs
+        if ready is not None or layer.layout.is_transposed:
+            return None
+        if split is not None:
+            s, n = starts[len(experts)], split.stop - split.start
+            if not self.gemv_for(n):
+                return None
+            source = layer.host_expert(split.expert)
+            weights = [source["up"][a:b] for a, b in split.cpu_ranges]
+        elif experts:
+            e = experts[0]
+            s, n = starts[0], bounds[e + 1] - bounds[e]
+            if not self.gemv_for(n, e in layer.packed and self.packed_for(n)):
+                return None
+            weights = [layer.host_expert(e)["up"]]
+        else:
+            return None
+        if not all(cpugemv.usable(w) for w in weights):
+            return None
+        begin = time.perf_counter()
+        x = rows[s : s + n]
+        count = 0
+        for w in weights:
+            if not cpugemv.start(x, w):
+                break
+            count += 1
+        return (begin, count) if count else None
 
     def _results_to_device(
         self,

@@ -9,6 +9,9 @@
    lane i, and so on), then the elements past the last whole step one by one. So the value of an output does not
    depend on the thread count. */
 
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -124,18 +127,26 @@ static void rows(const uint16_t *w, long ldw, const float *xs, const float *x, l
    rows took 2.3-2.8 ms in one probe, and 32 rows against 64 ran decode at 0.93x and beam search at 1.06x. */
 #define CHUNK 64
 
-/* y[t, r] = bf16(sum_i x[t, i] * w[r, i]) for t < n, r < m: w bf16 [m, k] with row stride ldw, x float32 [n, k]
-   contiguous, y bf16 [n, ldy]. Returns 0, or -1 when memory for the split tokens could not be had. */
-int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, int n, uint16_t *y, long ldy,
-                 int threads) {
+/* The tokens x [n, k] split for `rows`: per token, its even elements then its odd ones (the kv = k - k % STEP of
+   them that whole steps read). NULL when the memory could not be had. */
+static float *split_tokens(const float *x, int n, long k) {
     const long kv = k - k % STEP, half = kv / 2;
     float *xs = malloc(sizeof(float) * (size_t)(n * kv + 1));
-    if (xs == NULL) return -1;
+    if (xs == NULL) return NULL;
     for (int t = 0; t < n; t++)
         for (long i = 0; i < half; i++) {
             xs[t * kv + i] = x[t * k + 2 * i];
             xs[t * kv + half + i] = x[t * k + 2 * i + 1];
         }
+    return xs;
+}
+
+/* y[t, r] = bf16(sum_i x[t, i] * w[r, i]) for t < n, r < m: w bf16 [m, k] with row stride ldw, x float32 [n, k]
+   contiguous, y bf16 [n, ldy]. Returns 0, or -1 when memory for the split tokens could not be had. */
+int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, int n, uint16_t *y, long ldy,
+                 int threads) {
+    float *xs = split_tokens(x, n, k);
+    if (xs == NULL) return -1;
     const long chunks = (m + CHUNK - 1) / CHUNK;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (long c = 0; c < chunks; c++) {
@@ -144,4 +155,142 @@ int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, in
     }
     free(xs);
     return 0;
+}
+
+/* Products started ahead, and joined: the caller queues products (fb_gemv_bf16_start) that a helper thread of this
+   library and its OpenMP team compute in order while the caller goes on, and later computes their rows beside them
+   until none is left (fb_gemv_bf16_join): the team has one thread fewer than asked for, and the caller is the last.
+   The executor starts a CPU share's first product this way before it queues the layer's GPU work, which would
+   otherwise hold the CPU's start back by the host's launch time, and every other product the same way, started and
+   joined at once, so that one team computes them all (cpugemv.py). The rows are handed out in chunks as in
+   fb_gemv_bf16, each computed by one thread as there, so the values are the same. The helper is started on first
+   use, and again in a child process after a fork (which copies no threads). Products are started and joined by one
+   thread at a time. */
+
+#define QUEUED 8
+
+struct product {
+    const uint16_t *w;
+    long m, k, ldw;
+    const float *x;
+    int n;
+    uint16_t *y;
+    long ldy;
+    float *xs;
+    long chunks;
+    atomic_long claimed, done;
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t queued = PTHREAD_COND_INITIALIZER;
+static struct product queue[QUEUED];
+static long first, next; /* products [first, next) are not retired; queue[i % QUEUED] holds product i */
+static int team, helper_running, fork_handler;
+
+/* Compute chunks of p until none is left to claim. A claim made after p's slot was given to a later product is a
+   chunk of that product (its fields were written before its claims were reset, with release). */
+static void compute_chunks(struct product *p) {
+    long c;
+    while ((c = atomic_fetch_add_explicit(&p->claimed, 1, memory_order_acquire)) < p->chunks) {
+        const long r0 = c * CHUNK, r1 = r0 + CHUNK < p->m ? r0 + CHUNK : p->m;
+        rows(p->w, p->ldw, p->xs, p->x, p->k, p->n, p->y, p->ldy, r0, r1);
+        atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+    }
+}
+
+static int finished(struct product *p) {
+    return atomic_load_explicit(&p->done, memory_order_acquire) >= p->chunks;
+}
+
+/* With the lock held: retire the finished products at the front of the queue (their slots may be reused). */
+static void retire(void) {
+    while (first < next && finished(&queue[first % QUEUED])) {
+        free(queue[first % QUEUED].xs);
+        first++;
+    }
+}
+
+static void *helper(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&lock);
+    for (;;) {
+        retire();
+        if (first == next) {
+            pthread_cond_wait(&queued, &lock);
+            continue;
+        }
+        struct product *p = &queue[first % QUEUED];
+        const int threads = team;
+        const int left = atomic_load_explicit(&p->claimed, memory_order_relaxed) < p->chunks;
+        pthread_mutex_unlock(&lock);
+        if (left) {
+            #pragma omp parallel num_threads(threads)
+            compute_chunks(p);
+        } else {
+            sched_yield(); /* its last chunks are being computed by the caller */
+        }
+        pthread_mutex_lock(&lock);
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) {
+    pthread_mutex_init(&lock, NULL);
+    pthread_cond_init(&queued, NULL);
+    first = next = 0;
+    helper_running = 0;
+}
+
+/* Queue y = x @ w.T (as fb_gemv_bf16, with `threads` threads: the helper's team and the joining caller); x and y
+   must stay valid until fb_gemv_bf16_join returns. Returns 0; -1 when memory for the split tokens could not be had,
+   -2 when QUEUED products are not finished yet, -3 when the helper could not be started, -4 for fewer than two
+   threads (nothing is queued then). */
+int fb_gemv_bf16_start(const uint16_t *w, long m, long k, long ldw, const float *x, int n, uint16_t *y, long ldy,
+                       int threads) {
+    if (threads < 2) return -4;
+    float *xs = split_tokens(x, n, k);
+    if (xs == NULL) return -1;
+    pthread_mutex_lock(&lock);
+    if (!fork_handler) fork_handler = pthread_atfork(NULL, NULL, after_fork_in_child) == 0;
+    retire();
+    if (next - first >= QUEUED) {
+        pthread_mutex_unlock(&lock);
+        free(xs);
+        return -2;
+    }
+    if (!helper_running) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper, NULL) != 0) {
+            pthread_mutex_unlock(&lock);
+            free(xs);
+            return -3;
+        }
+        pthread_detach(thread);
+        helper_running = 1;
+    }
+    struct product *p = &queue[next % QUEUED];
+    p->w = w, p->m = m, p->k = k, p->ldw = ldw, p->x = x, p->n = n, p->y = y, p->ldy = ldy, p->xs = xs;
+    p->chunks = (m + CHUNK - 1) / CHUNK;
+    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->claimed, 0, memory_order_release);
+    team = threads - 1;
+    next++;
+    pthread_cond_signal(&queued);
+    pthread_mutex_unlock(&lock);
+    return 0;
+}
+
+/* Compute rows of every product queued so far beside the helper's team until none is left, then wait until all
+   their outputs are written, and retire them. Returns the number of products joined. */
+long fb_gemv_bf16_join(void) {
+    pthread_mutex_lock(&lock);
+    const long from = first, to = next;
+    pthread_mutex_unlock(&lock);
+    for (long i = from; i < to; i++) compute_chunks(&queue[i % QUEUED]);
+    for (long i = from; i < to; i++)
+        while (!finished(&queue[i % QUEUED])) sched_yield();
+    pthread_mutex_lock(&lock);
+    retire();
+    pthread_mutex_unlock(&lock);
+    return to - from;
 }

@@ -119,6 +119,51 @@ def test_the_kernels_bits_do_not_depend_on_the_thread_count():
     assert torch.equal(torch.cat([cpugemv.linear(x[i : i + 1], weight) for i in range(3)]), outs[0])
 
 
+def test_products_started_ahead_are_the_kernels_and_each_is_taken_once():
+    torch.manual_seed(2)
+    weight = torch.randn(301, 200, dtype=torch.bfloat16)
+    other = torch.randn(130, 200, dtype=torch.bfloat16)
+    x = torch.randn(2, 200, dtype=torch.bfloat16)
+    expected, expected_other = cpugemv.linear(x, weight), cpugemv.linear(x, other)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # a helper's team of 2, and the caller
+        assert cpugemv.start(x, weight) and cpugemv.started() == 1
+        assert torch.equal(cpugemv.linear(x, other), expected_other)  # another product meanwhile: joined beside it
+        assert cpugemv.started() == 1
+        assert torch.equal(cpugemv.linear(x, weight), expected) and cpugemv.started() == 0  # the one started, taken
+        assert torch.equal(cpugemv.linear(x, weight), expected)  # and computed again when asked again
+        assert cpugemv.start(x, weight[:64])
+        # Not the product started (other rows of the same weight): computed on its own, the started one kept.
+        assert torch.equal(cpugemv.linear(x, weight[64:128]), expected[:, 64:128]) and cpugemv.started() == 1
+        cpugemv.drain()
+        assert cpugemv.started() == 0
+        # More products than the kernel queues at once: those refused are not started, those started are right.
+        pieces = [weight[8 * i : 8 * i + 40] for i in range(20)]
+        taken = [piece for piece in pieces if cpugemv.start(x, piece)]
+        assert len(taken) == cpugemv.started() >= 8
+        for piece in taken:
+            assert torch.equal(cpugemv.linear(x, piece), _kernel_rows(expected, weight, piece))
+        assert cpugemv.started() == 0
+        torch.set_num_threads(1)  # no team to hand a product to
+        assert not cpugemv.start(x, weight) and cpugemv.started() == 0
+        assert torch.equal(cpugemv.linear(x, weight), expected)
+        torch.set_num_threads(3)
+        cpugemv.TEAM = False  # every product on an OpenMP team of this thread's, as before the helper team
+        assert not cpugemv.start(x, weight) and cpugemv.started() == 0
+        assert torch.equal(cpugemv.linear(x, weight), expected)
+    finally:
+        torch.set_num_threads(previous)
+        cpugemv.TEAM = True
+        cpugemv.drain()
+
+
+def _kernel_rows(y: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The columns of y = x @ weight.T that the rows `rows` (a view of weight's rows) produce."""
+    first = (rows.data_ptr() - weight.data_ptr()) // (weight.stride(0) * weight.element_size())
+    return y[:, first : first + rows.shape[0]]
+
+
 def test_the_kernel_refuses_what_it_cannot_compute():
     assert not cpugemv.usable(torch.ones(4, 4))  # float32
     assert not cpugemv.usable(torch.ones(4, 4, dtype=torch.bfloat16).T)  # columns contiguous
@@ -163,12 +208,27 @@ def _engine(reference: torch.nn.Module, cost: CostModel | None = GEMV_COST, **sp
     return engine_on_copy(reference, cost, **spec)
 
 
-@pytest.mark.parametrize("worker", [False, True])
-def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_reference, monkeypatch, worker):
+@pytest.fixture
+def two_threads():
+    """Two CPU threads (the tests run on one): the kernel's helper team has one thread, and the caller joins it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("way", ["ahead", "in turn", "worker"])
+def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_reference, monkeypatch, two_threads, way):
+    """On the calling thread each layer call's first CPU product is started ahead of the GPU's work by default
+    (`cpu_ahead`), and must be the product the expert then asks for: had it been another, the call would compute
+    its own, and `products_ahead` would not count it."""
     ref_model, ref_logits, ref_greedy, ref_beam = bf16_reference
     monkeypatch.setattr(cpugemv, "MAX_TOKENS", 1000)  # every CPU expert (beam search's prefill has 42 tokens)
+    worker = way == "worker"
     model, engine = _engine(ref_model, cpu_gemv="on", cpu_worker=worker)
     assert engine.executor.cpu_worker == worker  # without CUDA the worker thread runs them
+    assert engine.executor.cpu_ahead
+    engine.executor.cpu_ahead = way == "ahead"
     engine.set_planner(ALL_CPU)
     with torch.no_grad(), gemv_products():
         assert torch.equal(model(PROMPTS).logits, ref_logits)  # a prefill: experts with 1 to 14 tokens
@@ -177,10 +237,39 @@ def test_cpu_experts_from_the_kernel_give_the_kernels_references_numbers(bf16_re
     stats = engine.stats()
     assert stats["experts_cpu"] > 0 and stats["experts_cpu_gemv"] == stats["experts_cpu"]
     assert engine.describe()["cpu_gemv"] is True
+    # One product ahead in every layer call with CPU experts (at most one expert's up projection per call).
+    if way == "ahead":
+        assert 0 < stats["products_ahead"] <= stats["experts_cpu"]
+    else:
+        assert stats["products_ahead"] == 0
+    assert cpugemv.started() == 0
+
+
+def test_a_failed_layer_call_leaves_no_product_started(bf16_reference, monkeypatch, two_threads):
+    """A product started ahead of a call that then fails is joined and forgotten, so no later call can take it for
+    its own (the rows' buffer and the weights are the same from call to call)."""
+    ref_model, ref_logits, _, _ = bf16_reference
+    monkeypatch.setattr(cpugemv, "MAX_TOKENS", 1000)
+    model, engine = _engine(ref_model, cpu_gemv="on")
+    engine.set_planner(ALL_CPU)
+    executor = engine.executor
+    queue = executor._queue_device_experts
+
+    def failing(*args, **kwargs):
+        assert cpugemv.started() == 1  # the first CPU expert's up projection, started ahead
+        raise RuntimeError("the GPU's work could not be queued")
+
+    monkeypatch.setattr(executor, "_queue_device_experts", failing)
+    with torch.no_grad(), gemv_products():
+        with pytest.raises(RuntimeError, match="could not be queued"):
+            model(PROMPTS)
+        assert cpugemv.started() == 0
+        monkeypatch.setattr(executor, "_queue_device_experts", queue)
+        assert torch.equal(model(PROMPTS).logits, ref_logits)
 
 
 @pytest.mark.parametrize("share", [0.25, 0.75])
-def test_a_split_experts_cpu_share_comes_from_the_kernel(bf16_reference, monkeypatch, share):
+def test_a_split_experts_cpu_share_comes_from_the_kernel(bf16_reference, monkeypatch, two_threads, share):
     """Every output of the kernel is one sum in one order, whatever rows it is given: the CPU's rows of a split
     expert are the rows of the whole product, so the engine still matches the kernel's reference exactly."""
     ref_model, ref_logits, ref_greedy, ref_beam = bf16_reference
@@ -196,6 +285,8 @@ def test_a_split_experts_cpu_share_comes_from_the_kernel(bf16_reference, monkeyp
         assert torch.equal(model(PROMPTS).logits, ref_logits)
         split_calls = engine.stats()["experts_split"]
         assert split_calls > 0 and engine.stats()["experts_cpu"] == 0
+        # The split's up columns were started ahead of the GPU's work in every call: one product per row range.
+        assert engine.stats()["products_ahead"] >= split_calls and cpugemv.started() == 0
         # Per split: the up rows (the gate and the up ranges of these layouts), and in the layers where the CPU's
         # share goes beyond the up projection (every other one) the down rows, all from the kernel.
         assert len(kernel_calls) >= 2 * split_calls
