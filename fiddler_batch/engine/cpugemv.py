@@ -12,6 +12,11 @@ The library is compiled for this host's CPU (`-march=native`) the first time it 
 the compiler's version and the CPU's flags, so hosts of another kind sharing one cache folder each build their
 own. Where it cannot be built (no compiler, no OpenMP), the CPU experts use `F.linear` and the log says why.
 Whether it is used at all is the calibration's finding (`CostModel.cpu_gemv_ms`, `engine.cpu_gemv`).
+
+Its products run on a helper thread's OpenMP team of one thread fewer than PyTorch's, and the calling thread
+computes chunks of each beside it (`start`, `join`): so a product can be started and the calling thread go on, on the
+one core the team leaves it, before it joins. The executor starts a layer call's first CPU product that way, before
+it queues the layer's GPU work (`HybridExecutor.cpu_ahead`).
 """
 
 from __future__ import annotations

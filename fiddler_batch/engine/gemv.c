@@ -185,10 +185,12 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t queued = PTHREAD_COND_INITIALIZER;
 static struct product queue[QUEUED];
 static long first, next; /* products [first, next) are not retired; queue[i % QUEUED] holds product i */
+static long active = -1;  /* the product the helper's team is computing, which stays unretired until it is done */
 static int team, helper_running, fork_handler;
 
-/* Compute chunks of p until none is left to claim. A claim made after p's slot was given to a later product is a
-   chunk of that product (its fields were written before its claims were reset, with release). */
+/* Compute chunks of p until none is left to claim. Nobody computes a product after it is retired: the caller returns
+   from fb_gemv_bf16_join after its last claim, and the helper's team ends its parallel region before `active` lets
+   its product be retired. */
 static void compute_chunks(struct product *p) {
     long c;
     while ((c = atomic_fetch_add_explicit(&p->claimed, 1, memory_order_acquire)) < p->chunks) {
@@ -202,9 +204,10 @@ static int finished(struct product *p) {
     return atomic_load_explicit(&p->done, memory_order_acquire) >= p->chunks;
 }
 
-/* With the lock held: retire the finished products at the front of the queue (their slots may be reused). */
+/* With the lock held: retire the finished products at the front of the queue (their slots may be reused), but for
+   the one the helper's team is still in. */
 static void retire(void) {
-    while (first < next && finished(&queue[first % QUEUED])) {
+    while (first < next && first != active && finished(&queue[first % QUEUED])) {
         free(queue[first % QUEUED].xs);
         first++;
     }
@@ -222,6 +225,7 @@ static void *helper(void *unused) {
         struct product *p = &queue[first % QUEUED];
         const int threads = team;
         const int left = atomic_load_explicit(&p->claimed, memory_order_relaxed) < p->chunks;
+        if (left) active = first;
         pthread_mutex_unlock(&lock);
         if (left) {
             #pragma omp parallel num_threads(threads)
@@ -230,6 +234,7 @@ static void *helper(void *unused) {
             sched_yield(); /* its last chunks are being computed by the caller */
         }
         pthread_mutex_lock(&lock);
+        active = -1;
     }
     return NULL;
 }
@@ -238,6 +243,7 @@ static void after_fork_in_child(void) {
     pthread_mutex_init(&lock, NULL);
     pthread_cond_init(&queued, NULL);
     first = next = 0;
+    active = -1;
     helper_running = 0;
 }
 
