@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -150,12 +151,13 @@ TEAM = True
 of the calling thread's, as before the helper team (benchmarks compare the two), and `start` starts nothing."""
 
 
-class _Started:
-    """A product started ahead (`start`): what it was started on, and its inputs and output, kept alive until joined."""
+class _Started(NamedTuple):
+    """A product started ahead (`start`): what it was started on, and its inputs and output, kept alive until taken."""
 
-    def __init__(self, key: tuple, xf: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...]):
-        self.key, self.xf, self.y, self.shape = key, xf, y, shape
-        self.joined = False
+    key: tuple
+    xf: torch.Tensor
+    y: torch.Tensor
+    shape: tuple[int, ...]
 
 
 _started: list[_Started] = []
@@ -205,9 +207,7 @@ def join() -> None:
     """Compute, beside the helper's team, every product started so far, until all are done."""
     library = _library()
     if _started and library is not None:
-        library.fb_gemv_bf16_join()
-        for product in _started:
-            product.joined = True
+        library.fb_gemv_bf16_join()  # nothing to compute or wait for where they were joined already
 
 
 def drain() -> None:
@@ -231,8 +231,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., int] | N
         key = _key(x, weight)
         for i, product in enumerate(_started):
             if product.key == key:
-                if not product.joined:
-                    join()
+                join()
                 del _started[i]
                 return product.y.reshape(product.shape)
     fn = kernel or _kernel()
@@ -244,9 +243,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., int] | N
         return y.reshape(shape)
     library = _library() if kernel is None and TEAM else None
     if library is not None and library.fb_gemv_bf16_start(*args) == 0:
-        library.fb_gemv_bf16_join()
-        for product in _started:  # started before it: joined with it
-            product.joined = True
+        library.fb_gemv_bf16_join()  # those started before it too
         return y.reshape(shape)
     if fn(*args):
         raise MemoryError("the CPU's own matrix-vector kernel could not allocate its copy of the tokens")

@@ -1188,8 +1188,7 @@ class HybridExecutor:
                 up_sent()
         for e, s in zip(experts, starts):
             n = bounds[e + 1] - bounds[e]
-            use_packed = e in layer.packed and self.packed_for(n)
-            use_gemv = self.gemv_for(n, use_packed)
+            use_packed, use_gemv = self._cpu_way(layer, e, n)
             expert = layer.packed[e] if use_packed and not use_gemv else layer.host_expert(e)
             y = expert_forward(
                 layer.module, layer.layout, expert, rows[s : s + n], row_weights[s : s + n], gemv=use_gemv
@@ -1211,6 +1210,12 @@ class HybridExecutor:
         if self.timeline:
             self.timeline.mark("cpu_end", record)
 
+    def _cpu_way(self, layer: LayerState, e: int, n: int) -> tuple[bool, bool]:
+        """(From weights packed for oneDNN, from the own kernel): how the CPU computes expert e of `layer` at n tokens
+        (the kernel reads the weights as stored)."""
+        use_packed = e in layer.packed and self.packed_for(n)
+        return use_packed, self.gemv_for(n, use_packed)
+
     def _start_ahead(
         self, layer: LayerState, experts: list[int], bounds: list[int], inputs: HostInputs, split: _SplitJob | None
     ) -> tuple[float, int] | None:
@@ -1227,12 +1232,11 @@ class HybridExecutor:
             s, n = starts[len(experts)], split.stop - split.start
             if not self.gemv_for(n):
                 return None
-            source = layer.host_expert(split.expert)
-            weights = [source["up"][a:b] for a, b in split.cpu_ranges]
+            weights = [w for w, _ in self._split_cpu_pieces(layer, split)]
         elif experts:
             e = experts[0]
             s, n = starts[0], bounds[e + 1] - bounds[e]
-            if not self.gemv_for(n, e in layer.packed and self.packed_for(n)):
+            if not self._cpu_way(layer, e, n)[1]:
                 return None
             weights = [layer.host_expert(e)["up"]]
         else:
@@ -1494,12 +1498,16 @@ class HybridExecutor:
         if self.timeline:
             self.timeline.records[-1]["gpu"]["split_landed"] = job.down_landed
 
+    @staticmethod
+    def _split_cpu_pieces(layer: LayerState, job: _SplitJob) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight rows, bias) of the up projection for each of the CPU's row ranges of a split expert."""
+        source = layer.host_expert(job.expert)
+        bias = source.get("up_bias")
+        return [(source["up"][a:b], None if bias is None else bias[a:b]) for a, b in job.cpu_ranges]
+
     def _split_up_on_cpu(self, layer: LayerState, job: _SplitJob, rows: torch.Tensor, record: dict | None) -> None:
         """The CPU's columns of the up output, into `job.cpu_pre` (`record`: the worker's timeline record)."""
-        source = layer.host_expert(job.expert)
-        pieces = [
-            (source["up"][a:b], source["up_bias"][a:b] if "up_bias" in source else None) for a, b in job.cpu_ranges
-        ]
+        pieces = self._split_cpu_pieces(layer, job)
         up_rows_into(job.cpu_pre, job.cpu_ranges, pieces, rows, gemv=self.gemv_for(rows.shape[0]))
         if self.timeline:
             self.timeline.mark("split_sent", record)
