@@ -1,8 +1,8 @@
 """Engine settings that change only how the executor plans, against the defaults, runs interleaved in one process.
 
     python benchmarks/settings_ab.py [--reps 6] [--layers 8] [--resident 0.25] [--cases a,b,c,b4k]
-        [--modes default,adapting,whole,split,warm,nolag,inturn,noteam,gain20,gain10,gain05,eagerexperts,prefetch1,
-                 prefetch2,noprefetch,prefetchsmall]
+        [--modes default,adapting,whole,split,warm,nolag,inturn,noteam,nowatch,gain20,gain10,gain05,eagerexperts,
+                 prefetch1,prefetch2,noprefetch,prefetchsmall]
         [--one-lag]
 
 One engine (the Mixtral-8x7B-geometry slice, bf16, with its defaults and this machine's calibration; one model, so
@@ -22,6 +22,8 @@ TTFT). Each round runs every mode once per case, in an order that rotates from r
             ahead of it on the own kernel's helper team (`HybridExecutor.cpu_ahead`);
 - noteam:   as inturn, and every product of the own kernel on an OpenMP team of the calling thread's instead of the
             kernel's helper team and the calling thread (`cpugemv.TEAM`): the kernel as it ran before the team;
+- nowatch:  the kernel's helper sleeps as soon as its queue is empty instead of watching it for 200 us first
+            (`cpugemv.watch_empty_queue(0)`);
 - gain20, gain10, gain05: the least predicted gain of a split at 20%, 10% and 5% in every layer
             (`planner.SPLIT_MIN_GAIN` and `SPLIT_MIN_GAIN_FEW`; the defaults: 20% beside two or more other
             off-GPU experts, 5% beside one or none);
@@ -60,6 +62,7 @@ MODES = {
     "nolag": {"cpu_lag": "off"},
     "inturn": {"cpu_ahead": False},
     "noteam": {"cpu_ahead": False},
+    "nowatch": {},
     "gain20": {},
     "gain10": {},
     "gain05": {},
@@ -107,6 +110,7 @@ def main() -> None:
         for key, value in {**defaults, **MODES[mode]}.items():
             setattr(executor, key, value)
         cpugemv.TEAM = mode != "noteam"
+        cpugemv.watch_empty_queue(0 if mode == "nowatch" else cpugemv.WATCH_US)
         gain = SPLIT_GAINS.get(mode)  # both in the executor's plan cache key
         planner.SPLIT_MIN_GAIN, planner.SPLIT_MIN_GAIN_FEW = default_gains if gain is None else (gain, gain)
         # Each mode measures its own CPU start, or with --one-lag every mode takes the first one's.

@@ -16,7 +16,8 @@ Whether it is used at all is the calibration's finding (`CostModel.cpu_gemv_ms`,
 Its products run on a helper thread's OpenMP team of one thread fewer than PyTorch's, and the calling thread
 computes chunks of each beside it (`start`, `join`): so a product can be started and the calling thread go on, on the
 one core the team leaves it, before it joins. The executor starts a layer call's first CPU product that way, before
-it queues the layer's GPU work (`HybridExecutor.cpu_ahead`).
+it queues the layer's GPU work (`HybridExecutor.cpu_ahead`). When its queue runs empty the helper watches it for
+WATCH_US before it sleeps, so that a layer call's next product finds it awake.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ MAX_TOKENS = 32
 """The calibration measures the kernel up to this many tokens; beyond it the CPU expert never uses it (the kernel
 reads each weight once per call, but its arithmetic per weight grows with the tokens, where oneDNN's blocked
 kernels do better)."""
+WATCH_US = 200
+"""How long the kernel's helper watches its empty queue for the next product before it sleeps, in microseconds (set
+when the library loads): a layer call's products come back to back, and a sleeping helper must first be woken."""
 
 
 def _compiler() -> list[str] | None:
@@ -112,6 +116,9 @@ def _load() -> ctypes.CDLL | None:
         fn.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_int, c_ptr, c_long, c_int]
     library.fb_gemv_bf16_join.restype = ctypes.c_long
     library.fb_gemv_bf16_join.argtypes = []
+    library.fb_gemv_bf16_watch.restype = None
+    library.fb_gemv_bf16_watch.argtypes = [c_long]
+    library.fb_gemv_bf16_watch(WATCH_US * 1000)
     return library
 
 
@@ -149,6 +156,14 @@ def usable(weight: torch.Tensor) -> bool:
 TEAM = True
 """Products run on the kernel's helper team and the calling thread (`start`, `join`); False: each on an OpenMP team
 of the calling thread's, as before the helper team (benchmarks compare the two), and `start` starts nothing."""
+
+
+def watch_empty_queue(microseconds: float) -> None:
+    """How long the helper watches its empty queue for the next product before it sleeps (WATCH_US unless set; 0:
+    it sleeps at once, as before the watch; benchmarks compare the two)."""
+    library = _library()
+    if library is not None:
+        library.fb_gemv_bf16_watch(int(microseconds * 1000))
 
 
 class _Started(NamedTuple):

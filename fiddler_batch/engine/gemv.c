@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the even/odd split of a word assumes a little-endian CPU (the build fails; the engine then uses F.linear)"
@@ -165,7 +166,9 @@ int fb_gemv_bf16(const uint16_t *w, long m, long k, long ldw, const float *x, in
    joined at once, so that one team computes them all (cpugemv.py). The rows are handed out in chunks as in
    fb_gemv_bf16, each computed by one thread as there, so the values are the same. The helper is started on first
    use, and again in a child process after a fork (which copies no threads). Products are started and joined by one
-   thread at a time. */
+   thread at a time. When the queue runs empty the helper watches it for a while (fb_gemv_bf16_watch) before it
+   sleeps on a condition variable: a layer call's products come back to back, tens of microseconds apart, and a
+   sleeping helper must first be woken by the kernel, while the caller computes alone. */
 
 #define QUEUED 8
 
@@ -187,6 +190,37 @@ static struct product queue[QUEUED];
 static long first, next; /* products [first, next) are not retired; queue[i % QUEUED] holds product i */
 static long active = -1;  /* the product the helper's team is computing, which stays unretired until it is done */
 static int team, helper_running, fork_handler;
+static atomic_long posted;              /* `next`, for the helper to watch without the lock */
+static atomic_long watch_ns = 200000;    /* how long the helper watches an empty queue before it sleeps */
+
+void fb_gemv_bf16_watch(long nanoseconds) {
+    atomic_store_explicit(&watch_ns, nanoseconds, memory_order_relaxed);
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Without the lock: return once a product after the first `seen` is queued, or after watch_ns. */
+static void watch(long seen) {
+    const long limit = atomic_load_explicit(&watch_ns, memory_order_relaxed);
+    if (limit <= 0) return;
+    const long until = now_ns() + limit;
+    for (long i = 1; atomic_load_explicit(&posted, memory_order_acquire) == seen; i++) {
+        cpu_relax();
+        if (i % 64 == 0 && now_ns() >= until) return;
+    }
+}
 
 /* Compute chunks of p until none is left to claim. Nobody computes a product after it is retired: the caller returns
    from fb_gemv_bf16_join after its last claim, and the helper's team ends its parallel region before `active` lets
@@ -219,7 +253,11 @@ static void *helper(void *unused) {
     for (;;) {
         retire();
         if (first == next) {
-            pthread_cond_wait(&queued, &lock);
+            const long seen = next;
+            pthread_mutex_unlock(&lock);
+            watch(seen);
+            pthread_mutex_lock(&lock);
+            if (first == next) pthread_cond_wait(&queued, &lock);
             continue;
         }
         struct product *p = &queue[first % QUEUED];
@@ -243,6 +281,7 @@ static void after_fork_in_child(void) {
     pthread_mutex_init(&lock, NULL);
     pthread_cond_init(&queued, NULL);
     first = next = 0;
+    atomic_store_explicit(&posted, 0, memory_order_relaxed);
     active = -1;
     helper_running = 0;
 }
@@ -281,6 +320,7 @@ int fb_gemv_bf16_start(const uint16_t *w, long m, long k, long ldw, const float 
     atomic_store_explicit(&p->claimed, 0, memory_order_release);
     team = threads - 1;
     next++;
+    atomic_store_explicit(&posted, next, memory_order_release);
     pthread_cond_signal(&queued);
     pthread_mutex_unlock(&lock);
     return 0;

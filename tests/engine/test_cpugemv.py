@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,6 +158,65 @@ def test_products_started_ahead_are_the_kernels_and_each_is_taken_once():
     finally:
         torch.set_num_threads(previous)
         cpugemv.TEAM = True
+        cpugemv.drain()
+
+
+@pytest.mark.parametrize("watch_us", [0, 20_000])
+def test_products_queued_while_the_helper_watches_or_sleeps_are_right(watch_us):
+    """The helper watches its empty queue for `watch_us` before it sleeps: products queued back to back (while it
+    watches), after it slept, and after a watch that found nothing are each computed once and right."""
+    torch.manual_seed(4)
+    weight = torch.randn(301, 200, dtype=torch.bfloat16)
+    x = torch.randn(2, 200, dtype=torch.bfloat16)
+    expected = cpugemv.linear(x, weight)
+    pieces = [weight[64 * i : 64 * i + 64] for i in range(4)]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        cpugemv.watch_empty_queue(watch_us)
+        for gap in (0.0, 0.001, 0.05, 0.0):  # back to back, within a watch, past one, back to back again
+            time.sleep(gap)
+            assert all(cpugemv.start(x, piece) for piece in pieces)
+            for piece in reversed(pieces):  # taken in another order than started
+                assert torch.equal(cpugemv.linear(x, piece), _kernel_rows(expected, weight, piece))
+            assert cpugemv.started() == 0
+            assert torch.equal(cpugemv.linear(x, weight), expected)  # one started and joined at once
+    finally:
+        torch.set_num_threads(previous)
+        cpugemv.watch_empty_queue(cpugemv.WATCH_US)
+        cpugemv.drain()
+
+
+def test_random_starts_takes_drains_and_pauses_give_the_one_thread_products():
+    """Products started, taken, drained and computed at once in a seeded random order, with pauses that let the helper
+    watch, sleep or be mid-product, and its watch changed as it runs: each equals the product of one thread."""
+    rng = random.Random(0)
+    torch.manual_seed(5)
+    weights = [torch.randn(rng.randint(1, 3000), 512, dtype=torch.bfloat16) for _ in range(8)]
+    xs = [torch.randn(rng.randint(1, 4), 512, dtype=torch.bfloat16) for _ in range(4)]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = {(i, j): cpugemv.linear(x, w) for i, w in enumerate(weights) for j, x in enumerate(xs)}
+        torch.set_num_threads(2)
+        wrong = []
+        for step in range(1500):
+            if step % 300 == 0:
+                cpugemv.watch_empty_queue(rng.choice([0, 5, 200, 2000]))
+            op, i, j = rng.random(), rng.randrange(len(weights)), rng.randrange(len(xs))
+            if op < 0.45:
+                cpugemv.start(xs[j], weights[i])
+            elif op < 0.9:
+                if not torch.equal(cpugemv.linear(xs[j], weights[i]), expected[i, j]):
+                    wrong.append((step, i, j))
+            elif op < 0.95:
+                cpugemv.drain()
+            else:
+                time.sleep(rng.choice([0, 1e-5, 3e-4, 3e-3]))
+        assert not wrong
+    finally:
+        torch.set_num_threads(previous)
+        cpugemv.watch_empty_queue(cpugemv.WATCH_US)
         cpugemv.drain()
 
 
