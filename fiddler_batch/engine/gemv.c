@@ -187,11 +187,11 @@ struct product {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t queued = PTHREAD_COND_INITIALIZER;
 static struct product queue[QUEUED];
-static long first, next; /* products [first, next) are not retired; queue[i % QUEUED] holds product i */
+static long first;         /* products [first, next) are not retired; queue[i % QUEUED] holds product i */
+static atomic_long next;   /* changed with the lock held; the helper also watches it without (watch) */
 static long active = -1;  /* the product the helper's team is computing, which stays unretired until it is done */
 static int team, helper_running, fork_handler;
-static atomic_long posted;              /* `next`, for the helper to watch without the lock */
-static atomic_long watch_ns = 200000;    /* how long the helper watches an empty queue before it sleeps */
+static atomic_long watch_ns; /* how long the helper watches an empty queue before it sleeps (cpugemv.WATCH_US) */
 
 void fb_gemv_bf16_watch(long nanoseconds) {
     atomic_store_explicit(&watch_ns, nanoseconds, memory_order_relaxed);
@@ -216,7 +216,7 @@ static void watch(long seen) {
     const long limit = atomic_load_explicit(&watch_ns, memory_order_relaxed);
     if (limit <= 0) return;
     const long until = now_ns() + limit;
-    for (long i = 1; atomic_load_explicit(&posted, memory_order_acquire) == seen; i++) {
+    for (long i = 1; atomic_load_explicit(&next, memory_order_acquire) == seen; i++) {
         cpu_relax();
         if (i % 64 == 0 && now_ns() >= until) return;
     }
@@ -281,7 +281,6 @@ static void after_fork_in_child(void) {
     pthread_mutex_init(&lock, NULL);
     pthread_cond_init(&queued, NULL);
     first = next = 0;
-    atomic_store_explicit(&posted, 0, memory_order_relaxed);
     active = -1;
     helper_running = 0;
 }
@@ -320,7 +319,6 @@ int fb_gemv_bf16_start(const uint16_t *w, long m, long k, long ldw, const float 
     atomic_store_explicit(&p->claimed, 0, memory_order_release);
     team = threads - 1;
     next++;
-    atomic_store_explicit(&posted, next, memory_order_release);
     pthread_cond_signal(&queued);
     pthread_mutex_unlock(&lock);
     return 0;
