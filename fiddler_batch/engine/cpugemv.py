@@ -114,8 +114,9 @@ def _load() -> ctypes.CDLL | None:
         fn = getattr(library, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [c_ptr, c_long, c_long, c_long, c_ptr, c_int, c_ptr, c_long, c_int]
-    library.fb_gemv_bf16_join.restype = ctypes.c_long
-    library.fb_gemv_bf16_join.argtypes = []
+    for name in ("fb_gemv_bf16_join", "fb_gemv_bf16_held"):
+        getattr(library, name).restype = ctypes.c_long
+        getattr(library, name).argtypes = []
     library.fb_gemv_bf16_watch.restype = None
     library.fb_gemv_bf16_watch.argtypes = [c_long]
     library.fb_gemv_bf16_watch(WATCH_US * 1000)
@@ -234,6 +235,14 @@ def drain() -> None:
 def started() -> int:
     """Products started and not yet taken by a `linear` call or drained."""
     return len(_started)
+
+
+def held() -> int:
+    """Products the kernel's queue holds (of its QUEUED slots; `start` refuses when all are held): those not finished,
+    and finished ones behind a product the helper's team has not yet left, which a busy host can hold up for a while.
+    0 where the kernel is not available."""
+    library = _library()
+    return 0 if library is None else library.fb_gemv_bf16_held()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, kernel: Callable[..., int] | None = None) -> torch.Tensor:

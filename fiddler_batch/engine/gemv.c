@@ -324,6 +324,16 @@ int fb_gemv_bf16_start(const uint16_t *w, long m, long k, long ldw, const float 
     return 0;
 }
 
+/* Products the queue holds: not finished, or finished but behind one the helper's team is still inside (they take
+   slots until the team leaves it). */
+long fb_gemv_bf16_held(void) {
+    pthread_mutex_lock(&lock);
+    retire();
+    const long held = next - first;
+    pthread_mutex_unlock(&lock);
+    return held;
+}
+
 /* Compute rows of every product queued so far beside the helper's team until none is left, then wait until all
    their outputs are written, and retire them. Returns the number of products joined. */
 long fb_gemv_bf16_join(void) {

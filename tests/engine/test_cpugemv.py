@@ -121,6 +121,16 @@ def test_the_kernels_bits_do_not_depend_on_the_thread_count():
     assert torch.equal(torch.cat([cpugemv.linear(x[i : i + 1], weight) for i in range(3)]), outs[0])
 
 
+def _queue_emptied() -> None:
+    """Wait until the kernel's queue holds no product: its helper retires a product only once its team has left it,
+    which on a busy host can take long enough for the products of several later calls to fill the queue, and a start
+    is then refused (as it should be); tests that ask a start to succeed begin from an empty queue."""
+    deadline = time.monotonic() + 30
+    while cpugemv.held():
+        assert time.monotonic() < deadline, f"the kernel's helper still holds {cpugemv.held()} products after 30 s"
+        time.sleep(0.001)
+
+
 def test_products_started_ahead_are_the_kernels_and_each_is_taken_once():
     torch.manual_seed(2)
     weight = torch.randn(301, 200, dtype=torch.bfloat16)
@@ -130,6 +140,7 @@ def test_products_started_ahead_are_the_kernels_and_each_is_taken_once():
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(3)  # a helper's team of 2, and the caller
+        _queue_emptied()
         assert cpugemv.start(x, weight) and cpugemv.started() == 1
         assert torch.equal(cpugemv.linear(x, other), expected_other)  # another product meanwhile: joined beside it
         assert cpugemv.started() == 1
@@ -142,6 +153,7 @@ def test_products_started_ahead_are_the_kernels_and_each_is_taken_once():
         assert cpugemv.started() == 0
         # More products than the kernel queues at once (how many it takes depends on how fast its helper finishes
         # them): those refused are not started, those started are right.
+        _queue_emptied()
         pieces = [weight[8 * i : 8 * i + 40] for i in range(20)]
         taken = [piece for piece in pieces if cpugemv.start(x, piece)]
         assert len(taken) == cpugemv.started() >= 1
@@ -176,6 +188,7 @@ def test_products_queued_while_the_helper_watches_or_sleeps_are_right(watch_us):
         cpugemv.watch_empty_queue(watch_us)
         for gap in (0.0, 0.001, 0.05, 0.0):  # back to back, within a watch, past one, back to back again
             time.sleep(gap)
+            _queue_emptied()
             assert all(cpugemv.start(x, piece) for piece in pieces)
             for piece in reversed(pieces):  # taken in another order than started
                 assert torch.equal(cpugemv.linear(x, piece), _kernel_rows(expected, weight, piece))
@@ -323,6 +336,7 @@ def test_a_failed_layer_call_leaves_no_product_started(bf16_reference, monkeypat
 
     monkeypatch.setattr(executor, "_queue_device_experts", failing)
     with torch.no_grad(), gemv_products():
+        _queue_emptied()
         with pytest.raises(RuntimeError, match="could not be queued"):
             model(PROMPTS)
         assert cpugemv.started() == 0
